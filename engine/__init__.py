@@ -1,0 +1,1 @@
+"""GeoForge engine: recipes, models, objectives, data, training loop, VideoGPA pipeline, evaluation."""
