@@ -1,0 +1,264 @@
+"""The recipe: typed, validated configuration of a training run, loaded from YAML.
+
+A recipe is ``recipes/NAME.yaml`` (``--recipe NAME``) or any YAML file (``--recipe path.yaml``), with
+``--set a.b=c`` overrides (repeatable; the value is parsed as YAML, then type-checked like the file).
+Unknown keys, wrong types and impossible combinations raise :class:`ConfigError` naming the key,
+before anything is computed. Sections:
+
+- ``model``        the video DiT (:class:`engine.models.dit.DiTConfig`)
+- ``objective``    flow matching with diffusion forcing (:class:`engine.objectives.flow_matching.FlowMatchingConfig`)
+- ``data``         dataset, clip shape, per-rank micro-batch
+- ``optimizer``    AdamW and gradient clipping
+- ``schedule``     number of steps, warmup, constant or cosine decay
+- ``distributed``  ZeRO stage, bf16, gradient accumulation, activation checkpointing
+- ``ema``          exponential moving average of the weights
+- ``logging``      console / tensorboard / checkpoint / sample cadence
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from engine.models.dit import DiTConfig
+from engine.objectives.flow_matching import FlowMatchingConfig
+from engine.schema import ConfigError, build, to_dict
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass
+class DataConfig:
+    kind: Literal["synthetic", "re10k"] = "synthetic"
+    root: str = "data/synthetic"          # dataset root; the synthetic set is generated here on first use
+    split: str = "training"
+    frames: int = 8                       # frames per clip
+    frame_skip: int = 1                   # stride between sampled source frames
+    resolution: int = 64                  # square frames after resize + centre crop
+    batch_size: int = 4                   # micro-batch per rank
+    num_workers: int = 0                  # DataLoader worker processes per rank
+    hflip_prob: float = 0.0
+    synthetic_clips: int = 64             # size of the generated synthetic set (kind: synthetic)
+    synthetic_frames: int = 16            # frames rendered per synthetic clip
+
+    def validate(self) -> None:
+        for name in ("frames", "frame_skip", "resolution", "batch_size", "synthetic_clips", "synthetic_frames"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
+        if not 0.0 <= self.hflip_prob <= 1.0:
+            raise ConfigError(f"data.hflip_prob: must be in [0, 1], got {self.hflip_prob}")
+        if self.kind == "synthetic" and self.synthetic_frames < (self.frames - 1) * self.frame_skip + 1:
+            raise ConfigError(f"data.synthetic_frames: {self.synthetic_frames} frames cannot hold a clip of "
+                              f"data.frames={self.frames} with data.frame_skip={self.frame_skip}")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    grad_clip: float = 1.0                # max global grad norm; 0 disables clipping
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optimizer.lr: must be > 0, got {self.lr}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optimizer.betas: each must be in [0, 1), got {self.betas}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"optimizer.grad_clip: must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class ScheduleConfig:
+    steps: int = 300                      # optimizer steps
+    warmup: int = 0                       # linear warmup steps
+    decay: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0             # cosine floor as a fraction of optimizer.lr
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"schedule.steps: must be >= 1, got {self.steps}")
+        if not 0 <= self.warmup <= self.steps:
+            raise ConfigError(f"schedule.warmup: must be in [0, schedule.steps={self.steps}], got {self.warmup}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"schedule.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the base learning rate at optimizer step ``step`` (0-based)."""
+        import math
+
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup) / max(1, self.steps - self.warmup))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class DistributedConfig:
+    zero_stage: int = 0                   # DeepSpeed ZeRO stage 0-3
+    bf16: bool = False
+    grad_accum: int = 1                   # micro-batches per optimizer step
+    activation_checkpointing: bool = False
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"distributed.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.grad_accum < 1:
+            raise ConfigError(f"distributed.grad_accum: must be >= 1, got {self.grad_accum}")
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = True
+    decay: float = 0.999
+
+    def validate(self) -> None:
+        if not 0.0 < self.decay < 1.0:
+            raise ConfigError(f"ema.decay: must be in (0, 1), got {self.decay}")
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10                       # steps between metrics.jsonl / tensorboard rows
+    checkpoint_every: int = 100           # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2             # newest complete checkpoints kept; 0 keeps all
+    sample_every: int = 0                 # steps between sample videos; 0 = only at the end
+    sample_steps: int = 16                # Euler steps of a sample
+    max_nonfinite: int = 5                # consecutive non-finite losses that stop the run
+
+    def validate(self) -> None:
+        for name in ("every", "checkpoint_every", "sample_steps", "max_nonfinite"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"logging.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.keep_checkpoints < 0 or self.sample_every < 0:
+            raise ConfigError("logging.keep_checkpoints and logging.sample_every must be >= 0")
+
+
+@dataclass
+class Recipe:
+    name: str = "unnamed"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    backend: Literal["auto", "triton", "cpu", "reference"] = "auto"   # fused kernels
+    attention: Literal["auto", "flash_attn", "xformers", "sdpa"] = "auto"
+    model: DiTConfig = field(default_factory=DiTConfig)
+    objective: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        """Checks that span sections (each section validated its own fields already)."""
+        tp = self.model.temporal_patch_size
+        if self.data.frames % tp:
+            raise ConfigError(f"data.frames: {self.data.frames} is not divisible by "
+                              f"model.temporal_patch_size={tp}")
+        if self.data.resolution % self.model.patch_size:
+            raise ConfigError(f"data.resolution: {self.data.resolution} is not divisible by "
+                              f"model.patch_size={self.model.patch_size}")
+        if self.objective.context_frames >= self.data.frames:
+            raise ConfigError(f"objective.context_frames: {self.objective.context_frames} leaves no frame to "
+                              f"denoise in clips of data.frames={self.data.frames}")
+        if self.model.in_channels != 3:
+            raise ConfigError(f"model.in_channels: the {self.data.kind} data is RGB pixels (3 channels), "
+                              f"got {self.model.in_channels}")
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """``recipes/NAME.yaml`` for a bare name, else the given path. Errors list what exists."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {path}")
+        return path
+    candidate = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+        raise ConfigError(f"unknown recipe {name_or_path!r}: no {candidate}; known recipes: {known}")
+    return candidate
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (['a', 'b', 'c'], YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set optimizer.lr=1e-4")
+    key, raw = text.split("=", 1)
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"--set {text!r}: malformed key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {err}") from err
+    if isinstance(value, str) and _looks_numeric(value):
+        value = float(value)   # YAML 1.1 reads "1e-4" as a string
+    return keys, value
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _set_nested(data: dict, keys: list[str], value: Any, origin: str) -> None:
+    node = data
+    for i, k in enumerate(keys[:-1]):
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: {'.'.join(keys[:i + 1])} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _fix_yaml_floats(node: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads ``1e-4`` as a string; recipes mean a number."""
+    if isinstance(node, dict):
+        return {k: _fix_yaml_floats(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fix_yaml_floats(v) for v in node]
+    if isinstance(node, str) and _looks_numeric(node) and any(c in node.lower() for c in "e."):
+        return float(node)
+    return node
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override, type-check and validate a recipe. Raises ConfigError naming the bad key."""
+    path = find_recipe(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"recipe {path}: invalid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path}: the top level must be a mapping of sections")
+    data = _fix_yaml_floats(data)
+    data.setdefault("name", path.stem)
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set_nested(data, keys, value, f"--set {text}")
+    try:
+        return build(Recipe, data, "recipe")
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)
+
+
+__all__ = ["ConfigError", "Recipe", "DataConfig", "OptimizerConfig", "ScheduleConfig", "DistributedConfig",
+           "EMAConfig", "LoggingConfig", "load_recipe", "find_recipe", "parse_override", "recipe_to_yaml"]

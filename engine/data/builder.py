@@ -1,0 +1,35 @@
+"""From the recipe's ``data`` section to this rank's DataLoader."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from engine.config import Recipe
+from engine.data.re10k import Re10KClips
+from engine.data.sampler import EpochIndexed, ResumableBatchSampler
+from engine.data.synthetic import ensure_synthetic_dataset
+from engine.distributed import World, barrier
+
+
+def build_dataset(recipe: Recipe, world: World) -> torch.utils.data.Dataset:
+    data = recipe.data
+    if data.kind == "synthetic":
+        if world.is_main:   # generated once, atomically, on first use
+            ensure_synthetic_dataset(Path(data.root), clips=data.synthetic_clips, frames=data.synthetic_frames,
+                                     resolution=data.resolution, seed=recipe.seed, split=data.split)
+        barrier()
+    return Re10KClips(data.root, split=data.split, num_frames=data.frames, frame_skip=data.frame_skip,
+                      resolution=data.resolution, seed=recipe.seed, hflip_prob=data.hflip_prob)
+
+
+def build_loader(recipe: Recipe, world: World, start: int = 0) -> torch.utils.data.DataLoader:
+    """An endless loader of this rank's micro-batches, starting after ``start`` consumed micro-batches."""
+    dataset = build_dataset(recipe, world)
+    sampler = ResumableBatchSampler(len(dataset), recipe.data.batch_size, recipe.distributed.grad_accum,
+                                    world.size, world.rank, seed=recipe.seed, start=start)
+    workers = recipe.data.num_workers
+    return torch.utils.data.DataLoader(EpochIndexed(dataset), batch_sampler=sampler, num_workers=workers,
+                                       pin_memory=world.device.type == "cuda",
+                                       persistent_workers=workers > 0,
+                                       prefetch_factor=4 if workers > 0 else None)

@@ -1,0 +1,92 @@
+"""Process-group set-up shared by the three launchers (python, torchrun, deepspeed).
+
+``python engine/train.py`` has no launcher variables: we fill in a single-rank world on a free local
+port so that DeepSpeed's engine (which always wants a process group) works the same way. On a machine
+without CUDA, DeepSpeed picks its CPU accelerator and communication goes over gloo.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    local_rank: int
+    size: int
+    local_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_world(device: str = "auto", local_rank_arg: int | None = None) -> World:
+    """Initialise torch.distributed through DeepSpeed and return this process's place in the world."""
+    if "RANK" not in os.environ:   # plain `python engine/train.py`
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    if local_rank_arg is not None and "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(local_rank_arg)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    size = int(os.environ["WORLD_SIZE"])
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("recipe device: 'cuda' but no CUDA device is available")
+    if not use_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # Ranks sharing a CPU split its cores; oversubscription makes 2 ranks on 2 cores 4x slower.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+    import deepspeed
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    return World(rank=dist.get_rank(), local_rank=local_rank, size=dist.get_world_size(),
+                 local_size=local_size, device=dev)
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` of rank ``src`` on every rank."""
+    box = [obj]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0],
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,53 @@
+"""The module DeepSpeed trains: the video DiT plus every trainable head of the objective.
+
+``VideoDiffusionLoss.forward(batch, noise)`` returns the loss parts of one micro-batch. The noise
+(per-frame times ``t``, Gaussian ``eps``, classifier-free ``drop_cond``) is drawn outside, per sample,
+from ``(seed, step, dataset index)`` by :func:`sample_noise`, so that the same sample gets the same
+noise whatever the number of ranks and micro-batches: a 2-rank run reproduces a 1-rank run.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.models.dit import VideoDiT
+from engine.objectives.flow_matching import FlowMatchingConfig, flow_matching_loss, sample_t
+
+CONDITION_KEYS = ("intrinsics", "extrinsics", "actions")
+
+
+def sample_seed(seed: int, step: int, index: int) -> int:
+    return (seed * 1_000_003 * 1_000_033 + step * 1_000_033 + index) % (2**63 - 1)
+
+
+def sample_noise(cfg: FlowMatchingConfig, cond_dropout: float, x_shape: torch.Size, indices: torch.Tensor,
+                 seed: int, step: int) -> dict[str, torch.Tensor]:
+    """Per-sample ``t [B,T]``, ``eps`` (shape of the clean video) and ``drop_cond [B]`` on the CPU."""
+    ts, eps, drop = [], [], []
+    for index in indices.tolist():
+        g = torch.Generator().manual_seed(sample_seed(seed, step, index))
+        ts.append(sample_t(1, x_shape[1], cfg, generator=g, device=torch.device("cpu")))
+        eps.append(torch.randn((1, *x_shape[1:]), generator=g))
+        drop.append(torch.rand((1,), generator=g) < cond_dropout)
+    return {"t": torch.cat(ts), "eps": torch.cat(eps), "drop_cond": torch.cat(drop)}
+
+
+class VideoDiffusionLoss(nn.Module):
+    """Flow matching with diffusion forcing on clean frames in [0, 1] (mapped to [-1, 1])."""
+
+    def __init__(self, dit: VideoDiT, objective: FlowMatchingConfig):
+        super().__init__()
+        self.dit = dit
+        self.objective = objective
+
+    def condition(self, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return {k: batch[k].to(dtype) for k in CONDITION_KEYS if k in batch}
+
+    def forward(self, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        dtype = next(self.dit.parameters()).dtype
+        x0 = batch["frames"].to(dtype) * 2 - 1
+        cond = self.condition(batch, dtype)
+        cond["drop_cond"] = noise["drop_cond"]
+        out = flow_matching_loss(self.dit, x0, self.objective, cond=cond, t=noise["t"].to(dtype),
+                                 eps=noise["eps"].to(dtype))
+        return {"loss": out["loss"].float(), "fm": out["loss"].float().detach()}

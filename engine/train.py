@@ -1,0 +1,173 @@
+"""GeoForge training entry point.
+
+    python engine/train.py --recipe dfot_tiny                       # one process
+    torchrun --nproc_per_node 2 engine/train.py --recipe dfot_tiny  # N processes
+    deepspeed --num_gpus 2 engine/train.py --recipe dfot_tiny       # DeepSpeed launcher (CPU: gloo)
+
+The same loop runs under all three: recipe -> data -> model + objective -> DeepSpeed engine (ZeRO
+stage, bf16, gradient accumulation and clipping, AdamW, warmup + constant/cosine schedule) -> steps,
+with a sharded EMA, atomic checkpoints (``--resume auto`` continues exactly), tensorboard events,
+``metrics.jsonl``, a progress bar and a sample video at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):   # run as a script: engine/ must not shadow top-level modules
+    sys.path[:] = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolve().parent]
+
+import torch
+
+from engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from engine.config import ConfigError, Recipe, load_recipe
+from engine.data.builder import build_loader
+from engine.distributed import World, any_rank, broadcast_object, init_world, shutdown
+from engine.ema import ShardedEMA
+from engine.models.attention import set_attention_backend
+from engine.models.dit import VideoDiT
+from engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
+from engine.run_dir import RunLog, resolve_run_dir, write_resolved_recipe
+from engine.samples import write_sample_video
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="gf_tiny", help="recipe name in recipes/ or a path to a YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set optimizer.lr=1e-4 (repeatable)")
+    p.add_argument("--run-dir", default=None, help="run directory (default runs/<recipe>-<timestamp>)")
+    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint) or a checkpoint path")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def deepspeed_config(recipe: Recipe) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": recipe.data.batch_size,
+        "gradient_accumulation_steps": recipe.distributed.grad_accum,
+        "gradient_clipping": recipe.optimizer.grad_clip,
+        "zero_optimization": {"stage": recipe.distributed.zero_stage},
+        "bf16": {"enabled": recipe.distributed.bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(recipe: Recipe, world: World):
+    """DiT + objective wrapped in a DeepSpeed engine with a client AdamW and LR schedule."""
+    import deepspeed
+
+    torch.manual_seed(recipe.seed)   # identical initial weights on every rank
+    model_cfg = recipe.model
+    model_cfg.activation_checkpointing = recipe.distributed.activation_checkpointing
+    module = VideoDiffusionLoss(VideoDiT(model_cfg), recipe.objective)
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = recipe.optimizer
+    optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay, eps=opt.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, recipe.schedule.lr_factor)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(recipe), dist_init_required=False)
+    return engine
+
+
+def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> dict:
+    engine = build_engine(recipe, world)
+    ema = ShardedEMA(engine.module, recipe.ema.decay, world.rank, world.size) if recipe.ema.enabled else None
+    log = RunLog(run_dir, world, total_steps=recipe.schedule.steps)
+
+    step, consumed, skipped = 0, 0, 0
+    checkpoint = None
+    if resume == "auto":
+        checkpoint = latest_checkpoint(run_dir)
+    elif resume:
+        checkpoint = Path(resume)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, engine, world, ema)
+        step, consumed, skipped = state["step"], state["consumed_micro_batches"], state["skipped_nonfinite"]
+        log.resume_from(step)
+        log.info(f"resumed from {checkpoint} at step {step}")
+    elif resume == "auto":
+        log.info(f"--resume auto: no complete checkpoint in {run_dir}, starting from scratch")
+
+    loader = build_loader(recipe, world, start=consumed)
+    batches = iter(loader)
+    accum = recipe.distributed.grad_accum
+    in_a_row = 0
+    started = time.perf_counter()
+    log.start_progress(step)
+    while step < recipe.schedule.steps:
+        parts_sum: dict[str, float] = {}
+        micro = 0
+        while micro < accum:
+            batch = {k: v.to(world.device) for k, v in next(batches).items()}
+            consumed += 1
+            noise = sample_noise(recipe.objective, recipe.model.cond_dropout, batch["frames"].shape,
+                                 batch["index"].cpu(), recipe.seed, step)
+            noise = {k: v.to(world.device) for k, v in noise.items()}
+            out = engine(batch, noise)
+            if any_rank(not torch.isfinite(out["loss"]).item()):
+                skipped += 1
+                in_a_row += 1
+                log.warn_once("nonfinite", f"non-finite loss at step {step}: the micro-batch is skipped "
+                                           f"(counted in metrics as skipped_nonfinite)")
+                if in_a_row >= recipe.logging.max_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{in_a_row} non-finite losses in a row (logging.max_nonfinite="
+                        f"{recipe.logging.max_nonfinite}) at step {step}: stopping. Lower optimizer.lr, "
+                        f"check the data, or resume from the last checkpoint.")
+                continue
+            in_a_row = 0
+            engine.backward(out["loss"])
+            engine.step()
+            micro += 1
+            for k, v in out.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach())
+        step += 1
+        if ema is not None:
+            ema.update()
+        parts = {k: v / accum for k, v in parts_sum.items()}
+        log.step(step, parts, lr=engine.get_lr()[0], skipped_nonfinite=skipped,
+                 every=recipe.logging.every)
+        last = step == recipe.schedule.steps
+        if step % recipe.logging.checkpoint_every == 0 or last:
+            save_checkpoint(run_dir, step, engine, world, recipe.distributed.zero_stage,
+                            {"step": step, "consumed_micro_batches": consumed, "skipped_nonfinite": skipped},
+                            ema=ema, keep=recipe.logging.keep_checkpoints)
+        if (recipe.logging.sample_every and step % recipe.logging.sample_every == 0) or last:
+            path = write_sample_video(engine.module.dit, batch, recipe, run_dir, step, world)
+            log.info(f"sample video: {path}")
+    return log.finish(time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)   # fails before any compute
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    world = init_world(recipe.device, args.local_rank)
+    try:
+        set_attention_backend(recipe.attention)
+        run_dir = broadcast_object(resolve_run_dir(recipe, args.run_dir, args.resume) if world.is_main else None)
+        if world.is_main:
+            write_resolved_recipe(recipe, run_dir)
+        summary = train(recipe, run_dir, args.resume, world)
+        if world.is_main:
+            print(summary["text"])
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
