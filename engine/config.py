@@ -31,7 +31,7 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 @dataclass
 class DataConfig:
-    kind: Literal["synthetic", "re10k"] = "synthetic"
+    kind: Literal["synthetic", "re10k", "minecraft"] = "synthetic"
     root: str = "data/synthetic"          # dataset root; the synthetic set is generated here on first use
     split: str = "training"
     frames: int = 8                       # frames per clip
@@ -42,6 +42,8 @@ class DataConfig:
     hflip_prob: float = 0.0
     synthetic_clips: int = 64             # size of the generated synthetic set (kind: synthetic)
     synthetic_frames: int = 16            # frames rendered per synthetic clip
+    decode_backend: Literal["auto", "dali", "torchcodec", "pyav"] = "auto"   # video decoding (engine/data/decode.py)
+    on_error: Literal["raise", "skip"] = "raise"   # bad clip: raise naming the file, or skip it (logged once, counted)
 
     def validate(self) -> None:
         for name in ("frames", "frame_skip", "resolution", "batch_size", "synthetic_clips", "synthetic_frames"):

@@ -82,6 +82,17 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """The mean of each value over all ranks (one all-reduce); identity on a single rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1) or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -8,7 +8,7 @@ import torch
 from engine.config import Recipe
 from engine.distributed import World
 from engine.objectives.flow_matching import euler_sample
-from engine.data.video_io import write_video
+from engine.data.video_io import encode_video
 
 
 @torch.no_grad()
@@ -31,5 +31,9 @@ def write_sample_video(dit: torch.nn.Module, batch: dict[str, torch.Tensor], rec
     path = Path(run_dir) / "samples" / f"step_{step}.mp4"
     if world.is_main:
         video = torch.cat([frames[0].float(), (sample[0].float().clamp(-1, 1) + 1) / 2], dim=-1)  # [T,3,H,2W]
-        write_video(path, video, fps=8)
+        pixels = (video * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{path.name}")
+        encode_video(tmp, pixels, fps=8)
+        tmp.replace(path)
     return path

@@ -25,7 +25,7 @@ import torch
 from engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from engine.config import ConfigError, Recipe, load_recipe
 from engine.data.builder import build_loader
-from engine.distributed import World, any_rank, broadcast_object, init_world, shutdown
+from engine.distributed import World, any_rank, broadcast_object, init_world, mean_over_ranks, shutdown
 from engine.ema import ShardedEMA
 from engine.models.attention import set_attention_backend
 from engine.models.dit import VideoDiT
@@ -40,7 +40,7 @@ class NonFiniteLossError(RuntimeError):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", default="gf_tiny", help="recipe name in recipes/ or a path to a YAML file")
+    p.add_argument("--recipe", default="dfot_tiny", help="recipe name in recipes/ or a path to a YAML file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set optimizer.lr=1e-4 (repeatable)")
     p.add_argument("--run-dir", default=None, help="run directory (default runs/<recipe>-<timestamp>)")
@@ -108,7 +108,7 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> di
         parts_sum: dict[str, float] = {}
         micro = 0
         while micro < accum:
-            batch = {k: v.to(world.device) for k, v in next(batches).items()}
+            batch = {k: v.to(world.device) for k, v in next(batches).items() if torch.is_tensor(v)}
             consumed += 1
             noise = sample_noise(recipe.objective, recipe.model.cond_dropout, batch["frames"].shape,
                                  batch["index"].cpu(), recipe.seed, step)
@@ -134,7 +134,7 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> di
         step += 1
         if ema is not None:
             ema.update()
-        parts = {k: v / accum for k, v in parts_sum.items()}
+        parts = mean_over_ranks({k: v / accum for k, v in parts_sum.items()})
         log.step(step, parts, lr=engine.get_lr()[0], skipped_nonfinite=skipped,
                  every=recipe.logging.every)
         last = step == recipe.schedule.steps
@@ -161,7 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = broadcast_object(resolve_run_dir(recipe, args.run_dir, args.resume) if world.is_main else None)
         if world.is_main:
             write_resolved_recipe(recipe, run_dir)
-        summary = train(recipe, run_dir, args.resume, world)
+        try:
+            summary = train(recipe, run_dir, args.resume, world)
+        except NonFiniteLossError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         if world.is_main:
             print(summary["text"])
     finally:

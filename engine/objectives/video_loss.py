@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from engine.models.dit import VideoDiT
-from engine.objectives.flow_matching import FlowMatchingConfig, flow_matching_loss, sample_t
+from engine.objectives.flow_matching import FlowMatchingConfig, draw_noise, flow_matching_loss
 
 CONDITION_KEYS = ("intrinsics", "extrinsics", "actions")
 
@@ -22,14 +22,15 @@ def sample_seed(seed: int, step: int, index: int) -> int:
 
 def sample_noise(cfg: FlowMatchingConfig, cond_dropout: float, x_shape: torch.Size, indices: torch.Tensor,
                  seed: int, step: int) -> dict[str, torch.Tensor]:
-    """Per-sample ``t [B,T]``, ``eps`` (shape of the clean video) and ``drop_cond [B]`` on the CPU."""
-    ts, eps, drop = [], [], []
+    """Per-sample ``t [B,T]``, ``context [B,T]``, ``eps`` (shape of the clean video) and ``drop_cond [B]``,
+    on the CPU, each sample's from its own generator seeded by ``(seed, step, dataset index)``."""
+    parts = []
     for index in indices.tolist():
         g = torch.Generator().manual_seed(sample_seed(seed, step, index))
-        ts.append(sample_t(1, x_shape[1], cfg, generator=g, device=torch.device("cpu")))
-        eps.append(torch.randn((1, *x_shape[1:]), generator=g))
-        drop.append(torch.rand((1,), generator=g) < cond_dropout)
-    return {"t": torch.cat(ts), "eps": torch.cat(eps), "drop_cond": torch.cat(drop)}
+        noise = draw_noise((1, *x_shape[1:]), cfg, generator=g)
+        noise["drop_cond"] = torch.rand((1,), generator=g) < cond_dropout
+        parts.append(noise)
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 class VideoDiffusionLoss(nn.Module):
@@ -48,6 +49,5 @@ class VideoDiffusionLoss(nn.Module):
         x0 = batch["frames"].to(dtype) * 2 - 1
         cond = self.condition(batch, dtype)
         cond["drop_cond"] = noise["drop_cond"]
-        out = flow_matching_loss(self.dit, x0, self.objective, cond=cond, t=noise["t"].to(dtype),
-                                 eps=noise["eps"].to(dtype))
+        out = flow_matching_loss(self.dit, x0, self.objective, cond=cond, noise=noise)
         return {"loss": out["loss"].float(), "fm": out["loss"].float().detach()}

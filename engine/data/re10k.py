@@ -1,0 +1,386 @@
+"""RealEstate10K clips: camera files, the two on-disk layouts, and the training Dataset.
+
+Camera file (one per clip, the public RealEstate10K format): line 1 is the source URL; every other
+line is ``timestamp_us fx fy cx cy k1 k2`` followed by the 12 values of a row-major 3x4
+world-to-camera (camera-from-world, OpenCV axes) matrix. fx and cx are normalised by the image width,
+fy and cy by its height, with pixel edges at 0 and W; in pixels with centres at integer coordinates,
+``fx_px = fx * W`` and ``cx_px = cx * W - 0.5`` (same for y with H).
+
+On-disk layouts (``Re10KClips(layout=...)``); row ``i`` of a camera file belongs to frame ``i``:
+
+- ``raw``: ``<root>/<split>/<clip>.txt`` beside ``<clip>.mp4`` or a folder ``<clip>/`` of images
+  (sorted by name), and optionally ``<clip>.depth.npz`` (key ``depth``: float32 [T, H, W], z in the
+  camera, at the frames' size). The public RealEstate10K tarball names its training split ``train``;
+  ``split="training"`` falls back to it. Clips whose video is missing are skipped.
+- ``dfot`` (DFoT's processed data): ``<root>/<split>_256/<clip>.mp4`` and
+  ``<root>/<split>_poses/<clip>.pt``, a float32 [T, 18] tensor of the camera-file columns without the
+  timestamp.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from engine.data.video_io import decode_video, read_image
+
+log = logging.getLogger("geoforge.data")
+
+LAYOUTS = ("auto", "raw", "dfot")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+_ROW_VALUES = 19  # timestamp, fx fy cx cy k1 k2, 12 matrix entries
+
+
+def read_pose_file(path: str | Path) -> dict:
+    """Parse a RealEstate10K camera file.
+
+    Returns dict(url str, timestamps int64 [T] (microseconds), intrinsics float64 [T, 4] (normalised
+    fx fy cx cy), w2c float64 [T, 3, 4]). A malformed line raises ValueError naming file and line.
+    """
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    if not lines:
+        raise ValueError(f"{path}: empty camera file (expected a URL line, then one line per frame)")
+    stamps, rows = [], []
+    for number, line in enumerate(lines[1:], start=2):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != _ROW_VALUES:
+            raise ValueError(
+                f"{path}:{number}: expected {_ROW_VALUES} values (timestamp fx fy cx cy k1 k2 and a row-major "
+                f"3x4 world-to-camera matrix), got {len(parts)}"
+            )
+        try:
+            stamps.append(int(parts[0]))
+            rows.append([float(v) for v in parts[1:]])
+        except ValueError as err:
+            raise ValueError(f"{path}:{number}: not a number ({err})") from None
+        if not np.all(np.isfinite(rows[-1])):
+            raise ValueError(f"{path}:{number}: non-finite value")
+    if not rows:
+        raise ValueError(f"{path}: no camera lines after the URL line")
+    table = torch.tensor(rows, dtype=torch.float64)
+    return dict(
+        url=lines[0].strip(),
+        timestamps=torch.tensor(stamps, dtype=torch.int64),
+        intrinsics=table[:, :4].clone(),
+        w2c=table[:, 6:].reshape(-1, 3, 4).clone(),
+    )
+
+
+def write_pose_file(
+    path: str | Path, url: str, timestamps: torch.Tensor, intrinsics: torch.Tensor, w2c: torch.Tensor
+) -> None:
+    """Write a RealEstate10K camera file (inverse of ``read_pose_file``; k1 = k2 = 0, 9 decimals)."""
+    timestamps, intrinsics, w2c = torch.as_tensor(timestamps), torch.as_tensor(intrinsics), torch.as_tensor(w2c)
+    t = timestamps.shape[0]
+    if intrinsics.shape != (t, 4) or w2c.shape != (t, 3, 4):
+        raise ValueError(
+            f"{path}: need timestamps [T], intrinsics [T, 4], w2c [T, 3, 4]; got {tuple(timestamps.shape)}, "
+            f"{tuple(intrinsics.shape)}, {tuple(w2c.shape)}"
+        )
+    lines = [url]
+    for stamp, k, m in zip(timestamps.tolist(), intrinsics.tolist(), w2c.reshape(t, 12).tolist()):
+        lines.append(" ".join([str(int(stamp))] + [f"{v:.9f}" for v in k + [0.0, 0.0] + m]))
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def read_dfot_poses(path: str | Path) -> dict:
+    """Load DFoT's ``<clip>.pt`` (float32 [T, 18]): dict(intrinsics float64 [T, 4], w2c float64 [T, 3, 4])."""
+    path = Path(path)
+    table = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(table, torch.Tensor) or table.ndim != 2 or table.shape[1] != 18 or table.shape[0] == 0:
+        shape = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
+        raise ValueError(f"{path}: expected a tensor [T>0, 18] (fx fy cx cy k1 k2 + 3x4 w2c), got {shape}")
+    table = table.to(torch.float64)
+    if not torch.isfinite(table).all():
+        raise ValueError(f"{path}: non-finite camera values")
+    return dict(intrinsics=table[:, :4].clone(), w2c=table[:, 6:].reshape(-1, 3, 4).clone())
+
+
+def relative_extrinsics(w2c: torch.Tensor) -> torch.Tensor:
+    """Camera-from-world [T, 3, 4] re-expressed in frame 0's camera coordinates (frame 0 -> [I|0])."""
+    rot0, t0 = w2c[0, :, :3], w2c[0, :, 3]
+    rot = w2c[:, :, :3] @ rot0.T  # R_i R_0^T
+    trans = w2c[:, :, 3] - (rot @ t0[:, None])[..., 0]  # t_i - R_i R_0^T t_0
+    return torch.cat([rot, trans[..., None]], dim=-1)
+
+
+def pixel_intrinsics(normalised: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Normalised fx fy cx cy [T, 4] -> 3x3 pixel intrinsics [T, 3, 3] (pixel centres at integers)."""
+    fx, fy, cx, cy = normalised.unbind(-1)
+    k = torch.zeros(normalised.shape[0], 3, 3, dtype=normalised.dtype)
+    k[:, 0, 0], k[:, 1, 1] = fx * width, fy * height
+    k[:, 0, 2], k[:, 1, 2] = cx * width - 0.5, cy * height - 0.5
+    k[:, 2, 2] = 1.0
+    return k
+
+
+@dataclass(frozen=True)
+class ResizeCrop:
+    """Resize ``size`` -> ``resized`` (short side = ``resolution``), then a centre crop to a square.
+
+    In integer-centre pixel coordinates a point maps as ``x' = (x + 0.5) * resized_w / w - 0.5 - left``.
+    """
+
+    size: tuple[int, int]  # source (H, W)
+    resolution: int
+
+    @property
+    def resized(self) -> tuple[int, int]:
+        h, w = self.size
+        scale = self.resolution / min(h, w)
+        return max(self.resolution, round(h * scale)), max(self.resolution, round(w * scale))
+
+    @property
+    def offset(self) -> tuple[int, int]:
+        (h2, w2), r = self.resized, self.resolution
+        return (h2 - r) // 2, (w2 - r) // 2
+
+    def intrinsics(self, k: torch.Tensor) -> torch.Tensor:
+        """Pixel intrinsics [..., 3, 3] of the source -> those of the output."""
+        (h, w), (h2, w2), (top, left) = self.size, self.resized, self.offset
+        out = k.clone()
+        out[..., 0, :] *= w2 / w
+        out[..., 1, :] *= h2 / h
+        out[..., 0, 2] += 0.5 * w2 / w - 0.5 - left
+        out[..., 1, 2] += 0.5 * h2 / h - 0.5 - top
+        return out
+
+    def images(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        """[N, C, H, W] -> [N, C, R, R]; ``bicubic`` is antialiased, ``nearest-exact`` is for depth."""
+        if tuple(x.shape[-2:]) != self.size:
+            raise ValueError(f"images of size {tuple(x.shape[-2:])} given to a ResizeCrop for {self.size}")
+        if self.resized != self.size:
+            antialias = mode in ("bilinear", "bicubic")
+            x = F.interpolate(x, size=self.resized, mode=mode, antialias=antialias, **({"align_corners": False} if antialias else {}))
+        (top, left), r = self.offset, self.resolution
+        return x[..., top : top + r, left : left + r]
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One clip on disk: its cameras, its frames (an mp4 or a folder of images) and optional depth."""
+
+    name: str
+    cameras: Path
+    video: Path
+    depth: Path | None
+
+
+def _video_for(folder: Path, name: str, entries: set[str]) -> Path | None:
+    if f"{name}.mp4" in entries:
+        return folder / f"{name}.mp4"
+    if name in entries and (folder / name).is_dir():
+        return folder / name
+    return None
+
+
+def find_clips(root: str | Path, split: str, layout: str = "auto") -> tuple[str, list[Clip]]:
+    """The resolved layout and the clips (sorted by name) of ``split`` under ``root``."""
+    root = Path(root)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "auto":
+        layout = "dfot" if (root / f"{split}_poses").is_dir() else "raw"
+    clips: list[Clip] = []
+    if layout == "dfot":
+        poses, videos = root / f"{split}_poses", root / f"{split}_256"
+        if not poses.is_dir() or not videos.is_dir():
+            raise FileNotFoundError(f"DFoT layout needs {poses} and {videos}")
+        entries = set(os.listdir(videos))
+        for pt in sorted(poses.glob("*.pt")):
+            if f"{pt.stem}.mp4" in entries:
+                clips.append(Clip(pt.stem, pt, videos / f"{pt.stem}.mp4", None))
+        total = len(list(poses.glob("*.pt")))
+    else:
+        folder = root / split
+        if not folder.is_dir() and split == "training" and (root / "train").is_dir():
+            folder = root / "train"
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no clips for split {split!r}: neither {root / split} nor {root}/{split}_poses exist")
+        entries = set(os.listdir(folder))
+        txts = sorted(e for e in entries if e.endswith(".txt"))
+        for txt in txts:
+            name = txt[: -len(".txt")]
+            video = _video_for(folder, name, entries)
+            if video is not None:
+                depth = folder / f"{name}.depth.npz" if f"{name}.depth.npz" in entries else None
+                clips.append(Clip(name, folder / txt, video, depth))
+        total = len(txts)
+    if not clips:
+        raise FileNotFoundError(f"no clips with both cameras and frames in {root} (split {split!r}, layout {layout})")
+    if len(clips) < total:
+        log.warning("%s/%s: %d of %d camera files have no video and are skipped", root, split, total - len(clips), total)
+    return layout, clips
+
+
+@dataclass
+class _Loaded:
+    """Frames (uint8 [N, 3, R, R]), output pixel intrinsics [T, 3, 3] for all T cameras, w2c, depth."""
+
+    frames: torch.Tensor
+    intrinsics: torch.Tensor
+    w2c: torch.Tensor
+    depth: torch.Tensor | None
+
+
+class Re10KClips(Dataset):
+    """Fixed-length clips of RealEstate10K-style data (real, DFoT-processed or synthetic).
+
+    Args:
+        root: dataset root (see the module docstring for the layouts).
+        split: split name, e.g. ``training`` or ``test``.
+        num_frames: frames per sample T.
+        frame_skip: stride between sampled frames; a clip needs ``(num_frames - 1) * frame_skip + 1``
+            frames, a shorter one raises ValueError naming it.
+        resolution: output side R; frames are resized (short side -> R, antialiased bicubic) and
+            centre-cropped to R x R, intrinsics follow.
+        layout: ``auto`` (``dfot`` when ``<root>/<split>_poses`` exists, else ``raw``), ``raw`` or ``dfot``.
+        seed: the start frame and the flip of sample ``index`` are drawn from ``(seed, epoch, index)``
+            only, so a resumed run sees identical data; ``set_epoch`` changes them.
+        hflip_prob: probability of a horizontal flip (image, intrinsics, extrinsics and depth mirrored
+            consistently).
+        cache_clips: keep this many decoded, resized clips (all their frames, uint8) in an in-memory LRU
+            per process; 0 decodes only the sampled frames each time. Outputs are identical either way.
+        load_depth: return ``depth`` for clips that have a depth file.
+
+    ``__getitem__`` returns dict(frames float32 [T, 3, R, R] in [0, 1], intrinsics float32 [T, 3, 3] in
+    output pixels, extrinsics float32 [T, 3, 4] camera-from-world relative to frame 0 (frame 0 is
+    [I|0]), index int64 [], frame_indices int64 [T], clip str, and depth float32 [T, R, R] when the clip
+    has a depth file).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "training",
+        num_frames: int = 8,
+        frame_skip: int = 1,
+        resolution: int = 64,
+        layout: str = "auto",
+        seed: int = 0,
+        hflip_prob: float = 0.0,
+        cache_clips: int = 0,
+        load_depth: bool = True,
+    ) -> None:
+        for name, value in (("num_frames", num_frames), ("frame_skip", frame_skip), ("resolution", resolution)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Re10KClips: {name} must be a positive int, got {value!r}")
+        if not 0.0 <= hflip_prob <= 1.0:
+            raise ValueError(f"Re10KClips: hflip_prob must lie in [0, 1], got {hflip_prob}")
+        if cache_clips < 0:
+            raise ValueError(f"Re10KClips: cache_clips must be >= 0, got {cache_clips}")
+        self.root, self.split = Path(root), split
+        self.num_frames, self.frame_skip, self.resolution = num_frames, frame_skip, resolution
+        self.seed, self.hflip_prob, self.cache_clips, self.load_depth = seed, hflip_prob, cache_clips, load_depth
+        self.layout, self.clips = find_clips(root, split, layout)
+        self.epoch = 0
+        self._cache: OrderedDict[int, _Loaded] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose start frames and flips ``__getitem__`` draws."""
+        self.epoch = int(epoch)
+
+    @property
+    def span(self) -> int:
+        """Frames of a clip that one sample covers."""
+        return (self.num_frames - 1) * self.frame_skip + 1
+
+    def _cameras(self, clip: Clip) -> tuple[torch.Tensor, torch.Tensor]:
+        cams = read_dfot_poses(clip.cameras) if self.layout == "dfot" else read_pose_file(clip.cameras)
+        return cams["intrinsics"], cams["w2c"]
+
+    def _frames(self, clip: Clip, indices: list[int]) -> np.ndarray:
+        if clip.video.is_dir():
+            files = sorted(p for p in clip.video.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if indices[-1] >= len(files):
+                raise ValueError(f"{clip.video}: frame {indices[-1]} requested but the folder has {len(files)} images")
+            images = [read_image(files[i]) for i in indices]
+            if len({im.shape for im in images}) > 1:
+                raise ValueError(f"{clip.video}: images of different sizes {sorted({im.shape for im in images})}")
+            return np.stack(images)
+        return decode_video(clip.video, indices)
+
+    def _depth(self, clip: Clip, indices: list[int], count: int, size: tuple[int, int]) -> torch.Tensor:
+        with np.load(clip.depth) as archive:
+            if "depth" not in archive:
+                raise ValueError(f"{clip.depth}: no key 'depth' (keys: {sorted(archive.keys())})")
+            depth = archive["depth"]
+        if depth.ndim != 3 or depth.shape[0] != count or tuple(depth.shape[1:]) != size:
+            raise ValueError(
+                f"{clip.depth}: depth must be [T={count}, H={size[0]}, W={size[1]}] like the clip's frames, "
+                f"got {tuple(depth.shape)}"
+            )
+        return torch.from_numpy(np.ascontiguousarray(depth[indices], dtype=np.float32))
+
+    def _load(self, clip: Clip, intrinsics: torch.Tensor, w2c: torch.Tensor, indices: list[int]) -> _Loaded:
+        """Frames ``indices`` of ``clip`` resized and cropped, with all its cameras in output pixels."""
+        images = self._frames(clip, indices)
+        transform = ResizeCrop(tuple(images.shape[1:3]), self.resolution)
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+        frames = transform.images(pixels, "bicubic").round_().clamp_(0, 255).to(torch.uint8)
+        depth = None
+        if self.load_depth and clip.depth is not None:
+            raw = self._depth(clip, indices, intrinsics.shape[0], transform.size)
+            depth = transform.images(raw[:, None], "nearest-exact")[:, 0]
+        k = transform.intrinsics(pixel_intrinsics(intrinsics, *transform.size))
+        return _Loaded(frames, k, w2c, depth)
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self.clips):
+            raise IndexError(f"index {index} out of range for {len(self.clips)} clips")
+        clip, loaded = self.clips[index], self._cache.get(index)
+        if loaded is None:
+            intrinsics, w2c = self._cameras(clip)
+            count = intrinsics.shape[0]
+            if count < self.span:
+                raise ValueError(
+                    f"clip {clip.name} ({clip.cameras}) has {count} frames; num_frames={self.num_frames} with "
+                    f"frame_skip={self.frame_skip} needs {self.span}"
+                )
+        else:
+            self._cache.move_to_end(index)
+            count = loaded.w2c.shape[0]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        start = int(rng.integers(0, count - self.span + 1))
+        flip = bool(rng.random() < self.hflip_prob)
+        indices = [start + i * self.frame_skip for i in range(self.num_frames)]
+        positions = indices  # where the sampled frames lie in loaded.frames
+        if loaded is None and self.cache_clips:
+            loaded = self._cache[index] = self._load(clip, intrinsics, w2c, list(range(count)))
+            while len(self._cache) > self.cache_clips:
+                self._cache.popitem(last=False)
+        elif loaded is None:
+            loaded, positions = self._load(clip, intrinsics, w2c, indices), list(range(self.num_frames))
+        frames = loaded.frames[positions].float().div_(255.0)
+        k = loaded.intrinsics[indices].to(torch.float32)
+        ext = relative_extrinsics(loaded.w2c[indices]).to(torch.float32)
+        depth = loaded.depth[positions] if loaded.depth is not None else None
+        if flip:
+            frames, depth = frames.flip(-1), (depth.flip(-1) if depth is not None else None)
+            k[:, 0, 2] = self.resolution - 1 - k[:, 0, 2]
+            mirror = torch.tensor([-1.0, 1.0, 1.0])
+            ext = mirror[:, None] * ext * torch.cat([mirror, torch.ones(1)])  # diag(-1,1,1) [R|t] diag(-1,1,1,1)
+        sample = dict(
+            frames=frames,
+            intrinsics=k,
+            extrinsics=ext,
+            index=torch.tensor(index, dtype=torch.int64),
+            frame_indices=torch.tensor(indices, dtype=torch.int64),
+            clip=clip.name,
+        )
+        if depth is not None:
+            sample["depth"] = depth
+        return sample

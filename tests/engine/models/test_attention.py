@@ -1,0 +1,83 @@
+"""engine.models.attention: backend choice, the SDPA path against a softmax reference, frame-causal masks."""
+import math
+
+import pytest
+import torch
+
+import engine.models.attention as attn_mod
+from engine.models.attention import attention, frame_causal_mask, set_attention_backend
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """Pretend to be a CPU-only machine and forget any backend chosen before."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(attn_mod._state, "backend", None)
+
+
+def reference_attention(q, k, v, mask=None):
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def test_auto_picks_sdpa_without_cuda(no_cuda):
+    assert set_attention_backend("auto") == "sdpa"
+    assert attn_mod.attention_backend() == "sdpa"
+
+
+def test_lazy_resolution_on_first_use(no_cuda):
+    q = torch.randn(1, 1, 3, 4)
+    attention(q, q, q)
+    assert attn_mod._state["backend"] == "sdpa"
+
+
+@pytest.mark.parametrize("backend", ["flash_attn", "xformers"])
+def test_forcing_an_unusable_backend_errors_clearly(no_cuda, backend):
+    with pytest.raises(RuntimeError, match=rf"{backend}.*not usable.*sdpa"):
+        set_attention_backend(backend)
+
+
+def test_unknown_backend_is_a_value_error(no_cuda):
+    with pytest.raises(ValueError, match="attention backend must be one of"):
+        set_attention_backend("flash3")
+
+
+def test_gpu_backend_falls_back_to_sdpa_on_cpu_tensors(monkeypatch):
+    monkeypatch.setitem(attn_mod._state, "backend", "flash_attn")  # as if chosen on a GPU machine
+    q, k, v = torch.randn(3, 2, 2, 5, 8).unbind(0)
+    torch.testing.assert_close(attention(q, k, v), reference_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_sdpa_matches_softmax_reference(no_cuda, masked):
+    q, k, v = torch.randn(3, 2, 3, 12, 16).unbind(0)
+    mask = frame_causal_mask(3, 4) if masked else None
+    torch.testing.assert_close(attention(q, k, v, mask), reference_attention(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_frame_causal_mask_entries():
+    frames, per_frame = 3, 2
+    mask = frame_causal_mask(frames, per_frame)
+    assert mask.shape == (6, 6) and mask.dtype == torch.bool
+    for i in range(6):
+        for j in range(6):
+            assert bool(mask[i, j]) == (j // per_frame <= i // per_frame)
+
+
+def test_frame_causal_attention_ignores_later_frames(no_cuda):
+    frames, per_frame = 4, 3
+    q, k, v = torch.randn(3, 1, 2, frames * per_frame, 8).unbind(0)
+    k2, v2 = k.clone(), v.clone()
+    later = slice(2 * per_frame, None)
+    k2[..., later, :] += torch.randn_like(k2[..., later, :])
+    v2[..., later, :] += torch.randn_like(v2[..., later, :])
+    mask = frame_causal_mask(frames, per_frame)
+    a, b = attention(q, k, v, mask), attention(q, k2, v2, mask)
+    torch.testing.assert_close(a[..., : 2 * per_frame, :], b[..., : 2 * per_frame, :], rtol=0, atol=1e-6)
+    assert (a[..., later, :] - b[..., later, :]).abs().max() > 1e-2
+    # within its own frame attention is bidirectional: the first token sees the frame's last token
+    v3 = v.clone()
+    v3[..., per_frame - 1, :] += 1.0
+    assert (attention(q, k, v3, mask)[..., 0, :] - a[..., 0, :]).abs().max() > 1e-3
