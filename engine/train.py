@@ -27,7 +27,7 @@ from engine.config import ConfigError, Recipe, load_recipe
 from engine.data.builder import build_loader
 from engine.distributed import World, any_rank, broadcast_object, init_world, mean_over_ranks, shutdown
 from engine.ema import ShardedEMA
-from engine.models.attention import set_attention_backend
+from engine.models.attention import attention_backend, set_attention_backend
 from engine.models.dit import VideoDiT
 from engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
 from engine.run_dir import RunLog, resolve_run_dir, write_resolved_recipe
@@ -83,6 +83,11 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> di
     engine = build_engine(recipe, world)
     ema = ShardedEMA(engine.module, recipe.ema.decay, world.rank, world.size) if recipe.ema.enabled else None
     log = RunLog(run_dir, world, total_steps=recipe.schedule.steps)
+    trained = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
+    d = recipe.distributed
+    log.info(f"GeoForge {recipe.name}: {world.size} rank(s) on {world.device.type} | DeepSpeed ZeRO-{d.zero_stage}"
+             f"{' bf16' if d.bf16 else ' fp32'} | {trained / 1e6:.2f}M trained parameters | "
+             f"attention: {attention_backend()} | fused kernels: {recipe.backend} | run dir: {run_dir}")
 
     step, consumed, skipped = 0, 0, 0
     checkpoint = None
