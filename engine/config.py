@@ -13,6 +13,8 @@ before anything is computed. Sections:
 - ``distributed``  ZeRO stage, bf16, gradient accumulation, activation checkpointing
 - ``ema``          exponential moving average of the weights
 - ``logging``      console / tensorboard / checkpoint / sample cadence
+- ``videogpa``     optional: VideoGPA post-training stages (:class:`engine.videogpa.config.VideoGPAConfig`)
+- ``gf``           Geometry Forcing alignment (:class:`engine.objectives.geometry_forcing.GFConfig`)
 """
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ import yaml
 
 from engine.models.dit import DiTConfig
 from engine.objectives.flow_matching import FlowMatchingConfig
+from engine.objectives.geometry_forcing import GFConfig, check_gf_recipe
 from engine.schema import ConfigError, build, to_dict
+from engine.videogpa.config import VideoGPAConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -134,13 +138,16 @@ class LoggingConfig:
     sample_every: int = 0                 # steps between sample videos; 0 = only at the end
     sample_steps: int = 16                # Euler steps of a sample
     max_nonfinite: int = 5                # consecutive non-finite losses that stop the run
+    validate_every: int = 0               # steps between validations (PSNR/SSIM of samples, tensorboard); 0 = off
+    validate_videos: int = 4              # clips sampled per validation
 
     def validate(self) -> None:
-        for name in ("every", "checkpoint_every", "sample_steps", "max_nonfinite"):
+        for name in ("every", "checkpoint_every", "sample_steps", "max_nonfinite", "validate_videos"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"logging.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.keep_checkpoints < 0 or self.sample_every < 0:
-            raise ConfigError("logging.keep_checkpoints and logging.sample_every must be >= 0")
+        for name in ("keep_checkpoints", "sample_every", "validate_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"logging.{name}: must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -158,6 +165,8 @@ class Recipe:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    gf: GFConfig = field(default_factory=GFConfig)   # Geometry Forcing (engine/objectives/geometry_forcing.py)
+    videogpa: VideoGPAConfig | None = None   # VideoGPA post-training (engine/videogpa); None = plain training
 
     def validate(self) -> None:
         """Checks that span sections (each section validated its own fields already)."""
@@ -174,6 +183,14 @@ class Recipe:
         if self.model.in_channels != 3:
             raise ConfigError(f"model.in_channels: the {self.data.kind} data is RGB pixels (3 channels), "
                               f"got {self.model.in_channels}")
+        if self.data.kind == "minecraft" and self.model.action_dim != 4 * self.data.frame_skip:
+            raise ConfigError(f"model.action_dim: Minecraft clips carry 4 one-hot actions per skipped frame, so "
+                              f"data.frame_skip={self.data.frame_skip} needs action_dim={4 * self.data.frame_skip}, "
+                              f"got {self.model.action_dim}")
+        try:
+            check_gf_recipe(self)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
 
 
 def find_recipe(name_or_path: str) -> Path:

@@ -50,7 +50,8 @@ def init_world(device: str = "auto", local_rank_arg: int | None = None) -> World
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # Ranks sharing a CPU split its cores; oversubscription makes 2 ranks on 2 cores 4x slower.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+        if "OMP_NUM_THREADS" not in os.environ:   # an explicit setting wins
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
     import deepspeed
 
     if not dist.is_initialized():

@@ -97,6 +97,17 @@ class RunLog:
             for k, v in {**parts, **extra}.items():
                 self._tb.add_scalar(f"train/{k}", v, step)
 
+    def validation(self, result, step: int) -> None:
+        """Validation metrics to metrics.jsonl and tensorboard (scalars, frame strip, videos)."""
+        if not self.main:
+            return
+        from engine.eval.validate import write_validation
+
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **result.metrics}) + "\n")
+        write_validation(self._tb, result, step)
+        self.info(f"validation at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()))
+
     def finish(self, seconds: float) -> dict:
         if not self.main:
             return {"text": ""}

@@ -27,8 +27,10 @@ from engine.config import ConfigError, Recipe, load_recipe
 from engine.data.builder import build_loader
 from engine.distributed import World, any_rank, broadcast_object, init_world, mean_over_ranks, shutdown
 from engine.ema import ShardedEMA
+from engine.eval.validate import validate, validation_batch
 from engine.models.attention import attention_backend, set_attention_backend
 from engine.models.dit import VideoDiT
+from engine.models.teacher import build_teacher
 from engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
 from engine.run_dir import RunLog, resolve_run_dir, write_resolved_recipe
 from engine.samples import write_sample_video
@@ -40,11 +42,13 @@ class NonFiniteLossError(RuntimeError):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", default="dfot_tiny", help="recipe name in recipes/ or a path to a YAML file")
+    p.add_argument("--recipe", default="gf_tiny", help="recipe name in recipes/ or a path to a YAML file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set optimizer.lr=1e-4 (repeatable)")
     p.add_argument("--run-dir", default=None, help="run directory (default runs/<recipe>-<timestamp>)")
     p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint) or a checkpoint path")
+    p.add_argument("--stage", default=None, choices=("generate", "score", "pairs", "train"),
+                   help="VideoGPA recipes: run only this stage (default: every pending stage in order)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -62,14 +66,14 @@ def deepspeed_config(recipe: Recipe) -> dict:
     }
 
 
-def build_engine(recipe: Recipe, world: World):
+def build_engine(recipe: Recipe, world: World, teacher_dims: dict[str, int] | None = None):
     """DiT + objective wrapped in a DeepSpeed engine with a client AdamW and LR schedule."""
     import deepspeed
 
     torch.manual_seed(recipe.seed)   # identical initial weights on every rank
     model_cfg = recipe.model
     model_cfg.activation_checkpointing = recipe.distributed.activation_checkpointing
-    module = VideoDiffusionLoss(VideoDiT(model_cfg), recipe.objective)
+    module = VideoDiffusionLoss(VideoDiT(model_cfg), recipe.objective, recipe.gf, teacher_dims, recipe.backend)
     params = [p for p in module.parameters() if p.requires_grad]
     opt = recipe.optimizer
     optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay, eps=opt.eps)
@@ -80,7 +84,8 @@ def build_engine(recipe: Recipe, world: World):
 
 
 def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> dict:
-    engine = build_engine(recipe, world)
+    teacher = build_teacher(recipe, world.device)   # frozen GF teacher (or its cache): outside the engine
+    engine = build_engine(recipe, world, None if teacher is None else teacher.dims)
     ema = ShardedEMA(engine.module, recipe.ema.decay, world.rank, world.size) if recipe.ema.enabled else None
     log = RunLog(run_dir, world, total_steps=recipe.schedule.steps)
     trained = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
@@ -109,11 +114,15 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> di
     in_a_row = 0
     started = time.perf_counter()
     log.start_progress(step)
+    val_batch = (validation_batch(recipe, recipe.logging.validate_videos, world)
+                 if recipe.logging.validate_every else None)
     while step < recipe.schedule.steps:
         parts_sum: dict[str, float] = {}
         micro = 0
         while micro < accum:
             batch = {k: v.to(world.device) for k, v in next(batches).items() if torch.is_tensor(v)}
+            if teacher is not None:   # GF targets in the batch (no grad, not trained)
+                batch.update(teacher(batch))
             consumed += 1
             noise = sample_noise(recipe.objective, recipe.model.cond_dropout, batch["frames"].shape,
                                  batch["index"].cpu(), recipe.seed, step)
@@ -147,6 +156,9 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> di
             save_checkpoint(run_dir, step, engine, world, recipe.distributed.zero_stage,
                             {"step": step, "consumed_micro_batches": consumed, "skipped_nonfinite": skipped},
                             ema=ema, keep=recipe.logging.keep_checkpoints)
+        if val_batch is not None and step % recipe.logging.validate_every == 0:
+            result = validate(engine.module.dit, val_batch, recipe, step)   # every rank: ZeRO-3 forwards
+            log.validation(result, step)
         if (recipe.logging.sample_every and step % recipe.logging.sample_every == 0) or last:
             path = write_sample_video(engine.module.dit, batch, recipe, run_dir, step, world)
             log.info(f"sample video: {path}")
@@ -160,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.stage and recipe.videogpa is None:
+        print(f"error: --stage {args.stage}: recipe {recipe.name!r} has no videogpa section", file=sys.stderr)
+        return 2
     world = init_world(recipe.device, args.local_rank)
     try:
         set_attention_backend(recipe.attention)
@@ -167,7 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         if world.is_main:
             write_resolved_recipe(recipe, run_dir)
         try:
-            summary = train(recipe, run_dir, args.resume, world)
+            if recipe.videogpa is not None:   # VideoGPA post-training: generate -> score -> pairs -> train (DPO)
+                from engine.videogpa.pipeline import run_pipeline
+
+                summary = run_pipeline(recipe, run_dir, world, stage=args.stage)
+            else:
+                summary = train(recipe, run_dir, args.resume, world)
         except NonFiniteLossError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from engine.config import Recipe
+from engine.data.minecraft import MinecraftClips
 from engine.data.re10k import Re10KClips
 from engine.data.sampler import EpochIndexed, ResumableBatchSampler
 from engine.data.synthetic import ensure_synthetic_dataset
@@ -19,8 +20,12 @@ def build_dataset(recipe: Recipe, world: World) -> torch.utils.data.Dataset:
             ensure_synthetic_dataset(Path(data.root), clips=data.synthetic_clips, frames=data.synthetic_frames,
                                      resolution=data.resolution, seed=recipe.seed, split=data.split)
         barrier()
-    return Re10KClips(data.root, split=data.split, num_frames=data.frames, frame_skip=data.frame_skip,
-                      resolution=data.resolution, seed=recipe.seed, hflip_prob=data.hflip_prob)
+    common = dict(split=data.split, num_frames=data.frames, frame_skip=data.frame_skip,
+                  resolution=data.resolution, seed=recipe.seed, decode_backend=data.decode_backend,
+                  on_error=data.on_error)
+    if data.kind == "minecraft":
+        return MinecraftClips(data.root, **common)
+    return Re10KClips(data.root, hflip_prob=data.hflip_prob, **common)
 
 
 def build_loader(recipe: Recipe, world: World, start: int = 0) -> torch.utils.data.DataLoader:

@@ -11,10 +11,17 @@ On-disk layouts (``Re10KClips(layout=...)``); row ``i`` of a camera file belongs
 - ``raw``: ``<root>/<split>/<clip>.txt`` beside ``<clip>.mp4`` or a folder ``<clip>/`` of images
   (sorted by name), and optionally ``<clip>.depth.npz`` (key ``depth``: float32 [T, H, W], z in the
   camera, at the frames' size). The public RealEstate10K tarball names its training split ``train``;
-  ``split="training"`` falls back to it. Clips whose video is missing are skipped.
-- ``dfot`` (DFoT's processed data): ``<root>/<split>_256/<clip>.mp4`` and
+  ``split="training"`` falls back to it.
+- ``dfot`` (DFoT's processed data): ``<root>/<split>_256/<clip>.mp4`` (or ``<split>_<size>``: the
+  smallest size at least the output resolution, else the largest, unless ``video_size`` is given) and
   ``<root>/<split>_poses/<clip>.pt``, a float32 [T, 18] tensor of the camera-file columns without the
-  timestamp.
+  timestamp (``engine.data.prepare_re10k`` writes it from camera files and source videos).
+
+Bad data (``on_error``): a camera file without its video, a malformed camera line, a missing,
+truncated or undecodable video, a clip shorter than a sample, or a video whose frame count differs from
+its camera rows raises ``DataError`` naming the file (and line) in ``raise`` mode; in ``skip`` mode the
+clip is left out (at scan time) or replaced by the next good one, logged once, and counted in the
+sample's ``skipped_clips`` (see ``engine.data.decode.SkipBadClips``).
 """
 from __future__ import annotations
 
@@ -26,10 +33,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from engine.data.video_io import decode_video, read_image
+from engine.data.decode import BACKENDS, DataError, SkipBadClips, decode_clip, probe
+from engine.data.video_io import ResizeCrop, read_image
+
+__all__ = ["Re10KClips", "ResizeCrop", "find_clips", "pixel_intrinsics", "read_dfot_poses", "read_pose_file",
+           "relative_extrinsics", "write_pose_file"]
 
 log = logging.getLogger("geoforge.data")
 
@@ -42,31 +52,35 @@ def read_pose_file(path: str | Path) -> dict:
     """Parse a RealEstate10K camera file.
 
     Returns dict(url str, timestamps int64 [T] (microseconds), intrinsics float64 [T, 4] (normalised
-    fx fy cx cy), w2c float64 [T, 3, 4]). A malformed line raises ValueError naming file and line.
+    fx fy cx cy), w2c float64 [T, 3, 4]). A missing file or a malformed line raises ``DataError`` (a
+    ValueError) naming the file and line.
     """
     path = Path(path)
-    lines = path.read_text().splitlines()
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read the camera file ({err})", path) from None
     if not lines:
-        raise ValueError(f"{path}: empty camera file (expected a URL line, then one line per frame)")
+        raise DataError(f"{path}: empty camera file (expected a URL line, then one line per frame)")
     stamps, rows = [], []
     for number, line in enumerate(lines[1:], start=2):
         parts = line.split()
         if not parts:
             continue
         if len(parts) != _ROW_VALUES:
-            raise ValueError(
+            raise DataError(
                 f"{path}:{number}: expected {_ROW_VALUES} values (timestamp fx fy cx cy k1 k2 and a row-major "
-                f"3x4 world-to-camera matrix), got {len(parts)}"
+                f"3x4 world-to-camera matrix), got {len(parts)}", path
             )
         try:
             stamps.append(int(parts[0]))
             rows.append([float(v) for v in parts[1:]])
         except ValueError as err:
-            raise ValueError(f"{path}:{number}: not a number ({err})") from None
+            raise DataError(f"{path}:{number}: not a number ({err})", path) from None
         if not np.all(np.isfinite(rows[-1])):
-            raise ValueError(f"{path}:{number}: non-finite value")
+            raise DataError(f"{path}:{number}: non-finite value", path)
     if not rows:
-        raise ValueError(f"{path}: no camera lines after the URL line")
+        raise DataError(f"{path}: no camera lines after the URL line", path)
     table = torch.tensor(rows, dtype=torch.float64)
     return dict(
         url=lines[0].strip(),
@@ -94,15 +108,19 @@ def write_pose_file(
 
 
 def read_dfot_poses(path: str | Path) -> dict:
-    """Load DFoT's ``<clip>.pt`` (float32 [T, 18]): dict(intrinsics float64 [T, 4], w2c float64 [T, 3, 4])."""
+    """Load DFoT's ``<clip>.pt`` (float32 [T, 18]): dict(intrinsics float64 [T, 4], w2c float64 [T, 3, 4]).
+    A missing, unreadable or malformed file raises ``DataError`` naming it."""
     path = Path(path)
-    table = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        table = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many types for a corrupt or truncated file
+        raise DataError(f"{path}: cannot load the camera tensor ({type(err).__name__}: {err})", path) from None
     if not isinstance(table, torch.Tensor) or table.ndim != 2 or table.shape[1] != 18 or table.shape[0] == 0:
         shape = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
-        raise ValueError(f"{path}: expected a tensor [T>0, 18] (fx fy cx cy k1 k2 + 3x4 w2c), got {shape}")
+        raise DataError(f"{path}: expected a tensor [T>0, 18] (fx fy cx cy k1 k2 + 3x4 w2c), got {shape}", path)
     table = table.to(torch.float64)
     if not torch.isfinite(table).all():
-        raise ValueError(f"{path}: non-finite camera values")
+        raise DataError(f"{path}: non-finite camera values", path)
     return dict(intrinsics=table[:, :4].clone(), w2c=table[:, 6:].reshape(-1, 3, 4).clone())
 
 
@@ -125,48 +143,6 @@ def pixel_intrinsics(normalised: torch.Tensor, height: int, width: int) -> torch
 
 
 @dataclass(frozen=True)
-class ResizeCrop:
-    """Resize ``size`` -> ``resized`` (short side = ``resolution``), then a centre crop to a square.
-
-    In integer-centre pixel coordinates a point maps as ``x' = (x + 0.5) * resized_w / w - 0.5 - left``.
-    """
-
-    size: tuple[int, int]  # source (H, W)
-    resolution: int
-
-    @property
-    def resized(self) -> tuple[int, int]:
-        h, w = self.size
-        scale = self.resolution / min(h, w)
-        return max(self.resolution, round(h * scale)), max(self.resolution, round(w * scale))
-
-    @property
-    def offset(self) -> tuple[int, int]:
-        (h2, w2), r = self.resized, self.resolution
-        return (h2 - r) // 2, (w2 - r) // 2
-
-    def intrinsics(self, k: torch.Tensor) -> torch.Tensor:
-        """Pixel intrinsics [..., 3, 3] of the source -> those of the output."""
-        (h, w), (h2, w2), (top, left) = self.size, self.resized, self.offset
-        out = k.clone()
-        out[..., 0, :] *= w2 / w
-        out[..., 1, :] *= h2 / h
-        out[..., 0, 2] += 0.5 * w2 / w - 0.5 - left
-        out[..., 1, 2] += 0.5 * h2 / h - 0.5 - top
-        return out
-
-    def images(self, x: torch.Tensor, mode: str) -> torch.Tensor:
-        """[N, C, H, W] -> [N, C, R, R]; ``bicubic`` is antialiased, ``nearest-exact`` is for depth."""
-        if tuple(x.shape[-2:]) != self.size:
-            raise ValueError(f"images of size {tuple(x.shape[-2:])} given to a ResizeCrop for {self.size}")
-        if self.resized != self.size:
-            antialias = mode in ("bilinear", "bicubic")
-            x = F.interpolate(x, size=self.resized, mode=mode, antialias=antialias, **({"align_corners": False} if antialias else {}))
-        (top, left), r = self.offset, self.resolution
-        return x[..., top : top + r, left : left + r]
-
-
-@dataclass(frozen=True)
 class Clip:
     """One clip on disk: its cameras, its frames (an mp4 or a folder of images) and optional depth."""
 
@@ -184,23 +160,40 @@ def _video_for(folder: Path, name: str, entries: set[str]) -> Path | None:
     return None
 
 
-def find_clips(root: str | Path, split: str, layout: str = "auto") -> tuple[str, list[Clip]]:
-    """The resolved layout and the clips (sorted by name) of ``split`` under ``root``."""
+def _dfot_videos(root: Path, split: str, video_size: int | None, resolution: int) -> Path:
+    if video_size is not None:
+        return root / f"{split}_{video_size}"
+    sizes = sorted(int(p.name.rsplit("_", 1)[1]) for p in root.glob(f"{split}_*")
+                   if p.is_dir() and p.name.rsplit("_", 1)[1].isdigit())
+    if not sizes:
+        return root / f"{split}_256"
+    return root / f"{split}_{next((n for n in sizes if n >= resolution), sizes[-1])}"
+
+
+def find_clips(root: str | Path, split: str, layout: str = "auto", on_error: str = "raise",
+               video_size: int | None = None, resolution: int = 256) -> tuple[str, list[Clip]]:
+    """The resolved layout and the clips (sorted by name) of ``split`` under ``root``.
+
+    A camera file without its video raises ``DataError`` naming both (``on_error="raise"``), or is
+    left out with one warning giving the count (``"skip"``).
+    """
     root = Path(root)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if layout == "auto":
         layout = "dfot" if (root / f"{split}_poses").is_dir() else "raw"
     clips: list[Clip] = []
+    missing: list[str] = []
     if layout == "dfot":
-        poses, videos = root / f"{split}_poses", root / f"{split}_256"
+        poses, videos = root / f"{split}_poses", _dfot_videos(root, split, video_size, resolution)
         if not poses.is_dir() or not videos.is_dir():
             raise FileNotFoundError(f"DFoT layout needs {poses} and {videos}")
         entries = set(os.listdir(videos))
         for pt in sorted(poses.glob("*.pt")):
             if f"{pt.stem}.mp4" in entries:
                 clips.append(Clip(pt.stem, pt, videos / f"{pt.stem}.mp4", None))
-        total = len(list(poses.glob("*.pt")))
+            else:
+                missing.append(f"{pt} has no video {videos / (pt.stem + '.mp4')}")
     else:
         folder = root / split
         if not folder.is_dir() and split == "training" and (root / "train").is_dir():
@@ -208,18 +201,22 @@ def find_clips(root: str | Path, split: str, layout: str = "auto") -> tuple[str,
         if not folder.is_dir():
             raise FileNotFoundError(f"no clips for split {split!r}: neither {root / split} nor {root}/{split}_poses exist")
         entries = set(os.listdir(folder))
-        txts = sorted(e for e in entries if e.endswith(".txt"))
-        for txt in txts:
+        for txt in sorted(e for e in entries if e.endswith(".txt")):
             name = txt[: -len(".txt")]
             video = _video_for(folder, name, entries)
-            if video is not None:
-                depth = folder / f"{name}.depth.npz" if f"{name}.depth.npz" in entries else None
-                clips.append(Clip(name, folder / txt, video, depth))
-        total = len(txts)
+            if video is None:
+                missing.append(f"{folder / txt} has no video {folder / name}.mp4 (nor a frame folder {folder / name}/)")
+                continue
+            depth = folder / f"{name}.depth.npz" if f"{name}.depth.npz" in entries else None
+            clips.append(Clip(name, folder / txt, video, depth))
+    if missing and on_error == "raise":
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(f"{missing[0]}{more}; data.on_error=skip leaves such clips out")
+    if missing:
+        log.warning("%s/%s: %d camera files have no video and are left out (data.on_error=skip), e.g. %s",
+                    root, split, len(missing), missing[0])
     if not clips:
         raise FileNotFoundError(f"no clips with both cameras and frames in {root} (split {split!r}, layout {layout})")
-    if len(clips) < total:
-        log.warning("%s/%s: %d of %d camera files have no video and are skipped", root, split, total - len(clips), total)
     return layout, clips
 
 
@@ -241,7 +238,7 @@ class Re10KClips(Dataset):
         split: split name, e.g. ``training`` or ``test``.
         num_frames: frames per sample T.
         frame_skip: stride between sampled frames; a clip needs ``(num_frames - 1) * frame_skip + 1``
-            frames, a shorter one raises ValueError naming it.
+            frames, a shorter one is a bad clip (see ``on_error``).
         resolution: output side R; frames are resized (short side -> R, antialiased bicubic) and
             centre-cropped to R x R, intrinsics follow.
         layout: ``auto`` (``dfot`` when ``<root>/<split>_poses`` exists, else ``raw``), ``raw`` or ``dfot``.
@@ -252,11 +249,18 @@ class Re10KClips(Dataset):
         cache_clips: keep this many decoded, resized clips (all their frames, uint8) in an in-memory LRU
             per process; 0 decodes only the sampled frames each time. Outputs are identical either way.
         load_depth: return ``depth`` for clips that have a depth file.
+        decode_backend: ``auto``, ``dali``, ``torchcodec`` or ``pyav`` (``engine.data.decode``).
+        decode_device: ``cpu`` (default: frames stay on the CPU, as DataLoader workers and pinned memory
+            need), ``cuda``, or None (the GPU when usable and DALI installed, i.e. NVDEC in the main
+            process; the samples' frames are then CUDA tensors: use no pinned memory).
+        on_error: ``raise`` or ``skip`` a bad clip (module docstring).
+        video_size: ``dfot`` layout: read ``<split>_<video_size>/`` (None: see the module docstring).
 
     ``__getitem__`` returns dict(frames float32 [T, 3, R, R] in [0, 1], intrinsics float32 [T, 3, 3] in
     output pixels, extrinsics float32 [T, 3, 4] camera-from-world relative to frame 0 (frame 0 is
-    [I|0]), index int64 [], frame_indices int64 [T], clip str, and depth float32 [T, R, R] when the clip
-    has a depth file).
+    [I|0]), index int64 [] (of the clip actually returned), frame_indices int64 [T], clip str,
+    skipped_clips int64 [] (bad clips passed over to produce it, 0 unless ``on_error="skip"``), and depth
+    float32 [T, R, R] when the clip has a depth file).
     """
 
     def __init__(
@@ -271,6 +275,10 @@ class Re10KClips(Dataset):
         hflip_prob: float = 0.0,
         cache_clips: int = 0,
         load_depth: bool = True,
+        decode_backend: str = "auto",
+        decode_device: str | None = "cpu",
+        on_error: str = "raise",
+        video_size: int | None = None,
     ) -> None:
         for name, value in (("num_frames", num_frames), ("frame_skip", frame_skip), ("resolution", resolution)):
             if not isinstance(value, int) or value < 1:
@@ -279,10 +287,15 @@ class Re10KClips(Dataset):
             raise ValueError(f"Re10KClips: hflip_prob must lie in [0, 1], got {hflip_prob}")
         if cache_clips < 0:
             raise ValueError(f"Re10KClips: cache_clips must be >= 0, got {cache_clips}")
+        if decode_backend not in BACKENDS:
+            raise ValueError(f"Re10KClips: decode_backend must be one of {BACKENDS}, got {decode_backend!r}")
         self.root, self.split = Path(root), split
         self.num_frames, self.frame_skip, self.resolution = num_frames, frame_skip, resolution
         self.seed, self.hflip_prob, self.cache_clips, self.load_depth = seed, hflip_prob, cache_clips, load_depth
-        self.layout, self.clips = find_clips(root, split, layout)
+        self.decode_backend, self.decode_device = decode_backend, decode_device
+        self._skip = SkipBadClips(on_error, 0, f"Re10KClips({root}, {split})")  # validates on_error first
+        self.layout, self.clips = find_clips(root, split, layout, on_error, video_size, resolution)
+        self._skip.length = len(self.clips)
         self.epoch = 0
         self._cache: OrderedDict[int, _Loaded] = OrderedDict()
 
@@ -302,35 +315,47 @@ class Re10KClips(Dataset):
         cams = read_dfot_poses(clip.cameras) if self.layout == "dfot" else read_pose_file(clip.cameras)
         return cams["intrinsics"], cams["w2c"]
 
-    def _frames(self, clip: Clip, indices: list[int]) -> np.ndarray:
+    def _frames(self, clip: Clip, indices: list[int], count: int) -> torch.Tensor:
+        """uint8 [len(indices), H, W, 3] of the clip's video or image folder, after checking that it
+        holds exactly ``count`` frames (one per camera row)."""
         if clip.video.is_dir():
             files = sorted(p for p in clip.video.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if indices[-1] >= len(files):
-                raise ValueError(f"{clip.video}: frame {indices[-1]} requested but the folder has {len(files)} images")
-            images = [read_image(files[i]) for i in indices]
+            if len(files) != count:
+                raise DataError(f"{clip.video}: {len(files)} images but {count} camera rows in {clip.cameras}", clip.video)
+            try:
+                images = [read_image(files[i]) for i in indices]
+            except (ValueError, OSError) as err:
+                raise DataError(str(err), clip.video) from err
             if len({im.shape for im in images}) > 1:
-                raise ValueError(f"{clip.video}: images of different sizes {sorted({im.shape for im in images})}")
-            return np.stack(images)
-        return decode_video(clip.video, indices)
+                raise DataError(f"{clip.video}: images of different sizes {sorted({im.shape for im in images})}", clip.video)
+            return torch.from_numpy(np.stack(images))
+        frames = probe(clip.video).frames
+        if frames != count:
+            raise DataError(f"{clip.video}: {frames} frames but {count} camera rows in {clip.cameras}", clip.video)
+        return decode_clip(clip.video, indices, backend=self.decode_backend, device=self.decode_device)
 
     def _depth(self, clip: Clip, indices: list[int], count: int, size: tuple[int, int]) -> torch.Tensor:
-        with np.load(clip.depth) as archive:
-            if "depth" not in archive:
-                raise ValueError(f"{clip.depth}: no key 'depth' (keys: {sorted(archive.keys())})")
-            depth = archive["depth"]
+        try:
+            with np.load(clip.depth) as archive:
+                if "depth" not in archive:
+                    raise DataError(f"{clip.depth}: no key 'depth' (keys: {sorted(archive.keys())})", clip.depth)
+                depth = archive["depth"]
+        except DataError:
+            raise
+        except (OSError, ValueError, EOFError) as err:
+            raise DataError(f"{clip.depth}: cannot read the depth archive ({err})", clip.depth) from err
         if depth.ndim != 3 or depth.shape[0] != count or tuple(depth.shape[1:]) != size:
-            raise ValueError(
+            raise DataError(
                 f"{clip.depth}: depth must be [T={count}, H={size[0]}, W={size[1]}] like the clip's frames, "
-                f"got {tuple(depth.shape)}"
+                f"got {tuple(depth.shape)}", clip.depth
             )
         return torch.from_numpy(np.ascontiguousarray(depth[indices], dtype=np.float32))
 
     def _load(self, clip: Clip, intrinsics: torch.Tensor, w2c: torch.Tensor, indices: list[int]) -> _Loaded:
         """Frames ``indices`` of ``clip`` resized and cropped, with all its cameras in output pixels."""
-        images = self._frames(clip, indices)
+        images = self._frames(clip, indices, intrinsics.shape[0])
         transform = ResizeCrop(tuple(images.shape[1:3]), self.resolution)
-        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float()
-        frames = transform.images(pixels, "bicubic").round_().clamp_(0, 255).to(torch.uint8)
+        frames = transform.frames(images)
         depth = None
         if self.load_depth and clip.depth is not None:
             raw = self._depth(clip, indices, intrinsics.shape[0], transform.size)
@@ -341,14 +366,22 @@ class Re10KClips(Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self.clips):
             raise IndexError(f"index {index} out of range for {len(self.clips)} clips")
+        return self._skip.fetch(index, self._sample)
+
+    @property
+    def skipped(self) -> dict[int, str]:
+        """Clips found bad so far in this process (index -> the error), in ``skip`` mode."""
+        return self._skip.bad
+
+    def _sample(self, index: int) -> dict:
         clip, loaded = self.clips[index], self._cache.get(index)
         if loaded is None:
             intrinsics, w2c = self._cameras(clip)
             count = intrinsics.shape[0]
             if count < self.span:
-                raise ValueError(
-                    f"clip {clip.name} ({clip.cameras}) has {count} frames; num_frames={self.num_frames} with "
-                    f"frame_skip={self.frame_skip} needs {self.span}"
+                raise DataError(
+                    f"{clip.cameras}: clip {clip.name} has {count} frames; num_frames={self.num_frames} with "
+                    f"frame_skip={self.frame_skip} needs {self.span}", clip.cameras
                 )
         else:
             self._cache.move_to_end(index)
@@ -379,6 +412,7 @@ class Re10KClips(Dataset):
             extrinsics=ext,
             index=torch.tensor(index, dtype=torch.int64),
             frame_indices=torch.tensor(indices, dtype=torch.int64),
+            flip=torch.tensor(flip),
             clip=clip.name,
         )
         if depth is not None:

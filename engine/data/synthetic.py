@@ -306,15 +306,21 @@ def ensure_synthetic_dataset(
             raise ValueError(f"ensure_synthetic_dataset: {name} must be a positive int, got {value!r}")
     if resolution % 2:
         raise ValueError(f"ensure_synthetic_dataset: resolution must be even (H.264), got {resolution}")
-    root = Path(root)
-    target = root / split
     params = dict(generator="geoforge.synthetic", version=GENERATOR_VERSION, clips=clips, frames=frames,
                   resolution=resolution, seed=seed, split=split)
+    ensure_generated(Path(root) / split, params, lambda folder: write_clips(folder, clips, frames, resolution, seed))
+    return Path(root)
+
+
+def ensure_generated(target: Path, params: dict, write) -> None:
+    """Unless ``target`` exists, ``write(folder)`` into a temporary folder beside it, record ``params``
+    in its ``synthetic.json`` and rename it into place (atomic; concurrent callers race for the
+    rename). Then check that ``target`` was made with ``params`` (ValueError naming the key if not)."""
     if not target.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{split}.tmp-", dir=root))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
-            write_clips(tmp, clips, frames, resolution, seed)
+            write(tmp)
             (tmp / MARKER).write_text(json.dumps(params, indent=1) + "\n")
             os.rename(tmp, target)
         except OSError:
@@ -323,7 +329,6 @@ def ensure_synthetic_dataset(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     _check_marker(target, params)
-    return root
 
 
 def _check_marker(target: Path, params: dict) -> None:

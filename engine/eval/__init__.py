@@ -1,0 +1,10 @@
+"""Evaluation of generated videos: metrics, protocols and the ``python -m engine.eval`` entry point.
+
+- ``frechet``: Fréchet distance (robust PSD square root), FID / FVD wrappers;
+- ``i3d`` (FVD features), ``inception`` (FID features), ``lpips``: the metric networks, loaded from
+  local files or hub references (``weights``);
+- ``image_metrics``: PSNR, SSIM; ``camera_metrics``: RotErr / TransErr / CamMC, revisit error;
+- ``geometry``: VGGT reprojection consistency and camera accuracy;
+- ``protocols``: short16 / long256 / rotation360; ``run`` (+ ``__main__``): the CLI; ``report``: its output;
+- ``validate``: cheap periodic validation for the training loop.
+"""

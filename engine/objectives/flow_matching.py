@@ -167,43 +167,12 @@ def flow_matching_loss(model: Callable[..., torch.Tensor], x0: torch.Tensor, cfg
     return {"loss": per_sample.mean(), "mse": mse, "t": t, "per_sample": per_sample, "features": features}
 
 
-@torch.no_grad()
 def euler_sample(model: Callable[..., torch.Tensor], shape: Sequence[int], steps: int, cond: dict | None = None,
                  generator: torch.Generator | None = None, context: torch.Tensor | None = None,
                  device: torch.device | str | None = None) -> torch.Tensor:
-    """Integrate ``dx/dt = v(x, t)`` with ``steps`` Euler steps from t = 1 (noise) to t = 0.
+    """Integrate ``dx/dt = v(x, t)`` with ``steps`` Euler steps from t = 1 (noise) to t = 0; ``context``
+    [B, k, C, H, W] fixes the first k frames. Kept for callers of the objective; the samplers (DDIM,
+    guidance, long videos) live in :mod:`engine.sampling`, which this calls."""
+    from engine.sampling import sample_clip
 
-    ``shape = (B, T, C, H, W)``. ``context [B, k, C, H, W]`` fixes the first k frames to clean values
-    with t = 0 throughout. ``device`` defaults to the context's, else the model's parameters', else CPU
-    (``generator`` must live there). An ``nn.Module`` is put in eval mode during sampling (no
-    conditioning dropout) and restored afterwards. Returns the sample ``x0`` (float32).
-    """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    cond = _check_cond(cond)
-    if device is None:
-        params = model.parameters() if isinstance(model, torch.nn.Module) else iter(())
-        device = context.device if context is not None else next(params, torch.empty(0)).device
-    b, frames = shape[:2]
-    k = 0 if context is None else context.shape[1]
-    if context is not None and (context.shape[0] != b or context.shape[2:] != tuple(shape[2:]) or k >= frames):
-        raise ValueError(f"context must be [B, k < T, C, H, W] matching shape {tuple(shape)}, "
-                         f"got {tuple(context.shape)}")
-    x = torch.randn(tuple(shape), generator=generator, device=device)
-    times = torch.linspace(1.0, 0.0, steps + 1, device=device)
-    was_training = getattr(model, "training", False)
-    if isinstance(model, torch.nn.Module):
-        model.eval()
-    try:
-        for i in range(steps):
-            if k:
-                x[:, :k] = context.to(x)
-            t = torch.full((b, frames), float(times[i]), device=device)
-            t[:, :k] = 0.0
-            x = x + (times[i + 1] - times[i]) * model(x, t, **cond).float()
-    finally:
-        if isinstance(model, torch.nn.Module):
-            model.train(was_training)
-    if k:
-        x[:, :k] = context.to(x)
-    return x
+    return sample_clip(model, shape, steps, cond, generator, context, device)

@@ -4,6 +4,11 @@
 (per-frame times ``t``, Gaussian ``eps``, classifier-free ``drop_cond``) is drawn outside, per sample,
 from ``(seed, step, dataset index)`` by :func:`sample_noise`, so that the same sample gets the same
 noise whatever the number of ranks and micro-batches: a 2-rank run reproduces a 1-rank run.
+
+With Geometry Forcing (``gf``: :class:`engine.objectives.geometry_forcing.GFConfig`, enabled) the module
+also owns the alignment projectors (:class:`GeometryForcingHead`, trained with the DiT); the frozen
+teacher's features come in the batch (``teacher.<key>``, see ``engine.models.teacher``) and the loss is
+``fm + gf.angular_weight * L_ang + gf.scale_weight * L_scale`` (+ the optional DINO term), each part logged.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from torch import nn
 
 from engine.models.dit import VideoDiT
 from engine.objectives.flow_matching import FlowMatchingConfig, draw_noise, flow_matching_loss
+from engine.objectives.geometry_forcing import GeometryForcingHead, GFConfig
 
 CONDITION_KEYS = ("intrinsics", "extrinsics", "actions")
 
@@ -36,18 +42,38 @@ def sample_noise(cfg: FlowMatchingConfig, cond_dropout: float, x_shape: torch.Si
 class VideoDiffusionLoss(nn.Module):
     """Flow matching with diffusion forcing on clean frames in [0, 1] (mapped to [-1, 1])."""
 
-    def __init__(self, dit: VideoDiT, objective: FlowMatchingConfig):
+    def __init__(self, dit: VideoDiT, objective: FlowMatchingConfig, gf: GFConfig | None = None,
+                 teacher_dims: dict[str, int] | None = None, backend: str = "auto"):
+        """``gf`` (enabled) adds the GF head; ``teacher_dims``: channels per teacher feature key (the
+        teacher's or the cache's ``dims``); ``backend``: the fused alignment kernels' backend."""
         super().__init__()
         self.dit = dit
         self.objective = objective
+        self.gf = None
+        if gf is not None and gf.enabled:
+            if teacher_dims is None:
+                raise ValueError("VideoDiffusionLoss: gf is enabled but no teacher_dims were given")
+            self.gf = GeometryForcingHead(gf, teacher_dims, dit.cfg.hidden_dim, dit.cfg.temporal_patch_size, backend)
 
     def condition(self, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return {k: batch[k].to(dtype) for k in CONDITION_KEYS if k in batch}
 
     def forward(self, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = self.flow_matching(batch, noise)
+        fm = out["loss"].float()
+        parts = {"loss": fm, "fm": fm.detach()}
+        if self.gf is not None:
+            gf_parts = self.gf(out["features"], batch)
+            parts.update({k: v.float() for k, v in gf_parts.items() if k != "loss"})
+            parts["loss"] = fm + gf_parts["loss"].float()
+        return parts
+
+    def flow_matching(self, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor]) -> dict:
+        """The flow-matching part alone (``flow_matching_loss``'s dict, with the DiT features the GF head
+        reads in ``features``); ``forward`` adds the GF head on top. Separate for profiling."""
         dtype = next(self.dit.parameters()).dtype
         x0 = batch["frames"].to(dtype) * 2 - 1
         cond = self.condition(batch, dtype)
         cond["drop_cond"] = noise["drop_cond"]
-        out = flow_matching_loss(self.dit, x0, self.objective, cond=cond, noise=noise)
-        return {"loss": out["loss"].float(), "fm": out["loss"].float().detach()}
+        blocks = self.gf.dit_blocks if self.gf is not None else ()
+        return flow_matching_loss(self.dit, x0, self.objective, cond=cond, noise=noise, return_features=blocks)

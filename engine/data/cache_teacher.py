@@ -1,0 +1,340 @@
+"""Teacher feature cache for Geometry Forcing: precompute the frozen teacher once, read it in training.
+
+    python -m engine.data.cache_teacher --recipe gf_tiny --out data/gf_tiny_cache [--set KEY=VALUE ...]
+    deepspeed engine/train.py --recipe gf_tiny --set gf.teacher_cache=data/gf_tiny_cache
+
+**Windows.** The teacher sees a clip *window* (the sampled frames), so the cache holds features per
+window, keyed by ``(dataset index, start frame, flip)``. ``Re10KClips`` draws a sample's start frame (and
+flip) from ``(seed, epoch, index)``, so the windows a run sees are fixed by the recipe: this tool walks
+exactly the windows the data pipeline draws in epochs ``0 .. E-1`` (``--epochs E``; by default the
+epochs that ``schedule.steps`` consumes at ``--world-size`` ranks) and stores each distinct window once.
+In training, a window that is not in the cache is an error naming the clip and how to rebuild. With a
+data pipeline that pins one window per clip (every epoch drawing epoch 0's window), ``--epochs 1`` covers
+any run length. Flips: a sample must carry its ``flip`` flag when ``data.hflip_prob > 0``.
+
+**Files.** ``DIR/shard_NNNNN.safetensors``: per feature key (``vggt_L4``, ..., ``dino``) a bf16 tensor
+``[n, Tt, h, w, C]`` - patch tokens on the teacher's own grid, exactly what the live teacher returns,
+rounded to bf16 - and the window keys ``window_index``, ``window_start``, ``window_flip`` (int64 [n]).
+``DIR/manifest.json`` is written last (so a cache without one is incomplete): the teacher identity
+(weights id, layers, input size), the aligned frames, the data settings the windows depend on (root,
+split, clip list digest, frames, frame skip, resolution, seed, flip probability), the keys with their
+shapes and the shards. :class:`TeacherCache` checks it against the recipe and refuses a mismatch with
+a message naming the recipe key; the recipe's ``gf.teacher_layers`` may be a subset of the cached ones.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from engine.objectives.geometry_forcing import BATCH_PREFIX
+
+FORMAT = "geoforge-teacher-cache"
+VERSION = 1
+MANIFEST = "manifest.json"
+WINDOW_KEYS = ("window_index", "window_start", "window_flip")
+
+
+class TeacherCacheError(ValueError):
+    """A teacher cache is missing, incomplete, or does not match the recipe."""
+
+
+# ----------------------------------------------------------------------------- what a cache must match
+def clips_digest(names: list[str]) -> str:
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+
+
+def expected_manifest(recipe: Any) -> dict[str, Any]:
+    """The manifest fields a cache for ``recipe`` must have (teacher, frames, data), without loading any model."""
+    from engine.data.re10k import find_clips
+    from engine.models.teacher import teacher_identity
+
+    data, gf = recipe.data, recipe.gf
+    _, clips = find_clips(data.root, data.split, on_error=data.on_error)
+    return {
+        "teacher": teacher_identity(gf, (data.resolution, data.resolution)),
+        "teacher_frames": gf.aligned_frames(data.frames),
+        "data": {"root": str(Path(data.root).resolve()), "split": data.split, "kind": data.kind,
+                 "clips": len(clips), "clips_digest": clips_digest([c.name for c in clips]),
+                 "frames": data.frames, "frame_skip": data.frame_skip, "resolution": data.resolution,
+                 "seed": recipe.seed, "hflip_prob": data.hflip_prob},
+    }
+
+
+_RECIPE_KEYS = {"frames": "data.frames", "frame_skip": "data.frame_skip", "resolution": "data.resolution",
+                "seed": "seed", "hflip_prob": "data.hflip_prob", "split": "data.split", "root": "data.root",
+                "kind": "data.kind", "clips": "data.root (its clips)", "clips_digest": "data.root (its clips)"}
+
+
+def check_manifest(manifest: Mapping[str, Any], recipe: Any) -> list[str]:
+    """Human-readable mismatches between a cache manifest and the recipe (empty: the cache fits)."""
+    want = expected_manifest(recipe)
+    problems = []
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        return [f"format {manifest.get('format')!r} v{manifest.get('version')} is not {FORMAT!r} v{VERSION}"]
+    have_t, want_t = manifest["teacher"], want["teacher"]
+    for name, key in (("id", "gf.teacher"), ("size", "gf.teacher_resolution")):
+        if have_t["vggt"][name] != want_t["vggt"][name]:
+            problems.append(f"{key}: the cache holds VGGT {name} {have_t['vggt'][name]!r}, the recipe gives "
+                            f"{want_t['vggt'][name]!r}")
+    missing = [layer for layer in want_t["vggt"]["layers"] if layer not in have_t["vggt"]["layers"]]
+    if missing:
+        problems.append(f"gf.teacher_layers: layers {missing} are not in the cache (it holds "
+                        f"{have_t['vggt']['layers']})")
+    if "dino" in want_t:
+        if "dino" not in have_t:
+            problems.append("gf.dino: the recipe aligns a DINOv2 teacher, the cache holds none")
+        else:
+            for name in ("id", "layer", "size"):
+                if have_t["dino"][name] != want_t["dino"][name]:
+                    problems.append(f"gf.dino: the cache holds DINOv2 {name} {have_t['dino'][name]!r}, the "
+                                    f"recipe gives {want_t['dino'][name]!r}")
+    if manifest["teacher_frames"] != want["teacher_frames"]:
+        problems.append(f"gf.teacher_frames: the cache holds {manifest['teacher_frames']} teacher frames per window, "
+                        f"the recipe aligns {want['teacher_frames']}")
+    for name, value in want["data"].items():
+        if manifest["data"].get(name) != value:
+            problems.append(f"{_RECIPE_KEYS[name]}: the cache was built with {name}={manifest['data'].get(name)!r}, "
+                            f"the recipe has {value!r}")
+    return problems
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise TeacherCacheError(f"gf.teacher_cache: {directory} is not a complete teacher cache (no {MANIFEST}); "
+                                f"build it with `python -m engine.data.cache_teacher --recipe ... --out {directory}`")
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------- reading
+class TeacherCache:
+    """Teacher features read from a cache instead of running the teacher. Same call as ``LiveTeacher``:
+    ``cache(batch) -> {"teacher.<key>": [B, Tt, h, w, C] float32}`` for the batch's windows, and ``dims``."""
+
+    def __init__(self, directory: str | Path, recipe: Any, device: torch.device | str = "cpu"):
+        self.directory = Path(directory)
+        self.device = torch.device(device)
+        self.manifest = read_manifest(self.directory)
+        problems = check_manifest(self.manifest, recipe)
+        if problems:
+            raise TeacherCacheError(f"gf.teacher_cache: {self.directory} does not match the recipe:\n  - "
+                                    + "\n  - ".join(problems)
+                                    + "\nrebuild it: python -m engine.data.cache_teacher --recipe ... --out DIR")
+        self.keys = recipe.gf.feature_keys()
+        self.dims = {k: int(self.manifest["keys"][k]["shape"][-1]) for k in self.keys}
+        self.hflip = self.manifest["data"]["hflip_prob"] > 0
+        self.frame_skip = self.manifest["data"]["frame_skip"]
+        self._handles: dict[int, Any] = {}
+        self._rows: dict[tuple[int, int, int], tuple[int, int]] = {}
+        for shard_id, name in enumerate(self.manifest["shards"]):
+            with safe_open(str(self.directory / name), framework="pt") as f:
+                index, start, flip = (f.get_tensor(k).tolist() for k in WINDOW_KEYS)
+            for row, key in enumerate(zip(index, start, flip)):
+                self._rows[key] = (shard_id, row)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def _handle(self, shard_id: int):
+        if shard_id not in self._handles:
+            self._handles[shard_id] = safe_open(str(self.directory / self.manifest["shards"][shard_id]),
+                                                framework="pt")
+        return self._handles[shard_id]
+
+    def window_keys(self, batch: Mapping[str, torch.Tensor]) -> list[tuple[int, int, int]]:
+        """``(dataset index, start frame, flip)`` of each sample of a batch."""
+        index = batch["index"].reshape(-1).tolist()
+        fi = batch["frame_indices"]
+        start = fi[:, 0].tolist()
+        if fi.shape[1] > 1 and not bool((fi[:, 1] - fi[:, 0] == self.frame_skip).all()):
+            raise TeacherCacheError(f"gf.teacher_cache: batch frame indices {fi.tolist()} do not follow the cached "
+                                    f"frame_skip={self.frame_skip}")
+        if "flip" in batch:
+            flip = [int(v) for v in batch["flip"].reshape(-1).tolist()]
+        elif self.hflip:
+            raise TeacherCacheError("gf.teacher_cache: data.hflip_prob > 0, but the batch does not say which samples "
+                                    "are flipped (no 'flip' key); use the live teacher or hflip_prob 0")
+        else:
+            flip = [0] * len(index)
+        return list(zip(index, start, flip))
+
+    def __call__(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        rows = []
+        for key in self.window_keys(batch):
+            if key not in self._rows:
+                data = self.manifest["data"]
+                raise TeacherCacheError(
+                    f"gf.teacher_cache: {self.directory} has no window for dataset index {key[0]}, start frame "
+                    f"{key[1]}, flip {key[2]} (it holds {len(self._rows)} windows, the ones drawn in epochs "
+                    f"0..{self.manifest['windows']['epochs'] - 1} of {data['root']}); rebuild with more --epochs "
+                    f"or --world-size, or use the live teacher")
+            rows.append(self._rows[key])
+        out = {}
+        for k in self.keys:
+            parts = [self._handle(shard).get_slice(k)[row:row + 1] for shard, row in rows]
+            out[BATCH_PREFIX + k] = torch.cat(parts).to(self.device, torch.float32)
+        return out
+
+
+# ----------------------------------------------------------------------------- writing
+def epochs_for_run(recipe: Any, dataset_len: int, world_size: int = 1) -> int:
+    """Epochs of the sampler that a run of ``schedule.steps`` optimizer steps touches at ``world_size`` ranks."""
+    global_batch = recipe.data.batch_size * recipe.distributed.grad_accum * world_size
+    steps_per_epoch = dataset_len // global_batch
+    if steps_per_epoch < 1:
+        raise ValueError(f"{dataset_len} clips are fewer than one global batch of {global_batch}")
+    return math.ceil(recipe.schedule.steps / steps_per_epoch)
+
+
+class _ShardWriter:
+    """Buffers windows and writes ``shard_NNNNN.safetensors`` files of ``shard_size`` windows."""
+
+    def __init__(self, directory: Path, shard_size: int):
+        self.directory, self.shard_size = directory, shard_size
+        self.buffer: dict[str, list[torch.Tensor]] = {}
+        self.windows: list[tuple[int, int, int]] = []
+        self.shards: list[str] = []
+
+    def add(self, key: tuple[int, int, int], features: Mapping[str, torch.Tensor]) -> None:
+        self.windows.append(key)
+        for k, v in features.items():
+            self.buffer.setdefault(k, []).append(v.to(torch.bfloat16).cpu())
+        if len(self.windows) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.windows:
+            return
+        tensors = {k: torch.stack(v).contiguous() for k, v in self.buffer.items()}
+        for i, name in enumerate(WINDOW_KEYS):
+            tensors[name] = torch.tensor([w[i] for w in self.windows], dtype=torch.int64)
+        name = f"shard_{len(self.shards):05d}.safetensors"
+        tmp = self.directory / f".tmp-{name}"
+        save_file(tensors, str(tmp))
+        tmp.replace(self.directory / name)
+        self.shards.append(name)
+        self.buffer, self.windows = {}, []
+
+
+def _window_batches(dataset: Any, epochs: int, batch_size: int, num_workers: int) -> Iterator[dict]:
+    from engine.data.sampler import EpochIndexed
+
+    keys = [(i, e) for e in range(epochs) for i in range(len(dataset))]
+    chunks = [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
+    loader = torch.utils.data.DataLoader(EpochIndexed(dataset), batch_sampler=chunks, num_workers=num_workers)
+    yield from loader
+
+
+def build_cache(recipe: Any, out: str | Path, *, epochs: int | None = None, world_size: int = 1,
+                shard_size: int = 256, batch_size: int | None = None, max_windows: int | None = None,
+                num_workers: int = 0, device: str = "cpu", overwrite: bool = False, log=print) -> dict[str, Any]:
+    """Compute and write the teacher cache of ``recipe`` into ``out``; returns the manifest."""
+    from engine.data.builder import build_dataset
+    from engine.distributed import World
+    from engine.models.teacher import LiveTeacher
+
+    if not recipe.gf.enabled:
+        raise ValueError("cache_teacher: the recipe has gf.enabled: false (nothing to cache)")
+    out = Path(out)
+    if (out / MANIFEST).exists() and not overwrite:
+        raise FileExistsError(f"cache_teacher: {out} already holds a teacher cache (pass --overwrite to replace it)")
+    out.mkdir(parents=True, exist_ok=True)
+    for old in [*out.glob("shard_*.safetensors"), *out.glob(".tmp-shard_*"), out / MANIFEST]:
+        old.unlink(missing_ok=True)
+    world = World(rank=0, local_rank=0, size=1, local_size=1, device=torch.device(device))
+    dataset = build_dataset(recipe, world)
+    epochs = epochs or epochs_for_run(recipe, len(dataset), world_size)
+    teacher = LiveTeacher(recipe.gf, device)
+    writer = _ShardWriter(out, shard_size)
+    seen: set[tuple[int, int, int]] = set()
+    started, loaded = time.perf_counter(), 0
+    hflip = recipe.data.hflip_prob > 0
+    for batch in _window_batches(dataset, epochs, batch_size or recipe.data.batch_size, num_workers):
+        loaded += len(batch["index"])
+        if hflip and "flip" not in batch:
+            raise ValueError("cache_teacher: data.hflip_prob > 0 but the dataset's samples carry no 'flip' flag, "
+                             "so cached windows could not be matched to flipped samples; set data.hflip_prob=0")
+        flips = batch["flip"].tolist() if "flip" in batch else [0] * len(batch["index"])
+        keys = [(int(i), int(fi[0]), int(f)) for i, fi, f in zip(batch["index"], batch["frame_indices"], flips)]
+        new, fresh = [], set()
+        for j, k in enumerate(keys):   # windows not cached yet, each once
+            if k not in seen and k not in fresh:
+                new.append(j)
+                fresh.add(k)
+        if max_windows is not None:
+            new = new[:max(0, max_windows - len(seen))]
+        if new:
+            feats = teacher.features(batch["frames"][new])
+            for n, j in enumerate(new):
+                seen.add(keys[j])
+                writer.add(keys[j], {k: v[n] for k, v in feats.items()})
+        if max_windows is not None and len(seen) >= max_windows:
+            break
+    writer.flush()
+    if not writer.shards:
+        raise ValueError("cache_teacher: no window was cached")
+    first = writer.directory / writer.shards[0]
+    with safe_open(str(first), framework="pt") as f:
+        shapes = {k: list(f.get_slice(k).get_shape()[1:]) for k in f.keys() if k not in WINDOW_KEYS}
+    manifest = {"format": FORMAT, "version": VERSION, **expected_manifest(recipe),
+                "keys": {k: {"shape": s, "dtype": "bfloat16"} for k, s in shapes.items()},
+                "windows": {"count": len(seen), "epochs": epochs, "samples_read": loaded},
+                "shards": writer.shards, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    tmp = out / f".tmp-{MANIFEST}"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(out / MANIFEST)
+    log(f"cache_teacher: {len(seen)} windows ({loaded} samples of {epochs} epoch(s)) in {len(writer.shards)} "
+        f"shard(s) -> {out} ({time.perf_counter() - started:.1f} s)")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.config import ConfigError, load_recipe
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", required=True, help="recipe name in recipes/ or a YAML path")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default=None, help="cache directory (default: the recipe's gf.teacher_cache)")
+    p.add_argument("--epochs", type=int, default=None, help="cache the windows of epochs 0..N-1 (default: the "
+                   "epochs schedule.steps consumes at --world-size ranks)")
+    p.add_argument("--world-size", type=int, default=1, help="largest number of ranks the cache must serve")
+    p.add_argument("--shard-size", type=int, default=256, help="windows per safetensors shard")
+    p.add_argument("--batch-size", type=int, default=None, help="clips per teacher call (default data.batch_size)")
+    p.add_argument("--max-windows", type=int, default=None, help="stop after this many windows (tests, benchmarks)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding clips")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cache in --out")
+    args = p.parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = args.out or recipe.gf.teacher_cache
+    if not out:
+        print("error: give --out DIR (or set gf.teacher_cache in the recipe)", file=sys.stderr)
+        return 2
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        build_cache(recipe, out, epochs=args.epochs, world_size=args.world_size, shard_size=args.shard_size,
+                    batch_size=args.batch_size, max_windows=args.max_windows, num_workers=args.num_workers,
+                    device=device, overwrite=args.overwrite)
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,100 @@
+"""Periodic validation during training: context-conditioned samples of a few fixed clips, cheap metrics.
+
+The training loop calls, every ``logging.validate_every`` steps::
+
+    result = validate(dit, val_batch, recipe, step)       # every rank under ZeRO-3, rank 0 otherwise
+    if world.is_main:
+        write_validation(tb_writer, result, step)         # scalars + a GT / sample frame strip
+
+:func:`validation_batch` builds the fixed batch once (the first ``logging.validate_videos`` clips of
+the recipe's dataset). A sample keeps the first ``max(1, objective.context_frames)`` frames of its
+clip as clean context and generates the rest with the clip's cameras / actions
+(``logging.sample_steps`` Euler steps, conditional, the noise drawn from ``recipe.seed``, so every
+validation of a run sees the same noise and its metrics are comparable across steps). Metrics over
+the generated frames: ``val/psnr`` and ``val/ssim`` (mean over frames and videos), and
+``val/psnr_first`` (the first generated frame, the one closest to the context).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.eval.image_metrics import psnr, ssim
+from engine.sampling import COND_KEYS, SamplerConfig, generate
+
+
+@dataclass
+class ValidationResult:
+    """Scalar metrics and the videos behind them (float [N, T, 3, H, W] in [0, 1], on the CPU)."""
+
+    metrics: dict[str, float]
+    samples: torch.Tensor
+    ground_truth: torch.Tensor
+    context: int
+
+
+def validation_batch(recipe, num_videos: int, world=None) -> dict[str, torch.Tensor]:
+    """The first ``num_videos`` clips of the recipe's dataset as one batch (fixed start frames, no flips)."""
+    from dataclasses import replace
+
+    from engine.data.builder import build_dataset
+    from engine.distributed import World
+
+    if num_videos < 1:
+        raise ValueError(f"validation needs num_videos >= 1, got {num_videos}")
+    world = world or World(rank=0, local_rank=0, size=1, local_size=1, device=torch.device("cpu"))
+    recipe = replace(recipe, data=replace(recipe.data, hflip_prob=0.0))
+    dataset = build_dataset(recipe, world)
+    if len(dataset) < num_videos:
+        raise ValueError(f"logging.validate_videos={num_videos} but the dataset has {len(dataset)} clips")
+    items = [dataset[i] for i in range(num_videos)]
+    return {k: torch.stack([it[k] for it in items]) for k in ("frames", *COND_KEYS) if k in items[0]}
+
+
+@torch.no_grad()
+def validate(dit: torch.nn.Module, batch: dict[str, torch.Tensor], recipe, step: int,
+             steps: int | None = None) -> ValidationResult:
+    """Sample ``batch`` (``frames [N, T, 3, H, W]`` in [0, 1] + per-frame cameras / actions) from its
+    context frames and score the generated frames against the clip (module docstring)."""
+    device = next(dit.parameters()).device
+    frames = batch["frames"].to(device).float()
+    n, t = frames.shape[:2]
+    context = max(1, recipe.objective.context_frames)
+    if context >= t:
+        raise ValueError(f"validation clips have {t} frames; {context} context frames leave none to generate")
+    cond = {k: batch[k].to(device).float() for k in COND_KEYS if k in batch}
+    sampler = SamplerConfig(steps=steps or recipe.logging.sample_steps, window=t, progress=False)
+    g = torch.Generator().manual_seed(recipe.seed)
+    sample = generate(dit, frames[:, :context] * 2 - 1, t, cond, sampler, generator=g)
+    sample = ((sample.clamp(-1, 1) + 1) / 2).cpu()
+    gt = frames.cpu()
+    gen, ref = sample[:, context:], gt[:, context:]
+    metrics = {"val/psnr": float(psnr(gen, ref).mean()), "val/ssim": float(ssim(gen, ref).mean()),
+               "val/psnr_first": float(psnr(gen[:, 0], ref[:, 0]).mean())}
+    return ValidationResult(metrics=metrics, samples=sample, ground_truth=gt, context=context)
+
+
+def frame_strip(result: ValidationResult, max_videos: int = 4, max_frames: int = 8) -> torch.Tensor:
+    """An image [3, H', W'] in [0, 1]: per video a ground-truth row above a sample row."""
+    rows = []
+    t = result.samples.shape[1]
+    pick = torch.linspace(0, t - 1, min(t, max_frames)).round().long()
+    for gt, sample in zip(result.ground_truth[:max_videos], result.samples[:max_videos]):
+        for video in (gt, sample):
+            rows.append(torch.cat(list(video[pick]), dim=-1))
+    return torch.cat(rows, dim=-2)
+
+
+def write_validation(writer, result: ValidationResult, step: int) -> None:
+    """Log ``result`` to a tensorboard ``SummaryWriter``: the scalars, a frame strip image, and the
+    videos side by side (GT | sample) when tensorboard can encode video (needs moviepy)."""
+    for name, value in result.metrics.items():
+        writer.add_scalar(name, value, step)
+    writer.add_image("val/frames", frame_strip(result), step)
+    try:
+        import moviepy  # noqa: F401  (add_video's encoder)
+    except ImportError:
+        return
+    video = torch.cat([result.ground_truth, result.samples], dim=-1)
+    writer.add_video("val/videos", video, step, fps=4)

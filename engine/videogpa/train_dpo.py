@@ -1,0 +1,393 @@
+"""The ``train`` stage: Diffusion-DPO of the policy on the preference pairs, through DeepSpeed.
+
+Per micro-batch of training pairs: winner and loser latents get the *same* noise and timesteps (drawn per
+pair from ``(seed, step, pair index)``, so any number of ranks sees the same noise), the policy network
+and the reference give per-sample errors e (mean over F, C, H, W), and ``engine.objectives.dpo.dpo_loss``
+turns them into the loss, the implicit accuracy and the reward margin. Winner and loser go through the
+network in one batch of 2B.
+
+Trained parameters: the LoRA adapters (peft; the reference is the same network with adapters disabled,
+or a frozen copy if ``dpo.reference: frozen_copy``), or every weight when ``lora.enabled: false`` (the
+reference is then a frozen copy). The recipe's ``optimizer``, ``schedule`` (steps, warmup, decay),
+``distributed`` (ZeRO stage, bf16, grad accumulation) and ``logging`` sections apply;
+``data.batch_size`` is the number of pairs per micro-batch and rank.
+
+Files (``<run>/train/``): ``metrics.jsonl`` and tensorboard events (DPO loss, implicit accuracy, reward
+margin, errors, winner/loser mean scores, step time), ``checkpoints/step_N`` (DeepSpeed state without
+the frozen weights + adapters, atomic; a killed stage resumes from the newest). Output (``<run>/final/``,
+atomic): the peft adapter (``adapter_model.safetensors`` + ``adapter_config.json``) or ``model.safetensors``
+for full fine-tuning, and ``COMPLETE`` (JSON summary: implicit accuracy on the training pairs before and
+after, peak memory, parameter bytes, time).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from engine.objectives.dpo import dpo_loss
+from engine.videogpa.generate import load_condition
+from engine.videogpa.io import atomic_write_text, read_jsonl, read_marker, write_marker
+from engine.videogpa.lora import add_lora, adapters_disabled, frozen_copy, parameter_bytes, save_adapter
+from engine.videogpa.policy import VideoPolicy
+
+log = logging.getLogger("geoforge.videogpa")
+PARTS = ("loss", "implicit_acc", "reward_margin", "err_w", "err_l", "ref_err_w", "ref_err_l")
+
+
+class DPOModule(nn.Module):
+    """The module DeepSpeed trains: the policy network (+ an optional frozen reference copy) and the DPO loss."""
+
+    def __init__(self, policy: VideoPolicy, network: nn.Module, reference: nn.Module | None, beta: float):
+        super().__init__()
+        self.network = network
+        self.reference = reference
+        self.beta = beta
+        object.__setattr__(self, "policy", policy)   # not a submodule: its weights live in ``network``
+
+    def errors(self, x_w: Tensor, x_l: Tensor, cond: dict[str, Tensor], noise: dict[str, Tensor]
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(e_θ,w, e_θ,l, e_ref,w, e_ref,l), each [B]; winner and loser share ``noise``."""
+        x0 = torch.cat([x_w, x_l])
+        both = {k: torch.cat([v, v]) for k, v in noise.items()}
+        model_err = self.policy.per_sample_error(self.network, x0, cond, both)
+        with torch.no_grad():
+            if self.reference is None:
+                with adapters_disabled(self.network):
+                    ref_err = self.policy.per_sample_error(self.network, x0, cond, both)
+            else:
+                ref_err = self.policy.per_sample_error(self.reference, x0, cond, both)
+        return (*model_err.chunk(2), *ref_err.chunk(2))
+
+    def forward(self, x_w: Tensor, x_l: Tensor, cond: dict[str, Tensor], noise: dict[str, Tensor]) -> dict[str, Tensor]:
+        e_w, e_l, r_w, r_l = self.errors(x_w, x_l, cond, noise)
+        loss, accuracy, margin = dpo_loss(e_w, e_l, r_w, r_l, self.beta)
+        return {"loss": loss.mean(), "implicit_acc": accuracy, "reward_margin": margin,
+                "err_w": e_w.detach().mean(), "err_l": e_l.detach().mean(),
+                "ref_err_w": r_w.mean(), "ref_err_l": r_l.mean()}
+
+
+# ----------------------------------------------------------------------------------------------- data
+def latent_file(run_dir: Path, video: str) -> Path:
+    return Path(run_dir) / "latents" / (video.replace("/", "__") + ".safetensors")
+
+
+def decode_frames(path: Path, frames: int) -> Tensor:
+    """A candidate video as float ``[T, 3, H, W]`` in [0, 1]; its length must be ``frames``."""
+    from engine.data.video_io import decode_video
+
+    video = decode_video(path)
+    if len(video) != frames:
+        raise ValueError(f"{path}: {len(video)} frames, the policy makes {frames}")
+    return torch.from_numpy(video).permute(0, 3, 1, 2).float() / 255.0
+
+
+def cache_latents(policy: VideoPolicy, run_dir: Path, videos: list[str], world) -> None:
+    """Encode every video once into ``<run>/latents/`` (atomic per file; ranks split the work)."""
+    from engine.distributed import barrier
+
+    for i, video in enumerate(videos):
+        target = latent_file(run_dir, video)
+        if i % world.size != world.rank or target.is_file():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():
+            x0 = policy.encode(decode_frames(Path(run_dir) / video, policy.frames)[None])[0]
+        tmp = target.with_name(f".{target.name}.tmp")
+        save_file({"x0": x0.float().cpu().contiguous()}, str(tmp))
+        tmp.replace(target)
+    barrier()
+
+
+class PairSet(torch.utils.data.Dataset):
+    """Training pairs: ``winner``/``loser`` clean samples (cached latents, or decoded frames to encode),
+    the input's :class:`Condition`, and the pair's scores."""
+
+    def __init__(self, run_dir: Path, pairs: list[dict[str, Any]], frames: int, cached: bool):
+        self.run_dir, self.pairs, self.frames, self.cached = Path(run_dir), pairs, frames, cached
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _load(self, video: str) -> Tensor:
+        if self.cached:
+            return load_file(str(latent_file(self.run_dir, video)))["x0"]
+        return decode_frames(self.run_dir / video, self.frames)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        pair = self.pairs[index]
+        return {"index": index, "winner": self._load(pair["winner"]), "loser": self._load(pair["loser"]),
+                "condition": load_condition(self.run_dir, pair["input"]),
+                "winner_score": pair["winner_score"], "loser_score": pair["loser_score"]}
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"index": torch.tensor([it["index"] for it in items]),
+            "winner": torch.stack([it["winner"] for it in items]), "loser": torch.stack([it["loser"] for it in items]),
+            "conditions": [it["condition"] for it in items],
+            "winner_score": torch.tensor([it["winner_score"] for it in items], dtype=torch.float64),
+            "loser_score": torch.tensor([it["loser_score"] for it in items], dtype=torch.float64)}
+
+
+def pair_noise(policy: VideoPolicy, sample_shape: tuple[int, ...], indices: list[int], seed: int,
+               step: int) -> dict[str, Tensor]:
+    """Per-pair noise from ``(seed, step, pair index)``, stacked (CPU)."""
+    from engine.objectives.video_loss import sample_seed
+
+    parts = [policy.draw_noise((1, *sample_shape), torch.Generator().manual_seed(sample_seed(seed, step, i)))
+             for i in indices]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def prepare_batch(policy: VideoPolicy, batch: dict[str, Any], cached: bool, seed: int, step: int
+                  ) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    """(x_w, x_l, cond, noise) on the policy's device for a collated batch."""
+    with torch.no_grad():
+        if cached:
+            x_w, x_l = batch["winner"].to(policy.device), batch["loser"].to(policy.device)
+        else:
+            x_w, x_l = policy.encode(batch["winner"]), policy.encode(batch["loser"])
+        cond = policy.batch_condition(batch["conditions"])
+    noise = pair_noise(policy, tuple(x_w.shape[1:]), batch["index"].tolist(), seed, step)
+    return x_w, x_l, cond, noise
+
+
+@torch.no_grad()
+def implicit_accuracy(module: DPOModule, policy: VideoPolicy, dataset: PairSet, indices: list[int], draws: int,
+                      seed: int, cached: bool, batch_size: int = 4) -> dict[str, float]:
+    """Implicit accuracy and mean reward margin of ``module`` on the pairs ``indices``, each with ``draws``
+    fixed noise draws (independent of training steps). Returns sums and counts for cross-rank reduction."""
+    correct, margin, count = 0.0, 0.0, 0
+    was_training = module.training
+    module.eval()
+    try:
+        for draw in range(draws):
+            for start in range(0, len(indices), batch_size):
+                batch = collate([dataset[i] for i in indices[start:start + batch_size]])
+                x_w, x_l, cond, noise = prepare_batch(policy, batch, cached, seed + 7_777_777, -1 - draw)
+                e_w, e_l, r_w, r_l = module.errors(x_w, x_l, cond, noise)
+                logit = -module.beta * ((e_w - e_l) - (r_w - r_l))
+                correct += float((logit > 0).sum())
+                margin += float(logit.sum())
+                count += len(logit)
+    finally:
+        module.train(was_training)
+    return {"correct": correct, "margin": margin, "count": float(count)}
+
+
+def _reduce_accuracy(parts: dict[str, float], world) -> dict[str, float]:
+    from engine.distributed import mean_over_ranks
+
+    total = mean_over_ranks(parts)
+    count = total["count"] or 1.0
+    return {"implicit_acc": total["correct"] / count, "reward_margin": total["margin"] / count,
+            "pairs_evaluated": total["count"] * world.size}
+
+
+def _ds_config(recipe) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": recipe.data.batch_size,
+        "gradient_accumulation_steps": recipe.distributed.grad_accum,
+        "gradient_clipping": recipe.optimizer.grad_clip,
+        "zero_optimization": {"stage": recipe.distributed.zero_stage},
+        "bf16": {"enabled": recipe.distributed.bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak GPU memory allocated (CUDA) or the process's peak resident set size (CPU)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def build_dpo_module(recipe, policy: VideoPolicy) -> DPOModule:
+    """LoRA (or full fine-tuning) on ``policy.network`` and the reference the recipe asks for."""
+    vg = recipe.videogpa
+    torch.manual_seed(recipe.seed)
+    if recipe.distributed.activation_checkpointing:
+        policy.enable_activation_checkpointing()
+    base = policy.network
+    reference = frozen_copy(base) if vg.reference_mode() == "frozen_copy" else None
+    if vg.lora.enabled:
+        network = add_lora(base, vg.lora, policy.default_lora_targets)
+    else:
+        network = base.requires_grad_(True)
+    return DPOModule(policy, network, reference, vg.dpo.beta)
+
+
+def _save_state(stage_dir: Path, step: int, engine, module: DPOModule, world, zero_stage: int,
+                state: dict[str, Any], keep: int, lora: bool) -> None:
+    """Atomic checkpoint ``stage_dir/checkpoints/step_N``: DeepSpeed state without frozen weights (+ adapters)."""
+    from engine.checkpoint import checkpoint_dirs
+    from engine.distributed import barrier
+
+    root = stage_dir / "checkpoints"
+    tmp, final = root / f".tmp-step_{step}", root / f"step_{step}"
+    if world.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    engine.save_checkpoint(str(tmp), tag="deepspeed", exclude_frozen_parameters=True)
+    if lora:
+        save_adapter(module.network, tmp / "adapter", zero_stage, world.is_main)
+    if world.is_main:
+        atomic_write_text(tmp / "trainer_state.json", json.dumps({**state, "world_size": world.size}))
+    barrier()
+    if world.is_main:
+        (tmp / "COMPLETE").write_text(f"step {step}\n")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if keep > 0:
+            for old in checkpoint_dirs(stage_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def _save_final(run_dir: Path, module: DPOModule, policy: VideoPolicy, world, zero_stage: int, lora: bool,
+                summary: dict[str, Any]) -> Path:
+    from engine.checkpoint import consolidated_state_dict
+    from engine.distributed import barrier
+
+    final = Path(run_dir) / "final"
+    tmp = final.with_name(".tmp-final")
+    if lora:
+        save_adapter(module.network, tmp, zero_stage, world.is_main, getattr(policy, "diffusers_pipeline_class", None))
+    else:
+        weights = consolidated_state_dict(module.network, zero_stage)
+        if world.is_main:
+            tmp.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+    if world.is_main:
+        write_marker(tmp / "COMPLETE", summary)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    barrier()
+    return final
+
+
+def run_train_stage(recipe, run_dir: Path, world, policy: VideoPolicy, show_progress: bool = True) -> dict[str, Any]:
+    """The ``train`` stage (see the module docstring). Returns the summary written to ``final/COMPLETE``."""
+    import deepspeed
+
+    from engine.checkpoint import latest_checkpoint
+    from engine.data.sampler import ResumableBatchSampler
+    from engine.distributed import mean_over_ranks
+    from engine.run_dir import RunLog
+
+    run_dir = Path(run_dir)
+    done = read_marker(run_dir / "final" / "COMPLETE")
+    if done is not None:
+        return {"skipped": True, **done}
+    vg = recipe.videogpa
+    pairs_file = run_dir / "pairs.jsonl"
+    if not pairs_file.is_file():
+        raise FileNotFoundError(f"{pairs_file} is missing: run the pairs stage first")
+    pairs = [p for p in read_jsonl(pairs_file) if p["split"] == "train"]
+    policy.drop_text_encoder()   # prompts are embedded in the stored conditions
+    cached = vg.dpo.cache_latents
+    if cached:
+        cache_latents(policy, run_dir, sorted({p["winner"] for p in pairs} | {p["loser"] for p in pairs}), world)
+    dataset = PairSet(run_dir, pairs, policy.frames, cached)
+    module = build_dpo_module(recipe, policy)
+    held_bytes = parameter_bytes(module.network, module.reference)
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    opt = recipe.optimizer
+    optimizer = torch.optim.AdamW(trainable, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay, eps=opt.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, recipe.schedule.lr_factor)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=_ds_config(recipe), dist_init_required=False)
+    stage_dir = run_dir / "train"
+    steps = recipe.schedule.steps
+    runlog = RunLog(stage_dir, world, total_steps=steps)
+    step, consumed = 0, 0
+    checkpoint = latest_checkpoint(stage_dir)
+    if checkpoint is not None:
+        load_path, _ = engine.load_checkpoint(str(checkpoint), tag="deepspeed", load_module_strict=False)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load {checkpoint / 'deepspeed'}")
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        step, consumed = state["step"], state["consumed_micro_batches"]
+        runlog.resume_from(step)
+        runlog.info(f"train: resumed from {checkpoint} at step {step}")
+
+    eval_idx = list(range(min(vg.dpo.eval_pairs, len(dataset))))
+    mine_eval = eval_idx[world.rank::world.size]
+    before_file = stage_dir / "eval_before.json"
+    before = read_marker(before_file)
+    if before is None:
+        before = _reduce_accuracy(implicit_accuracy(engine.module, policy, dataset, mine_eval, vg.dpo.eval_draws,
+                                                    recipe.seed, cached), world)
+        if world.is_main:
+            write_marker(before_file, before)
+
+    sampler = ResumableBatchSampler(len(dataset), recipe.data.batch_size, recipe.distributed.grad_accum,
+                                    world.size, world.rank, seed=recipe.seed, start=consumed)
+    batches = iter(sampler)
+    accum = recipe.distributed.grad_accum
+    began = time.perf_counter()
+    runlog.start_progress(step)
+    while step < steps:
+        sums: dict[str, float] = {}
+        t_step = time.perf_counter()
+        for _ in range(accum):
+            indices = [i for i, _ in next(batches)]
+            consumed += 1
+            batch = collate([dataset[i] for i in indices])
+            x_w, x_l, cond, noise = prepare_batch(policy, batch, cached, recipe.seed, step)
+            out = engine(x_w, x_l, cond, noise)
+            if not torch.isfinite(out["loss"]).item():
+                raise FloatingPointError(f"train: non-finite DPO loss at step {step}; lower optimizer.lr or dpo.beta")
+            engine.backward(out["loss"])
+            engine.step()
+            values = {k: float(out[k].detach()) for k in PARTS}
+            values["winner_score"] = float(batch["winner_score"].mean())
+            values["loser_score"] = float(batch["loser_score"].mean())
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v / accum
+        step += 1
+        parts = mean_over_ranks(sums)
+        runlog.step(step, parts, lr=engine.get_lr()[0], step_seconds=time.perf_counter() - t_step,
+                    every=recipe.logging.every)
+        if step % recipe.logging.checkpoint_every == 0 and step < steps:
+            _save_state(stage_dir, step, engine, module, world, recipe.distributed.zero_stage,
+                        {"step": step, "consumed_micro_batches": consumed}, recipe.logging.keep_checkpoints,
+                        vg.lora.enabled)
+    train_seconds = time.perf_counter() - began
+    finish = runlog.finish(train_seconds)
+    after = _reduce_accuracy(implicit_accuracy(engine.module, policy, dataset, mine_eval, vg.dpo.eval_draws,
+                                               recipe.seed, cached), world)
+    summary = {
+        "steps": steps, "train_pairs": len(dataset), "reference": vg.reference_mode(), "lora": vg.lora.enabled,
+        "implicit_acc_before": before["implicit_acc"], "implicit_acc_after": after["implicit_acc"],
+        "reward_margin_before": before["reward_margin"], "reward_margin_after": after["reward_margin"],
+        "pairs_evaluated": after["pairs_evaluated"], "last": {k: finish.get(k) for k in PARTS if k in finish},
+        "parameter_bytes": held_bytes, "trainable_parameters": sum(p.numel() for p in trainable),
+        "peak_memory_bytes": peak_memory_bytes(world.device), "train_seconds": train_seconds,
+    }
+    _save_final(run_dir, module, policy, world, recipe.distributed.zero_stage, vg.lora.enabled, summary)
+    if world.is_main:
+        runlog.info(finish["text"])
+        runlog.info(f"train: implicit accuracy on {int(after['pairs_evaluated'])} training pair draws "
+                    f"{before['implicit_acc']:.3f} -> {after['implicit_acc']:.3f}, reward margin "
+                    f"{before['reward_margin']:.3g} -> {after['reward_margin']:.3g}; final weights in {run_dir / 'final'}")
+    return summary
+
+
+__all__ = ["DPOModule", "PairSet", "build_dpo_module", "cache_latents", "implicit_accuracy", "pair_noise",
+           "prepare_batch", "run_train_stage"]

@@ -1,0 +1,83 @@
+"""Benchmark the fused kernels against the PyTorch eager reference and torch.compile, side by side.
+
+    python profiling/bench_kernels.py [--quick] [--kernels align,reproject] [--device cpu|cuda]
+                                      [--peak-gbps GB/s] [--threads N] [--no-plot] [--csv PATH]
+
+Each kernel's cases come from ``profiling/bench_<kernel>.py`` (``cases(quick, device)``); the harness
+(``profiling/_harness.py``) times them (p50/p20/p80), measures peak memory (CUDA: max_memory_allocated;
+CPU: the torch profiler's memory accounting), prints one table with every provider's speed-up and memory
+saving against the eager reference of the same run, the bytes formulas, appends CSV rows to
+``profiling/results/kernels.csv`` and draws ``profiling/results/<kernel>.png``.
+
+On CUDA the table has the achieved fraction of the memory-bandwidth roofline, against an assumed peak
+(by device name: H100 3350 GB/s, H200 4800 GB/s, A100 2039 GB/s; ``--peak-gbps`` overrides).
+``--quick``: small sweeps (alignment N = 1024 and 4096 at full dims, its loss tail at N = 4096,
+reprojection S=10 at 256x256); a couple of minutes on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from anywhere: `python profiling/bench_kernels.py`
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from profiling import _harness  # noqa: E402
+
+KERNELS = ("align", "reproject")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sweeps (a couple of minutes on 2 CPU cores)")
+    ap.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated subset of {','.join(KERNELS)}")
+    ap.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                    help="default: cuda when available, else cpu")
+    ap.add_argument("--peak-gbps", type=float, default=None,
+                    help="peak memory bandwidth for the roofline fraction (default by CUDA device name; none on CPU)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
+    ap.add_argument("--repeat", type=int, default=None, help="timed calls per case (default 5, quick 3)")
+    ap.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+    ap.add_argument("--csv", default=None, help="CSV to append to (default profiling/results/kernels.csv)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_kernels: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    unknown = [k for k in kernels if k not in KERNELS]
+    if unknown:
+        print(f"bench_kernels: unknown kernel(s) {unknown}; choose from {KERNELS}", file=sys.stderr)
+        return 2
+    peak = _harness.assumed_peak_gbps(device, args.peak_gbps)
+    print(f"bench_kernels: {'quick' if args.quick else 'full'} sweep of {', '.join(kernels)} on "
+          f"{_harness.device_label(device)}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
+          flush=True)
+    start = time.perf_counter()
+    results = []
+    for kernel in kernels:
+        module = importlib.import_module(f"profiling.bench_{kernel}")
+        cases = module.cases(args.quick, device.type)
+        print(f"[{kernel}] {len(cases)} cases", flush=True)
+        results += _harness.run_cases(cases, device, warmup=1, repeat=args.repeat or (3 if args.quick else 5),
+                                      budget_s=4.0 if args.quick else 20.0)
+    _harness.report(results, device, peak_gbps=peak, csv_path=args.csv, draw=not args.no_plot)
+    print(f"total {time.perf_counter() - start:.1f} s")
+    return 0 if all(r.error is None for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

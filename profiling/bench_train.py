@@ -1,0 +1,552 @@
+"""Training-step benchmark: time, tokens/s and peak memory of a recipe's step, broken into phases.
+
+    python profiling/bench_train.py --recipe gf_tiny                  # one configuration, phase table
+    python profiling/bench_train.py --recipe gf_tiny --compare        # baseline vs GF live vs GF cache
+    python profiling/bench_train.py --recipe gf_re10k --model --gpus 8 --gpu h100   # FLOPs / memory model
+    python profiling/bench_train.py --curves RUN_GF RUN_BASE          # loss curves of two runs -> PNG
+    python profiling/bench_train.py --recipe gf_tiny --dump-batch snap.safetensors  # one batch's GF inputs
+
+**What a step is.** One process, no DeepSpeed: the recipe's module (DiT + GF head) and a plain AdamW on
+the recipe's device, fed by the recipe's data loader, i.e. the work of one rank's micro-batch in
+``engine/train.py`` without communication. Phases, each timed with ``time.perf_counter`` (CUDA:
+synchronised at every phase boundary, which serialises the step slightly):
+
+- ``data``: next micro-batch from the loader, copy to the device, per-sample noise;
+- ``teacher``: the frozen teacher's features (live VGGT, or rows read from the teacher cache);
+- ``dit_fwd``: DiT forward + flow-matching loss (``VideoDiffusionLoss.flow_matching``);
+- ``align``: the GF head's forward. Its fused kernels compute the projector gradients during this
+  forward (``kernels/align``), so ``align`` holds almost all of the alignment's cost;
+- ``backward``: ``loss.backward()`` (DiT backward; the alignment only hands over its gradients);
+- ``optimizer``: ``AdamW.step`` + ``zero_grad``.
+
+**--compare** builds the recipe three times with the same initial DiT weights - ``baseline``
+(``gf.enabled=false``), ``gf-live`` and ``gf-cache`` (a teacher cache of the measured windows, built into
+a temporary directory unless ``--cache DIR`` is given) - and runs their steps interleaved (baseline,
+live, cache, baseline, ...) so that load from other processes hits all three alike. Reported: the median
+(p50) of each phase over the timed steps, and overhead = p50(step) / p50(baseline step) - 1. Peak memory:
+CUDA ``max_memory_allocated`` during a step; CPU: the torch profiler's c10 allocator peak of one extra,
+untimed step (``profiling/_harness.cpu_peak_bytes``). Rows are appended to ``profiling/results/train.csv``.
+
+**--model** is analytic (no run): FLOPs per optimizer step and GPU, the step time at an assumed model
+FLOP utilisation, and the memory per GPU, with every assumption printed (see :func:`flops_model`).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from engine.config import Recipe, load_recipe  # noqa: E402
+
+PHASES = ("data", "teacher", "dit_fwd", "align", "backward", "optimizer")
+RESULTS = ROOT / "profiling" / "results"
+# dense bf16 tensor-core peak (TFLOP/s) and memory (GiB) per GPU kind
+GPUS = {"h100": (989.0, 80.0), "h200": (989.0, 141.0), "a100": (312.0, 80.0)}
+
+
+# ----------------------------------------------------------------------------- measured steps
+@dataclass
+class Config:
+    """One benchmarked configuration: its module, optimizer, teacher and batch stream."""
+
+    name: str
+    recipe: Recipe
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    teacher: Any
+    batches: Any
+    device: torch.device
+    times: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in (*PHASES, "step")})
+    peak_bytes: int | None = None
+    step: int = 0
+
+
+def _device(recipe: Recipe) -> torch.device:
+    if recipe.device == "cuda" or (recipe.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def build_config(name: str, recipe: Recipe, device: torch.device) -> Config:
+    """Module (same seed as engine/train.py), AdamW, teacher and this rank's loader for ``recipe``."""
+    from engine.data.builder import build_loader
+    from engine.distributed import World
+    from engine.models.dit import VideoDiT
+    from engine.models.teacher import build_teacher
+    from engine.objectives.video_loss import VideoDiffusionLoss
+
+    teacher = build_teacher(recipe, device)
+    torch.manual_seed(recipe.seed)
+    dit = VideoDiT(recipe.model)
+    module = VideoDiffusionLoss(dit, recipe.objective, recipe.gf, None if teacher is None else teacher.dims,
+                                recipe.backend).to(device)
+    if recipe.distributed.bf16:
+        module = module.to(torch.bfloat16)
+    opt = recipe.optimizer
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=opt.lr, betas=opt.betas,
+                                  weight_decay=opt.weight_decay, eps=opt.eps)
+    world = World(rank=0, local_rank=0, size=1, local_size=1, device=device)
+    return Config(name, recipe, module, optimizer, teacher, iter(build_loader(recipe, world)), device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_step(cfg: Config, record: bool = True) -> dict[str, float]:
+    """One training step of ``cfg``; returns (and records) seconds per phase."""
+    from engine.objectives.video_loss import sample_noise
+
+    r, dev = cfg.recipe, cfg.device
+    marks = [time.perf_counter()]
+
+    def mark() -> None:
+        _sync(dev)
+        marks.append(time.perf_counter())
+
+    raw = next(cfg.batches)
+    batch = {k: v.to(dev) for k, v in raw.items() if torch.is_tensor(v)}
+    noise = sample_noise(r.objective, r.model.cond_dropout, batch["frames"].shape, batch["index"].cpu(), r.seed,
+                         cfg.step)
+    noise = {k: v.to(dev) for k, v in noise.items()}
+    mark()
+    if cfg.teacher is not None:
+        batch.update(cfg.teacher(batch))
+    mark()
+    out = cfg.module.flow_matching(batch, noise)
+    loss = out["loss"].float()
+    mark()
+    if cfg.module.gf is not None:
+        loss = loss + cfg.module.gf(out["features"], batch)["loss"].float()
+    mark()
+    loss.backward()
+    mark()
+    cfg.optimizer.step()
+    cfg.optimizer.zero_grad(set_to_none=True)
+    mark()
+    cfg.step += 1
+    phases = {p: marks[i + 1] - marks[i] for i, p in enumerate(PHASES)}
+    phases["step"] = marks[-1] - marks[0]
+    if record:
+        for k, v in phases.items():
+            cfg.times[k].append(v)
+    return phases
+
+
+def measure_peak(cfg: Config) -> None:
+    """Peak memory of one untimed step (CUDA allocator peak, or the CPU allocator peak via the profiler)."""
+    if cfg.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(cfg.device)
+        base = torch.cuda.memory_allocated(cfg.device)
+        run_step(cfg, record=False)
+        cfg.peak_bytes = torch.cuda.max_memory_allocated(cfg.device) - base
+    else:
+        from profiling._harness import cpu_peak_bytes
+
+        cfg.peak_bytes = cpu_peak_bytes(lambda: run_step(cfg, record=False))
+
+
+def tokens_per_step(recipe: Recipe) -> int:
+    m, d = recipe.model.resolved(), recipe.data
+    return d.batch_size * (d.frames // m.temporal_patch_size) * (d.resolution // m.patch_size) ** 2
+
+
+def _p50(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def paired_ratio(cfg: Config, base: Config) -> float:
+    """Median over rounds of cfg's step time / the baseline's in the same round (robust to load drift)."""
+    return statistics.median(a / b for a, b in zip(cfg.times["step"], base.times["step"]))
+
+
+def report(configs: list[Config], csv_path: Path | None = None) -> str:
+    from profiling._harness import MB, device_label, git_commit
+
+    base = configs[0]
+    head = ["config", *[f"{p} ms" for p in PHASES], "step ms", "tokens/s", "peak MB", "overhead"]
+    rows = []
+    for c in configs:
+        step = _p50(c.times["step"])
+        over = "" if c is base else f"{100 * (paired_ratio(c, base) - 1):+.1f}%"
+        rows.append([c.name, *[f"{1e3 * _p50(c.times[p]):.1f}" for p in PHASES], f"{1e3 * step:.1f}",
+                     f"{tokens_per_step(c.recipe) / step:.0f}",
+                     "-" if c.peak_bytes is None else f"{c.peak_bytes / MB:.1f}", over])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    lines = ["  ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(row, widths)))
+             for row in [head, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    n = len(base.times["step"])
+    text = (f"device: {device_label(base.device)}   commit: {git_commit()}   torch {torch.__version__}\n"
+            f"recipe {base.recipe.name}: micro-batch {base.recipe.data.batch_size}, {tokens_per_step(base.recipe)} DiT "
+            f"tokens/step; p50 over {n} timed steps per config (interleaved); overhead = median over rounds of "
+            f"step / baseline step of the same round, minus 1\n" + "\n".join(lines))
+    if csv_path is not None:
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        new = not csv_path.exists() or csv_path.stat().st_size == 0
+        with csv_path.open("a", newline="") as fh:
+            w = csv.writer(fh)
+            if new:
+                w.writerow(("recipe", "config", "phase", "unit", "p50", "p20", "p80", "steps", "device", "commit"))
+            for c in configs:
+                for p in (*PHASES, "step"):
+                    v = sorted(c.times[p])
+                    q = (lambda f: 1e3 * v[min(len(v) - 1, int(f * (len(v) - 1) + 0.5))]) if v else (lambda f: float("nan"))
+                    w.writerow((c.recipe.name, c.name, p, "ms", f"{q(.5):.4g}", f"{q(.2):.4g}", f"{q(.8):.4g}", len(v),
+                                device_label(c.device), git_commit()))
+                if c.peak_bytes is not None:
+                    mb = f"{c.peak_bytes / MB:.4g}"
+                    w.writerow((c.recipe.name, c.name, "peak_memory", "MB", mb, mb, mb, 1, device_label(c.device),
+                                git_commit()))
+    return text
+
+
+def _cache_for(recipe: Recipe, steps: int, directory: Path) -> Path:
+    """A teacher cache holding every window the first ``steps`` micro-batches of ``recipe`` draw."""
+    from engine.data.builder import build_dataset
+    from engine.data.cache_teacher import build_cache
+    from engine.distributed import World
+
+    n = len(build_dataset(recipe, World(0, 0, 1, 1, torch.device("cpu"))))
+    epochs = math.ceil(steps / max(1, n // recipe.data.batch_size))
+    build_cache(recipe, directory, epochs=epochs, device=str(_device(recipe)), overwrite=True,
+                log=lambda s: print(s, flush=True))
+    return directory
+
+
+def compare(recipe_arg: str, overrides: list[str], warmup: int, steps: int, cache: str | None,
+            csv_path: Path | None) -> list[Config]:
+    """Baseline, GF with the live teacher and GF with the teacher cache, steps interleaved (module docstring)."""
+    recipe = load_recipe(recipe_arg, overrides)
+    device = _device(recipe)
+    names = [("baseline", ["gf.enabled=false", "gf.teacher_cache=null", "gf.dino=null"])]
+    if recipe.gf.enabled:
+        names.append(("gf-live", ["gf.teacher_cache=null"]))
+    tmp = None
+    if recipe.gf.enabled:
+        if cache is None:
+            tmp = Path(tempfile.mkdtemp(prefix="geoforge-bench-cache-"))
+            live = load_recipe(recipe_arg, [*overrides, "gf.teacher_cache=null"])
+            cache = str(_cache_for(live, warmup + steps + 2, tmp))
+        names.append(("gf-cache", [f"gf.teacher_cache={cache}"]))
+    try:
+        configs = [build_config(n, load_recipe(recipe_arg, [*overrides, *extra]), device) for n, extra in names]
+        for _ in range(warmup):
+            for c in configs:
+                run_step(c, record=False)
+        for i in range(steps):
+            for c in configs:
+                phases = run_step(c)
+                print(f"  step {i + 1}/{steps} {c.name:<9} {1e3 * phases['step']:8.1f} ms", flush=True)
+        for c in configs:
+            measure_peak(c)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(report(configs, csv_path))
+    if len(configs) > 1:
+        ratios = {c.name: paired_ratio(c, configs[0]) for c in configs[1:]}
+        targets = {"gf-live": 1.35, "gf-cache": 1.10}
+        print("GF overhead over the baseline step: " + ", ".join(
+            f"{k} {100 * (v - 1):+.1f}% (target <= {100 * (targets[k] - 1):.0f}%)" for k, v in ratios.items()))
+    return configs
+
+
+# ----------------------------------------------------------------------------- analytic model
+def vit_block_flops(dim: float, tokens: float, ctx: float, mlp_ratio: float = 4.0) -> float:
+    """Forward FLOPs (2 per multiply-add) of a pre-norm ViT block on ``tokens`` tokens attending to ``ctx``:
+    qkv 6D^2 + proj 2D^2 + MLP 4 r D^2 per token, plus q k^T and A v, 4 D ctx per token."""
+    return tokens * ((8 + 4 * mlp_ratio) * dim * dim + 4 * dim * ctx)
+
+
+def teacher_flops(recipe: Recipe) -> dict[str, float]:
+    """Forward FLOPs per clip of the VGGT aggregator up to the deepest requested layer, and of DINOv2.
+
+    VGGT-1B sizes unless ``gf.teacher.config`` says otherwise: DINOv2-L patch embedding (24 blocks, 1024-d)
+    on the P + 5 tokens of each frame, then per layer a frame block (context P + 5) and a global block
+    (context S (P + 5)), 1024-d. Norms, RoPE and the 14x14 patch convolution are ignored (< 1%)."""
+    from engine.models.teacher import teacher_size
+    from engine.models.vggt.config import resolve_config
+
+    gf, d = recipe.gf, recipe.data
+    out = {"vggt": 0.0, "dino": 0.0}
+    if not gf.enabled:
+        return out
+    agg = resolve_config(gf.teacher.config)["aggregator"]
+    frames = gf.aligned_frames(d.frames)
+    h, w = teacher_size(d.resolution, d.resolution, gf.teacher_resolution)
+    patches = (h // agg["patch_size"]) * (w // agg["patch_size"])
+    special = 1 + agg["num_register_tokens"]
+    dim = agg["embed_dim"]
+    if agg["patch_embed"] != "conv":
+        from engine.models.vggt import DINOV2_VARIANTS
+
+        pd, pdepth, _ = DINOV2_VARIANTS[agg["patch_embed"]]
+        out["vggt"] += pdepth * frames * vit_block_flops(pd, patches + special, patches + special)
+    layers = max(layer % agg["depth"] for layer in gf.teacher_layers) + 1
+    tokens = frames * (patches + special)
+    out["vggt"] += layers * (vit_block_flops(dim, tokens, patches + special) + vit_block_flops(dim, tokens, tokens))
+    if gf.dino is not None:
+        from engine.models.vggt import DINOV2_VARIANTS
+
+        dd, ddepth, _ = DINOV2_VARIANTS[gf.dino.variant]
+        dh, dw = teacher_size(d.resolution, d.resolution, gf.dino.resolution)
+        n = (dh // 14) * (dw // 14) + 5
+        blocks = gf.dino.layer % ddepth + 1
+        out["dino"] = blocks * frames * vit_block_flops(dd, n, n)
+    return out
+
+
+def flops_model(recipe: Recipe, gpus: int, gpu: str, mfu: float) -> dict[str, float]:
+    """Per-GPU FLOPs, time and memory of one optimizer step. Assumptions (printed by ``--model``):
+
+    - DiT: ``engine.models.dit.flops_per_token`` x tokens; training = 3x forward (4x with activation
+      checkpointing: the forward is recomputed); projector + scale head: 2 FLOPs per MAC, 3x forward;
+    - teacher: forward only (no_grad), :func:`teacher_flops`; no teacher FLOPs with a teacher cache;
+    - time = FLOPs / (peak bf16 dense FLOP/s x ``mfu``); data loading, the optimizer update and ZeRO
+      communication are assumed hidden (workers, overlap) - add 5-10% in practice;
+    - memory (bytes): bf16 weights 2P and grads 2P, fp32 master + Adam moments 12P / N (ZeRO >= 1; grads
+      2P / N at ZeRO >= 2), sharded fp32 EMA 4P / N; activations per clip: with checkpointing the block
+      inputs (depth x L x D x 2) + one block's working set (34 L D bytes, flash attention: no L^2 term),
+      without depth x 34 L D; teacher: fp32 aggregator weights + a working set of 34 x (tokens x dim) and
+      the kept layer outputs (fp32, tokens x 2 dim each) per clip; alignment chunks are negligible.
+    """
+    from engine.models.dit import flops_per_token, num_params
+
+    d, m, dist = recipe.data, recipe.model.resolved(), recipe.distributed
+    micro = d.batch_size * dist.grad_accum
+    tokens = (d.frames // m.temporal_patch_size) * (d.resolution // m.patch_size) ** 2  # per clip
+    dit_fwd = flops_per_token(recipe.model, d.frames, d.resolution, d.resolution) * tokens
+    train_mult = 4 if dist.activation_checkpointing else 3
+    p_dit = num_params(recipe.model)
+    gf = recipe.gf
+    proj, p_head, teacher = 0.0, 0, {"vggt": 0.0, "dino": 0.0}
+    teacher_mem = 0.0
+    if gf.enabled:
+        from engine.models.vggt.config import resolve_config
+
+        agg = resolve_config(gf.teacher.config)["aggregator"]
+        c = 2 * agg["embed_dim"]
+        aligned = tokens * gf.aligned_frames(d.frames) // d.frames
+        per_layer = m.hidden_dim * gf.projector_hidden + gf.projector_hidden ** 2 + gf.projector_hidden * c \
+            + 2 * c * gf.scale_hidden
+        proj = 3 * 2 * aligned * per_layer * len(gf.teacher_layers)
+        p_head = per_layer * len(gf.teacher_layers)
+        if gf.dino is not None:
+            from engine.models.vggt import DINOV2_VARIANTS
+
+            cd = DINOV2_VARIANTS[gf.dino.variant][0]
+            pl = m.hidden_dim * gf.dino.projector_hidden + gf.dino.projector_hidden ** 2 \
+                + gf.dino.projector_hidden * cd + 2 * cd * gf.dino.scale_hidden
+            proj += 3 * 2 * aligned * pl
+            p_head += pl
+        if not gf.teacher_cache:
+            teacher = teacher_flops(recipe)
+            from engine.models.teacher import teacher_size
+
+            h, w = teacher_size(d.resolution, d.resolution, gf.teacher_resolution)
+            t_tokens = gf.aligned_frames(d.frames) * ((h // 14) * (w // 14) + 5)
+            agg_params = 909.1e6 if gf.teacher.config is None else 0.0
+            dino_params = 86.6e6 if gf.dino is not None and gf.dino.config is None else 0.0
+            teacher_mem = 4 * (agg_params + dino_params) + d.batch_size * (
+                34 * t_tokens * agg["embed_dim"] + len(gf.teacher_layers) * t_tokens * c * 4)
+    per_gpu = micro * (train_mult * dit_fwd + proj + teacher["vggt"] + teacher["dino"])
+    peak, hbm = GPUS[gpu]
+    seconds = per_gpu / (peak * 1e12 * mfu)
+    p = p_dit + p_head
+    n = max(1, gpus)
+    grads = 2 * p / n if dist.zero_stage >= 2 else 2 * p
+    states = 12 * p / n if dist.zero_stage >= 1 else 12 * p
+    weights = 2 * p / n if dist.zero_stage == 3 else 2 * p
+    ema = 4 * p / n if recipe.ema.enabled else 0
+    block_io = m.depth * tokens * m.hidden_dim * 2
+    acts = d.batch_size * ((block_io + 34 * tokens * m.hidden_dim) if dist.activation_checkpointing
+                           else m.depth * 34 * tokens * m.hidden_dim)
+    memory = weights + grads + states + ema + acts + teacher_mem
+    return {"dit_params": p_dit, "head_params": p_head, "tokens_per_clip": tokens, "dit_tflop": micro * train_mult
+            * dit_fwd / 1e12, "align_tflop": micro * proj / 1e12, "teacher_tflop": micro * (teacher["vggt"]
+            + teacher["dino"]) / 1e12, "tflop_per_gpu_step": per_gpu / 1e12, "step_s": seconds,
+            "memory_gib": memory / 2 ** 30, "hbm_gib": hbm, "acts_gib": acts / 2 ** 30,
+            "teacher_gib": teacher_mem / 2 ** 30, "states_gib": (weights + grads + states + ema) / 2 ** 30,
+            "global_batch": micro * n}
+
+
+def print_model(recipe_arg: str, overrides: list[str], gpus: int, gpu: str, mfu: float) -> dict[str, float]:
+    recipe = load_recipe(recipe_arg, overrides)
+    r = flops_model(recipe, gpus, gpu, mfu)
+    base = flops_model(load_recipe(recipe_arg, [*overrides, "gf.enabled=false", "gf.dino=null",
+                                                "gf.teacher_cache=null"]), gpus, gpu, mfu)
+    print(f"recipe {recipe.name} on {gpus} x {gpu.upper()} (bf16 dense peak {GPUS[gpu][0]:.0f} TFLOP/s, assumed MFU "
+          f"{mfu:.0%}), ZeRO-{recipe.distributed.zero_stage}, activation checkpointing "
+          f"{recipe.distributed.activation_checkpointing}")
+    print(f"  DiT {r['dit_params'] / 1e6:.0f}M params + GF heads {r['head_params'] / 1e6:.1f}M; "
+          f"{r['tokens_per_clip']} tokens/clip; global batch {r['global_batch']} clips")
+    print(f"  per GPU and optimizer step: DiT {r['dit_tflop']:.1f} + alignment {r['align_tflop']:.1f} + teacher "
+          f"{r['teacher_tflop']:.1f} = {r['tflop_per_gpu_step']:.1f} TFLOP -> {r['step_s']:.2f} s/step "
+          f"(no GF: {base['step_s']:.2f} s; GF overhead {100 * (r['step_s'] / base['step_s'] - 1):+.0f}%)")
+    print(f"  memory per GPU ~ {r['memory_gib']:.1f} GiB of {r['hbm_gib']:.0f}: weights/grads/optimizer/EMA "
+          f"{r['states_gib']:.1f}, activations {r['acts_gib']:.1f}, teacher {r['teacher_gib']:.1f}")
+    print("  assumptions: " + " ".join((flops_model.__doc__ or "").split("Assumptions (printed by ``--model``):")[1]
+                                      .split()))
+    return r
+
+
+# ----------------------------------------------------------------------------- curves and dumps
+def _metrics(run: Path) -> list[dict]:
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a run directory (no metrics.jsonl)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (the first points average what exists so far)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v - (values[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot_curves(gf_run: Path, base_run: Path, out: Path | None = None, window: int = 20) -> Path:
+    """Flow-matching loss of both runs and the GF run's alignment losses against the step -> PNG (thin: the
+    logged values, bold: their ``window``-row moving average). Prints the last-50-step means."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gf_rows, base_rows = _metrics(gf_run), _metrics(base_run)
+    fig, (ax_fm, ax_al) = plt.subplots(1, 2, figsize=(12, 4.5))
+
+    def draw(ax, rows, key, label, colour):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if not pts:
+            return
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, color=colour, alpha=0.25, linewidth=0.8)
+        ax.plot(xs, _smooth(list(ys), window), color=colour, linewidth=2, label=label)
+
+    draw(ax_fm, base_rows, "fm", f"baseline ({Path(base_run).name})", "tab:blue")
+    draw(ax_fm, gf_rows, "fm", f"GF ({Path(gf_run).name})", "tab:orange")
+    for key, colour in (("gf_angular", "tab:green"), ("gf_scale", "tab:red"), ("dino_angular", "tab:purple"),
+                        ("dino_scale", "tab:brown")):
+        draw(ax_al, gf_rows, key, key, colour)
+    ax_fm.set_title(f"flow-matching loss (bold: {window}-point moving average)")
+    ax_al.set_title("GF alignment losses (unweighted)")
+    for ax in (ax_fm, ax_al):
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    ax_al.set_yscale("log")
+    fig.tight_layout()
+    out = Path(out or Path(gf_run) / "gf_vs_baseline.png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+    def mean(rows: list[dict], key: str, lo: int, hi: int) -> float:
+        vals = [r[key] for r in rows if key in r and lo <= r["step"] <= hi]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    last = max(r["step"] for r in gf_rows)
+    print(f"curves: {out}")
+    for lo in range(1, last + 1, 50):
+        hi = min(last, lo + 49)
+        print(f"  steps {lo:4d}-{hi:4d} mean: fm GF {mean(gf_rows, 'fm', lo, hi):.4f} baseline "
+              f"{mean(base_rows, 'fm', lo, hi):.4f} | gf_angular {mean(gf_rows, 'gf_angular', lo, hi):.4f} "
+              f"gf_scale {mean(gf_rows, 'gf_scale', lo, hi):.4f}")
+    return out
+
+
+def dump_batch(recipe: Recipe, path: Path) -> Path:
+    """One batch through the recipe's module: save what recomputes its GF losses (``alignment_snapshot``)."""
+    from safetensors.torch import save_file
+
+    from engine.objectives.geometry_forcing import alignment_snapshot
+    from engine.objectives.video_loss import sample_noise
+
+    if not recipe.gf.enabled:
+        raise ValueError("--dump-batch needs a recipe with gf.enabled: true")
+    cfg = build_config("dump", recipe, _device(recipe))
+    batch = {k: v.to(cfg.device) for k, v in next(cfg.batches).items() if torch.is_tensor(v)}
+    batch.update(cfg.teacher(batch))
+    r = recipe
+    noise = {k: v.to(cfg.device) for k, v in sample_noise(r.objective, r.model.cond_dropout, batch["frames"].shape,
+                                                          batch["index"].cpu(), r.seed, 0).items()}
+    out = cfg.module.flow_matching(batch, noise)
+    parts = cfg.module.gf(out["features"], batch)
+    save_file(alignment_snapshot(cfg.module.gf, out["features"], batch, parts), str(path),
+              metadata={"recipe": recipe.name, "dit_block": str(recipe.gf.dit_block),
+                        "teacher_layers": json.dumps(recipe.gf.teacher_layers),
+                        "temporal_patch_size": str(recipe.model.temporal_patch_size),
+                        "angular_weight,scale_weight": json.dumps(recipe.gf.weights())})
+    print(f"dump: {path} (GF term {float(parts['loss'].detach()):.6g}, "
+          + ", ".join(f"{k} {float(v):.6g}" for k, v in parts.items() if k != "loss") + ")")
+    return path
+
+
+# ----------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="gf_tiny")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--compare", action="store_true", help="baseline vs GF live vs GF cache, interleaved")
+    p.add_argument("--cache", default=None, help="teacher cache for --compare (default: built in a temp dir)")
+    p.add_argument("--steps", type=int, default=16, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration first")
+    p.add_argument("--csv", default=str(RESULTS / "train.csv"), help="CSV to append to ('' to skip)")
+    p.add_argument("--model", action="store_true", help="analytic FLOPs / time / memory model, no run")
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--gpu", choices=sorted(GPUS), default="h100")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOP utilisation for --model")
+    p.add_argument("--curves", nargs=2, metavar=("GF_RUN", "BASE_RUN"), help="plot two runs' loss curves")
+    p.add_argument("--dump-batch", default=None, metavar="PATH", help="save one batch's GF inputs and losses")
+    args = p.parse_args(argv)
+    if args.curves:
+        plot_curves(Path(args.curves[0]), Path(args.curves[1]))
+        return 0
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    if args.model:
+        print_model(args.recipe, args.overrides, args.gpus, args.gpu, args.mfu)
+        return 0
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dump_batch:
+        dump_batch(recipe, Path(args.dump_batch))
+        return 0
+    csv_path = Path(args.csv) if args.csv else None
+    started = time.perf_counter()
+    if args.compare:
+        compare(args.recipe, args.overrides, args.warmup, args.steps, args.cache, csv_path)
+    else:
+        cfg = build_config(recipe.name, recipe, _device(recipe))
+        for _ in range(args.warmup):
+            run_step(cfg, record=False)
+        for _ in range(args.steps):
+            run_step(cfg)
+        measure_peak(cfg)
+        print(report([cfg], csv_path))
+    print(f"bench_train: {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""Teacher cache: it holds exactly the windows the data pipeline draws, its features are the live teacher's
+rounded to bf16 (so the loss of a batch is the live path's), and a cache that does not fit the recipe is
+refused with a message naming the recipe key."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from engine.config import load_recipe
+from engine.data.builder import build_loader
+from engine.data.cache_teacher import MANIFEST, TeacherCache, TeacherCacheError, build_cache, main
+from engine.distributed import World
+from engine.models.dit import VideoDiT
+from engine.models.teacher import LiveTeacher
+from engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
+
+TINY = ["model.hidden_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=8",
+        "data.resolution=32", "data.frames=4", "data.synthetic_clips=8", "data.synthetic_frames=6",
+        "data.batch_size=2", "gf.dit_block=1", "gf.projector_hidden=32", "gf.scale_hidden=16",
+        "gf.teacher_resolution=28", "gf.teacher.config.aggregator.embed_dim=32", "gf.teacher.config.aggregator.img_size=28"]
+WORLD = World(rank=0, local_rank=0, size=1, local_size=1, device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("gfcache")
+    overrides = [*TINY, f"data.root={base / 'data'}"]
+    recipe = load_recipe("gf_tiny", overrides)
+    manifest = build_cache(recipe, base / "cache", epochs=2, log=lambda s: None)
+    return base, overrides, manifest
+
+
+def _recipe(setup, *extra):
+    base, overrides, _ = setup
+    return load_recipe("gf_tiny", [*overrides, f"gf.teacher_cache={base / 'cache'}", *extra])
+
+
+def _batches(recipe, n):
+    it = iter(build_loader(recipe, WORLD))
+    return [{k: v for k, v in next(it).items() if torch.is_tensor(v)} for _ in range(n)]
+
+
+def test_manifest_describes_the_cache(setup):
+    base, _, manifest = setup
+    on_disk = json.loads((base / "cache" / MANIFEST).read_text())
+    assert on_disk == manifest
+    assert manifest["teacher"]["vggt"]["layers"] == [0, 1] and manifest["teacher"]["vggt"]["size"] == [28, 28]
+    assert manifest["teacher_frames"] == 4 and manifest["data"]["frames"] == 4
+    assert manifest["keys"] == {k: {"shape": [4, 2, 2, 64], "dtype": "bfloat16"} for k in ("vggt_L0", "vggt_L1")}
+    # 8 clips x 3 possible starts at most; 2 epochs of 8 draws each
+    assert 1 <= manifest["windows"]["count"] <= 16 and manifest["windows"]["samples_read"] == 16
+    assert all((base / "cache" / s).is_file() for s in manifest["shards"])
+
+
+def test_cache_serves_every_window_of_the_pipeline_with_the_live_features(setup):
+    """The loader's batches of epochs 0-1 (8 clips / 2 per batch = 4 steps per epoch) are all cached, and
+    the cached features are the live teacher's rounded to bf16, bit for bit."""
+    recipe = _recipe(setup)
+    cache = TeacherCache(recipe.gf.teacher_cache, recipe)
+    live = LiveTeacher(recipe.gf)
+    assert cache.dims == live.dims
+    for batch in _batches(recipe, 8):
+        cached, fresh = cache(batch), live(batch)
+        assert cached.keys() == fresh.keys()
+        for k in cached:
+            assert cached[k].dtype == torch.float32
+            assert torch.equal(cached[k], fresh[k].bfloat16().float()), k
+
+
+def test_cache_path_gives_the_live_loss(setup):
+    """Same module, batch and noise: the loss with cached targets equals the loss with the live targets
+    rounded to bf16 exactly, and the full-precision live loss to bf16 accuracy."""
+    recipe = _recipe(setup)
+    cache, live = TeacherCache(recipe.gf.teacher_cache, recipe), LiveTeacher(recipe.gf)
+    torch.manual_seed(0)
+    module = VideoDiffusionLoss(VideoDiT(recipe.model), recipe.objective, recipe.gf, cache.dims, "cpu")
+    batch = _batches(recipe, 1)[0]
+    noise = sample_noise(recipe.objective, recipe.model.cond_dropout, batch["frames"].shape, batch["index"], 0, 0)
+    fresh = live(batch)
+    from_cache = module({**batch, **cache(batch)}, noise)
+    from_live_bf16 = module({**batch, **{k: v.bfloat16().float() for k, v in fresh.items()}}, noise)
+    from_live = module({**batch, **fresh}, noise)
+    for k in ("loss", "fm", "gf_angular", "gf_scale"):
+        assert from_cache[k].item() == from_live_bf16[k].item(), k
+        assert from_cache[k].item() == pytest.approx(from_live[k].item(), rel=5e-3), k
+
+
+@pytest.mark.parametrize("override,key", [
+    ("gf.teacher_resolution=56", "gf.teacher_resolution"),
+    ("gf.teacher.init_seed=1", "gf.teacher"),
+    ("gf.teacher_layers=[0,-1]", "gf.teacher_layers: layers [-1] are not in the cache"),
+    ("gf.teacher_frames=2", "gf.teacher_frames"),
+    ("data.resolution=40", "data.resolution"),
+    ("seed=3", "seed"),
+])
+def test_mismatched_cache_is_refused_naming_the_key(setup, override, key):
+    recipe = _recipe(setup, override)
+    with pytest.raises(TeacherCacheError, match=re.escape(key)):
+        TeacherCache(recipe.gf.teacher_cache, recipe)
+
+
+def test_recipe_may_use_a_subset_of_the_cached_layers(setup):
+    recipe = _recipe(setup, "gf.teacher_layers=[1]")
+    cache = TeacherCache(recipe.gf.teacher_cache, recipe)
+    batch = _batches(recipe, 1)[0]
+    assert set(cache(batch)) == {"teacher.vggt_L1"}
+
+
+def test_missing_window_and_incomplete_cache(setup, tmp_path):
+    recipe = _recipe(setup)
+    cache = TeacherCache(recipe.gf.teacher_cache, recipe)
+    batch = _batches(recipe, 1)[0]
+    batch["frame_indices"] = batch["frame_indices"] + 100
+    with pytest.raises(TeacherCacheError, match="has no window for dataset index"):
+        cache(batch)
+    recipe = _recipe(setup, f"gf.teacher_cache={tmp_path}")
+    with pytest.raises(TeacherCacheError, match="not a complete teacher cache"):
+        TeacherCache(tmp_path, recipe)
+
+
+def test_cli_writes_once_and_refuses_to_overwrite(setup, tmp_path, capsys):
+    _, overrides, _ = setup
+    args = ["--recipe", "gf_tiny", "--out", str(tmp_path / "c"), "--max-windows", "3", "--epochs", "1"]
+    for o in overrides:
+        args += ["--set", o]
+    assert main(args) == 0
+    manifest = json.loads((tmp_path / "c" / MANIFEST).read_text())
+    assert manifest["windows"]["count"] == 3
+    assert main(args) == 1
+    assert "already holds a teacher cache" in capsys.readouterr().err
+    # samples carry their flip flag, so flipped windows are cached too (keyed by index, start, flip)
+    assert main([*args, "--set", "data.hflip_prob=0.5", "--overwrite"]) == 0
+    manifest = json.loads((tmp_path / "c" / MANIFEST).read_text())
+    assert manifest["data"]["hflip_prob"] == 0.5
