@@ -43,7 +43,6 @@ from typing import Protocol, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from kernels import _backend

@@ -33,7 +33,6 @@ import gc
 import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -251,6 +250,7 @@ def run_case(case: Case, device: torch.device, *, warmup: int = 1, repeat: int =
     """Measure one case: warmup, one memory call, then timed calls (``repeat`` at most, fewer when one call is
     slow: as many as fit in ``budget_s`` but at least 3)."""
     label = device_label(device)
+    wall = time.perf_counter()
     try:
         first = None
         for _ in range(case.warmup if case.warmup is not None else warmup):
@@ -271,8 +271,8 @@ def run_case(case: Case, device: torch.device, *, warmup: int = 1, repeat: int =
     if verbose:
         msg = (f"{result.p50:10.3f} ms" if result.error is None else f"FAILED {result.error}")
         mem = "" if result.peak_bytes is None else f"  peak {result.peak_bytes / MB:9.1f} MB"
-        print(f"  {case.kernel:<11} {case.mode:<8} {case.x_name}={case.x:<8} {case.provider:<8} {msg}{mem}",
-              flush=True)
+        print(f"  {case.kernel:<11} {case.mode:<8} {case.x_name}={case.x:<8} {case.provider:<8} {msg}{mem}"
+              f"  ({time.perf_counter() - wall:.1f} s with warm-up)", flush=True)
     return result
 
 
