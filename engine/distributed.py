@@ -65,6 +65,20 @@ def init_world(device: str = "auto", local_rank_arg: int | None = None) -> World
                  local_size=local_size, device=dev)
 
 
+def deepspeed_config(recipe) -> dict:
+    """The DeepSpeed config of a recipe (engine.config.Recipe): micro-batch, accumulation, clipping, ZeRO, bf16."""
+    return {
+        "train_micro_batch_size_per_gpu": recipe.data.batch_size,
+        "gradient_accumulation_steps": recipe.distributed.grad_accum,
+        "gradient_clipping": recipe.optimizer.grad_clip,
+        "zero_optimization": {"stage": recipe.distributed.zero_stage},
+        "bf16": {"enabled": recipe.distributed.bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
 def broadcast_object(obj, src: int = 0):
     """``obj`` of rank ``src`` on every rank."""
     box = [obj]

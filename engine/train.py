@@ -25,7 +25,8 @@ import torch
 from engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from engine.config import ConfigError, Recipe, load_recipe
 from engine.data.builder import build_loader
-from engine.distributed import World, any_rank, broadcast_object, init_world, mean_over_ranks, shutdown
+from engine.distributed import (World, any_rank, broadcast_object, deepspeed_config, init_world, mean_over_ranks,
+                                shutdown)
 from engine.ema import ShardedEMA
 from engine.eval.validate import validate, validation_batch
 from engine.models.attention import attention_backend, set_attention_backend
@@ -51,19 +52,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="VideoGPA recipes: run only this stage (default: every pending stage in order)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def deepspeed_config(recipe: Recipe) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": recipe.data.batch_size,
-        "gradient_accumulation_steps": recipe.distributed.grad_accum,
-        "gradient_clipping": recipe.optimizer.grad_clip,
-        "zero_optimization": {"stage": recipe.distributed.zero_stage},
-        "bf16": {"enabled": recipe.distributed.bf16},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
 
 
 def build_engine(recipe: Recipe, world: World, teacher_dims: dict[str, int] | None = None):

@@ -192,19 +192,6 @@ def _reduce_accuracy(parts: dict[str, float], world) -> dict[str, float]:
             "pairs_evaluated": total["count"] * world.size}
 
 
-def _ds_config(recipe) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": recipe.data.batch_size,
-        "gradient_accumulation_steps": recipe.distributed.grad_accum,
-        "gradient_clipping": recipe.optimizer.grad_clip,
-        "zero_optimization": {"stage": recipe.distributed.zero_stage},
-        "bf16": {"enabled": recipe.distributed.bf16},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-
-
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak GPU memory allocated (CUDA) or the process's peak resident set size (CPU)."""
     if device.type == "cuda":
@@ -287,7 +274,7 @@ def run_train_stage(recipe, run_dir: Path, world, policy: VideoPolicy, show_prog
 
     from engine.checkpoint import latest_checkpoint
     from engine.data.sampler import ResumableBatchSampler
-    from engine.distributed import mean_over_ranks
+    from engine.distributed import deepspeed_config, mean_over_ranks
     from engine.run_dir import RunLog
 
     run_dir = Path(run_dir)
@@ -311,7 +298,7 @@ def run_train_stage(recipe, run_dir: Path, world, policy: VideoPolicy, show_prog
     optimizer = torch.optim.AdamW(trainable, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay, eps=opt.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, recipe.schedule.lr_factor)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=_ds_config(recipe), dist_init_required=False)
+                                           config=deepspeed_config(recipe), dist_init_required=False)
     stage_dir = run_dir / "train"
     steps = recipe.schedule.steps
     runlog = RunLog(stage_dir, world, total_steps=steps)
