@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -64,9 +66,10 @@ def _atomic_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def save_checkpoint(run_dir: Path, step: int, engine, world: World, zero_stage: int,
-                    trainer_state: dict, ema=None, keep: int = 0) -> Path:
-    """Write checkpoint ``step`` atomically. Collective: every rank calls it."""
+@contextmanager
+def atomic_checkpoint_dir(run_dir: Path, step: int, world: World, keep: int = 0) -> Iterator[Path]:
+    """Yield ``checkpoints/.tmp-step_N`` to write into; on exit mark it COMPLETE, rename it to ``step_N``
+    and keep only the newest ``keep`` complete checkpoints (0 keeps all). Collective: every rank enters."""
     root = Path(run_dir) / "checkpoints"
     tmp = root / f".tmp-step_{step}"
     final = root / f"step_{step}"
@@ -76,15 +79,7 @@ def save_checkpoint(run_dir: Path, step: int, engine, world: World, zero_stage: 
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     barrier()
-    engine.save_checkpoint(str(tmp), tag="deepspeed")
-    torch.save({"torch": torch.get_rng_state()}, tmp / f"rng_rank{world.rank}.pt")
-    weights = consolidated_state_dict(engine.module, zero_stage)
-    ema_weights = ema.full_state_dict() if ema is not None else None
-    if world.is_main:
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
-        if ema_weights is not None:
-            save_file(ema_weights, str(tmp / "ema.safetensors"))
-        _atomic_json(tmp / "trainer_state.json", {**trainer_state, "world_size": world.size})
+    yield tmp
     barrier()
     if world.is_main:
         (tmp / "COMPLETE").write_text(f"step {step}\n")
@@ -95,7 +90,22 @@ def save_checkpoint(run_dir: Path, step: int, engine, world: World, zero_stage: 
             for old in checkpoint_dirs(run_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
-    return final
+
+
+def save_checkpoint(run_dir: Path, step: int, engine, world: World, zero_stage: int,
+                    trainer_state: dict, ema=None, keep: int = 0) -> Path:
+    """Write checkpoint ``step`` atomically. Collective: every rank calls it."""
+    with atomic_checkpoint_dir(run_dir, step, world, keep) as tmp:
+        engine.save_checkpoint(str(tmp), tag="deepspeed")
+        torch.save({"torch": torch.get_rng_state()}, tmp / f"rng_rank{world.rank}.pt")
+        weights = consolidated_state_dict(engine.module, zero_stage)
+        ema_weights = ema.full_state_dict() if ema is not None else None
+        if world.is_main:
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+            if ema_weights is not None:
+                save_file(ema_weights, str(tmp / "ema.safetensors"))
+            _atomic_json(tmp / "trainer_state.json", {**trainer_state, "world_size": world.size})
+    return Path(run_dir) / "checkpoints" / f"step_{step}"
 
 
 def load_checkpoint(path: Path, engine, world: World, ema=None) -> dict:

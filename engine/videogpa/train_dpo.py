@@ -217,32 +217,14 @@ def build_dpo_module(recipe, policy: VideoPolicy) -> DPOModule:
 def _save_state(stage_dir: Path, step: int, engine, module: DPOModule, world, zero_stage: int,
                 state: dict[str, Any], keep: int, lora: bool) -> None:
     """Atomic checkpoint ``stage_dir/checkpoints/step_N``: DeepSpeed state without frozen weights (+ adapters)."""
-    from engine.checkpoint import checkpoint_dirs
-    from engine.distributed import barrier
+    from engine.checkpoint import atomic_checkpoint_dir
 
-    root = stage_dir / "checkpoints"
-    tmp, final = root / f".tmp-step_{step}", root / f"step_{step}"
-    if world.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    barrier()
-    engine.save_checkpoint(str(tmp), tag="deepspeed", exclude_frozen_parameters=True)
-    if lora:
-        save_adapter(module.network, tmp / "adapter", zero_stage, world.is_main)
-    if world.is_main:
-        atomic_write_text(tmp / "trainer_state.json", json.dumps({**state, "world_size": world.size}))
-    barrier()
-    if world.is_main:
-        (tmp / "COMPLETE").write_text(f"step {step}\n")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        if keep > 0:
-            for old in checkpoint_dirs(stage_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-    barrier()
+    with atomic_checkpoint_dir(stage_dir, step, world, keep) as tmp:
+        engine.save_checkpoint(str(tmp), tag="deepspeed", exclude_frozen_parameters=True)
+        if lora:
+            save_adapter(module.network, tmp / "adapter", zero_stage, world.is_main)
+        if world.is_main:
+            atomic_write_text(tmp / "trainer_state.json", json.dumps({**state, "world_size": world.size}))
 
 
 def _save_final(run_dir: Path, module: DPOModule, policy: VideoPolicy, world, zero_stage: int, lora: bool,
