@@ -21,16 +21,26 @@ starts j rows later, as Diffusion Forcing's autoregressive schedule). The time g
 ``shift * u / (1 + (shift - 1) u)`` of ``u = linspace(1, 0, steps + 1)``.
 
 **Guidance** (DFoT's ``history_guidance.py``, :class:`Guidance`). The guided velocity is a weighted
-sum of model evaluations, batched into one call:
+sum of model evaluations, batched into one call. Each evaluation gives every history frame a *level*
+k (it is fed as ``(1 - k) clean + k eps`` at flow time k; one eps draw per step, shared by all
+evaluations) and keeps or drops the cameras / actions. With ``u`` = every history frame at k = 1 and,
+with ``guide_cond`` (DFoT's ``use_external_cond_guidance``), no cameras / actions either, and
+``v_c`` = the full history (ground truth clean; generated history, kind 2, at k = s with
+stabilization s > 0, else clean) with cond, the composition is ``u + sum_i w_i (v_i - u)``:
 
-- conditional: ``v(x | history, cond)``;
-- vanilla history guidance (HG-v): ``v_u + w (v_c - v_u)`` where ``v_u`` sees the history fully
-  noised (t = 1, fresh noise) and, with ``guide_cond`` (DFoT's ``use_external_cond_guidance``), no
-  cameras / actions either;
-- stabilization s > 0: in the conditional branch generated history (kind 2) is fed noised to t = s
-  with fresh noise each step; ground-truth history stays clean;
+- conditional: ``v_c``;
+- vanilla (HG-v): ``u + w (v_c - u)``;
+- fractional (HG-f): ``v_c + (w - 1) (v_f - u)``, ``v_f``: every history frame (generated too) at
+  k = ``fraction`` (DFoT's ``freq_scale``), cond kept;
+- temporal (HG-t): ``u + sum_i w_i (v_i - u)`` over ``subsets`` / ``subset_weights``, ``v_i``: the
+  history frames at positions ``subsets[i]`` (counted among the window's history frames, negative
+  allowed; one out of range raises when a window is sampled) as in ``v_c``, the others at k = 1,
+  cond kept (DFoT's ``gen_segments`` option is not supported);
 - ``cond_scale`` s_c != 1: classifier-free guidance on cameras / actions with the history kept,
-  ``+ (s_c - 1) (v(x | history, cond) - v(x | history, no cond))`` (``drop_cond`` of the DiT).
+  ``+ (s_c - 1) (v_c - v(full history, no cond))`` (``drop_cond`` of the DiT).
+
+Coinciding evaluations (e.g. with no history in the window) are merged. Scheme names
+(:data:`GUIDANCE_NAMES`, :meth:`Guidance.named`): a history mode, optionally ``stabilized_``.
 
 **Long videos.** :func:`predict_sequence` rolls a window autoregressively (DFoT ``_predict_sequence``):
 each window keeps the last ``sliding_context`` frames as history and generates as many new frames as
@@ -57,8 +67,8 @@ GENERATE, CONTEXT, GENERATED_CONTEXT, PAD = 0, 1, 2, 3
 FRAME_KINDS = (GENERATE, CONTEXT, GENERATED_CONTEXT, PAD)
 METHODS = ("euler", "ddim")
 SCHEDULES = ("full_sequence", "pyramid")
-HISTORY_GUIDANCE = ("conditional", "vanilla")
-GUIDANCE_NAMES = ("conditional", "stabilized_conditional", "vanilla", "stabilized_vanilla")
+HISTORY_GUIDANCE = ("conditional", "vanilla", "fractional", "temporal")
+GUIDANCE_NAMES = HISTORY_GUIDANCE + tuple(f"stabilized_{h}" for h in HISTORY_GUIDANCE)
 AUTOCAST = ("auto", "bf16", "fp16", "none")
 COND_KEYS = ("intrinsics", "extrinsics", "actions")
 
@@ -69,11 +79,14 @@ Model = Callable[..., torch.Tensor]
 class Guidance:
     """History guidance and classifier-free guidance on cameras / actions (module docstring)."""
 
-    history: str = "conditional"  # "conditional" | "vanilla" (HG-v)
-    scale: float = 1.0  # HG-v weight w: v_u + w (v_c - v_u)
+    history: str = "conditional"  # "conditional" | "vanilla" (HG-v) | "fractional" (HG-f) | "temporal" (HG-t)
+    scale: float = 1.0  # HG-v / HG-f weight w
     stabilization: float = 0.0  # flow time of generated history in the conditional branch (0: clean)
     cond_scale: float = 1.0  # CFG on cameras / actions with the history kept
-    guide_cond: bool = True  # HG-v's unconditional branch also drops cameras / actions
+    guide_cond: bool = True  # the unconditional branch (all history noised) also drops cameras / actions
+    fraction: float = 0.5  # HG-f: flow time of every history frame in the fractional branch (DFoT's freq_scale)
+    subsets: Sequence[Sequence[int]] = ()  # HG-t: history-frame positions (negative allowed) per segment
+    subset_weights: Sequence[float] = ()  # HG-t: one weight per subset
 
     def validate(self) -> Guidance:
         """Raise ValueError naming the field of an invalid setting; returns self."""
@@ -84,42 +97,74 @@ class Guidance:
         for name in ("scale", "cond_scale"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"guidance.{name} must be finite, got {getattr(self, name)}")
+        if not 0.0 < self.fraction < 1.0:
+            raise ValueError(f"guidance.fraction must be in (0, 1), got {self.fraction}")
+        if self.history == "temporal":
+            if len(self.subsets) < 1:
+                raise ValueError("guidance.subsets: temporal guidance needs at least one subset of history frames")
+            if len(self.subset_weights) != len(self.subsets):
+                raise ValueError(f"guidance.subset_weights must have one weight per subset ({len(self.subsets)}), "
+                                 f"got {len(self.subset_weights)}")
+            for i, (subset, weight) in enumerate(zip(self.subsets, self.subset_weights)):
+                if len(subset) == 0 or not all(isinstance(j, int) and not isinstance(j, bool) for j in subset):
+                    raise ValueError(f"guidance.subsets[{i}] must be a non-empty list of int frame positions, "
+                                     f"got {subset!r}")
+                if not math.isfinite(weight):
+                    raise ValueError(f"guidance.subset_weights[{i}] must be finite, got {weight}")
         return self
 
     @classmethod
     def named(cls, name: str, scale: float = 1.0, stabilization: float = 0.0, cond_scale: float = 1.0,
-              guide_cond: bool = True) -> Guidance:
-        """DFoT's scheme names: ``conditional``, ``stabilized_conditional``, ``vanilla``, ``stabilized_vanilla``."""
+              guide_cond: bool = True, fraction: float = 0.5, subsets: Sequence[Sequence[int]] = (),
+              subset_weights: Sequence[float] = ()) -> Guidance:
+        """DFoT's scheme names (:data:`GUIDANCE_NAMES`): a history mode, optionally ``stabilized_``."""
         if name not in GUIDANCE_NAMES:
             raise ValueError(f"guidance name must be one of {GUIDANCE_NAMES}, got {name!r}")
         stabilized = name.startswith("stabilized_")
         history = name.removeprefix("stabilized_")
-        return cls(history=history, scale=scale if history == "vanilla" else 1.0,
+        return cls(history=history, scale=scale if history in ("vanilla", "fractional") else 1.0,
                    stabilization=stabilization if stabilized else 0.0, cond_scale=cond_scale,
-                   guide_cond=guide_cond).validate()
+                   guide_cond=guide_cond, fraction=fraction, subsets=subsets if history == "temporal" else (),
+                   subset_weights=subset_weights if history == "temporal" else ()).validate()
 
-    def branches(self, has_history: bool, has_cond: bool) -> list[tuple[bool, bool, float]]:
-        """``(history_noised, drop_cond, weight)`` of the evaluations whose weighted sum is the velocity.
+    def branches(self, hist_kinds: Sequence[int], has_cond: bool) -> list[tuple[tuple[float, ...], bool, float]]:
+        """``(levels, drop_cond, weight)`` of the evaluations whose weighted sum is the velocity.
 
-        Branches that coincide (no history in the window, no conditioning to drop) are merged.
+        ``hist_kinds``: the kinds of the window's history frames, in order; ``levels`` gives each of them
+        its flow time in that evaluation. Evaluations that coincide (same levels and drop, e.g. with no
+        history in the window or no conditioning to drop) are merged and zero weights dropped.
         """
         self.validate()
         if self.cond_scale != 1.0 and not has_cond:
             raise ValueError("guidance.cond_scale != 1 needs cameras or actions to drop (cond is empty)")
-        weights: dict[tuple[bool, bool], float] = defaultdict(float)
-
-        def add(noised: bool, drop: bool, weight: float) -> None:
-            weights[(noised and has_history, drop and has_cond)] += weight
-
-        if self.history == "vanilla":
-            add(True, self.guide_cond, 1.0 - self.scale)
-            add(False, False, self.scale)
+        n = len(hist_kinds)
+        full = tuple(float(self.stabilization) if k == GENERATED_CONTEXT else 0.0 for k in hist_kinds)
+        if self.history == "temporal":
+            segments = []
+            for i, (subset, weight) in enumerate(zip(self.subsets, self.subset_weights)):
+                for j in subset:
+                    if n and not -n <= j < n:
+                        raise ValueError(f"guidance.subsets[{i}]: history frame index {j} is out of range for "
+                                         f"{n} history frames")
+                picked = {j % n for j in subset} if n else set()
+                segments.append((tuple(f if p in picked else 1.0 for p, f in enumerate(full)), weight))
+        elif self.history == "fractional":
+            segments = [(full, 1.0), ((float(self.fraction),) * n, self.scale - 1.0)]
         else:
-            add(False, False, 1.0)
+            segments = [(full, self.scale if self.history == "vanilla" else 1.0)]
+        weights: dict[tuple[tuple[float, ...], bool], float] = defaultdict(float)
+
+        def add(levels: tuple[float, ...], drop: bool, weight: float) -> None:
+            weights[(levels, drop and has_cond)] += weight
+
+        if self.history != "conditional":  # u + sum_i w_i (v_i - u), u: all history at t = 1
+            add((1.0,) * n, self.guide_cond, 1.0 - sum(w for _, w in segments))
+        for levels, weight in segments:
+            add(levels, False, weight)
         if self.cond_scale != 1.0:
-            add(False, False, self.cond_scale - 1.0)
-            add(False, True, 1.0 - self.cond_scale)
-        return [(noised, drop, w) for (noised, drop), w in weights.items() if w != 0.0]
+            add(full, False, self.cond_scale - 1.0)
+            add(full, True, 1.0 - self.cond_scale)
+        return [(levels, drop, w) for (levels, drop), w in weights.items() if w != 0.0]
 
 
 @dataclass
@@ -298,27 +343,24 @@ def guided_velocity(model: Model, x: torch.Tensor, t: torch.Tensor, kinds: torch
     b, frames = x.shape[:2]
     device = x.device
     is_hist = (kinds == CONTEXT) | (kinds == GENERATED_CONTEXT)
-    branches = guidance.branches(bool(is_hist.any()), bool(cond))
-    stab = guidance.stabilization if bool((kinds == GENERATED_CONTEXT).any()) else 0.0
-    needs_noise = any(noised for noised, _, _ in branches) or (stab > 0 and any(not n for n, _, _ in branches))
+    hist_pos = torch.nonzero(is_hist).flatten().tolist()
+    branches = guidance.branches(kinds[is_hist].tolist(), bool(cond))
+    needs_noise = any(k > 0 for levels, _, _ in branches for k in levels)
     eps = _randn(x.shape, generator, device) if needs_noise else None
     hist_mask = is_hist.to(device)[None, :, None, None, None]
-    gen_hist = (kinds == GENERATED_CONTEXT).to(device)[None, :, None, None, None]
     xs, ts, drops = [], [], []
-    for noised, drop, _ in branches:
+    for levels, drop, _ in branches:
         tb = t.to(device=device, dtype=torch.float32).expand(b, frames).clone()
-        if noised:
-            xb = torch.where(hist_mask, eps, x)
-            tb[:, is_hist.to(device)] = 1.0
-        else:
-            hist = clean
-            if stab > 0:
-                hist = torch.where(gen_hist, (1 - stab) * clean + stab * eps, clean)
-                tb[:, (kinds == GENERATED_CONTEXT).to(device)] = stab
-            xb = torch.where(hist_mask, hist, x)
-            tb[:, (kinds == CONTEXT).to(device)] = 0.0
-            if stab == 0:
-                tb[:, (kinds == GENERATED_CONTEXT).to(device)] = 0.0
+        hist = clean
+        for k in dict.fromkeys(levels):  # history frames at flow time k: (1 - k) clean + k eps
+            if k > 0:
+                at_k = torch.zeros(frames, dtype=torch.bool)
+                at_k[[p for p, level in zip(hist_pos, levels) if level == k]] = True
+                noised = eps if k == 1 else (1 - k) * clean + k * eps
+                hist = torch.where(at_k.to(device)[None, :, None, None, None], noised, hist)
+        xb = torch.where(hist_mask, hist, x)
+        if levels:
+            tb[:, hist_pos] = torch.tensor(levels, dtype=torch.float32, device=device)
         xs.append(xb)
         ts.append(tb)
         drops.append(torch.full((b,), drop, dtype=torch.bool, device=device))

@@ -82,7 +82,7 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> di
              f"{' bf16' if d.bf16 else ' fp32'} | {trained / 1e6:.2f}M trained parameters | "
              f"attention: {attention_backend()} | fused kernels: {recipe.backend} | run dir: {run_dir}")
 
-    step, consumed, skipped = 0, 0, 0
+    step, consumed, skipped, bad_clips = 0, 0, 0, 0
     checkpoint = None
     if resume == "auto":
         checkpoint = latest_checkpoint(run_dir)
@@ -91,6 +91,7 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> di
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, engine, world, ema)
         step, consumed, skipped = state["step"], state["consumed_micro_batches"], state["skipped_nonfinite"]
+        bad_clips = state.get("skipped_clips", 0)
         log.resume_from(step)
         log.info(f"resumed from {checkpoint} at step {step}")
     elif resume == "auto":
@@ -106,9 +107,11 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> di
                  if recipe.logging.validate_every else None)
     while step < recipe.schedule.steps:
         parts_sum: dict[str, float] = {}
-        micro = 0
+        micro, bad_here = 0, 0
         while micro < accum:
             batch = {k: v.to(world.device) for k, v in next(batches).items() if torch.is_tensor(v)}
+            if "skipped_clips" in batch:   # bad clips the dataset passed over (data.on_error: skip)
+                bad_here += int(batch["skipped_clips"].sum())
             if teacher is not None:   # GF targets in the batch (no grad, not trained)
                 batch.update(teacher(batch))
             consumed += 1
@@ -136,13 +139,15 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> di
         step += 1
         if ema is not None:
             ema.update()
-        parts = mean_over_ranks({k: v / accum for k, v in parts_sum.items()})
-        log.step(step, parts, lr=engine.get_lr()[0], skipped_nonfinite=skipped,
+        parts = mean_over_ranks({**{k: v / accum for k, v in parts_sum.items()}, "skipped_clips": bad_here})
+        bad_clips += round(parts.pop("skipped_clips") * world.size)   # all ranks' bad clips, the same on each
+        log.step(step, parts, lr=engine.get_lr()[0], skipped_nonfinite=skipped, skipped_clips=bad_clips,
                  every=recipe.logging.every)
         last = step == recipe.schedule.steps
         if step % recipe.logging.checkpoint_every == 0 or last:
             save_checkpoint(run_dir, step, engine, world, recipe.distributed.zero_stage,
-                            {"step": step, "consumed_micro_batches": consumed, "skipped_nonfinite": skipped},
+                            {"step": step, "consumed_micro_batches": consumed, "skipped_nonfinite": skipped,
+                             "skipped_clips": bad_clips},
                             ema=ema, keep=recipe.logging.keep_checkpoints)
         if val_batch is not None and step % recipe.logging.validate_every == 0:
             result = validate(engine.module.dit, val_batch, recipe, step)   # every rank: ZeRO-3 forwards

@@ -178,16 +178,22 @@ def paired_ratio(cfg: Config, base: Config) -> float:
     return statistics.median(a / b for a, b in zip(cfg.times["step"], base.times["step"]))
 
 
+def data_wait(cfg: Config) -> float:
+    """Median over steps of the ``data`` phase's share of the step: the time the step waits for its batch."""
+    return statistics.median(d / s for d, s in zip(cfg.times["data"], cfg.times["step"]))
+
+
 def report(configs: list[Config], csv_path: Path | None = None) -> str:
     from profiling._harness import MB, device_label, git_commit
 
     base = configs[0]
-    head = ["config", *[f"{p} ms" for p in PHASES], "step ms", "tokens/s", "peak MB", "overhead"]
+    head = ["config", *[f"{p} ms" for p in PHASES], "step ms", "data wait", "tokens/s", "peak MB", "overhead"]
     rows = []
     for c in configs:
         step = _p50(c.times["step"])
         over = "" if c is base else f"{100 * (paired_ratio(c, base) - 1):+.1f}%"
         rows.append([c.name, *[f"{1e3 * _p50(c.times[p]):.1f}" for p in PHASES], f"{1e3 * step:.1f}",
+                     f"{100 * data_wait(c):.1f}%",
                      f"{tokens_per_step(c.recipe) / step:.0f}",
                      "-" if c.peak_bytes is None else f"{c.peak_bytes / MB:.1f}", over])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
@@ -198,7 +204,9 @@ def report(configs: list[Config], csv_path: Path | None = None) -> str:
     text = (f"device: {device_label(base.device)}   commit: {git_commit()}   torch {torch.__version__}\n"
             f"recipe {base.recipe.name}: micro-batch {base.recipe.data.batch_size}, {tokens_per_step(base.recipe)} DiT "
             f"tokens/step; p50 over {n} timed steps per config (interleaved); overhead = median over rounds of "
-            f"step / baseline step of the same round, minus 1\n" + "\n".join(lines))
+            f"step / baseline step of the same round, minus 1; data wait = median of data / step "
+            f"(data.num_workers={base.recipe.data.num_workers})\n" + "\n".join(lines))
+    text += "\ndata wait (target < 5% of the step): " + ", ".join(f"{c.name} {100 * data_wait(c):.1f}%" for c in configs)
     if csv_path is not None:
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         new = not csv_path.exists() or csv_path.stat().st_size == 0
@@ -212,6 +220,9 @@ def report(configs: list[Config], csv_path: Path | None = None) -> str:
                     q = (lambda f: 1e3 * v[min(len(v) - 1, int(f * (len(v) - 1) + 0.5))]) if v else (lambda f: float("nan"))
                     w.writerow((c.recipe.name, c.name, p, "ms", f"{q(.5):.4g}", f"{q(.2):.4g}", f"{q(.8):.4g}", len(v),
                                 device_label(c.device), git_commit()))
+                wait = f"{100 * data_wait(c):.4g}"
+                w.writerow((c.recipe.name, c.name, "data_wait", "%", wait, wait, wait, len(c.times["step"]),
+                            device_label(c.device), git_commit()))
                 if c.peak_bytes is not None:
                     mb = f"{c.peak_bytes / MB:.4g}"
                     w.writerow((c.recipe.name, c.name, "peak_memory", "MB", mb, mb, mb, 1, device_label(c.device),

@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 
 from engine.config import Recipe
-from engine.data.minecraft import MinecraftClips
-from engine.data.re10k import Re10KClips
+from engine.data.minecraft import MinecraftClips, find_minecraft_clips
+from engine.data.re10k import Re10KClips, find_clips
 from engine.data.sampler import EpochIndexed, ResumableBatchSampler
 from engine.data.synthetic import ensure_synthetic_dataset
 from engine.distributed import World, barrier
@@ -26,6 +26,15 @@ def build_dataset(recipe: Recipe, world: World) -> torch.utils.data.Dataset:
     if data.kind == "minecraft":
         return MinecraftClips(data.root, **common)
     return Re10KClips(data.root, hflip_prob=data.hflip_prob, **common)
+
+
+def clip_names(recipe: Recipe) -> list[str]:
+    """The names of the dataset's clips in index order (what a sample's ``index`` refers to), without
+    decoding anything: the identity of a data set for caches keyed by clip index."""
+    data = recipe.data
+    if data.kind == "minecraft":
+        return [video.stem for video, _ in find_minecraft_clips(data.root, data.split, data.on_error)]
+    return [clip.name for clip in find_clips(data.root, data.split, on_error=data.on_error)[1]]
 
 
 def build_loader(recipe: Recipe, world: World, start: int = 0) -> torch.utils.data.DataLoader:

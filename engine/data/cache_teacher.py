@@ -4,8 +4,8 @@
     deepspeed engine/train.py --recipe gf_tiny --set gf.teacher_cache=data/gf_tiny_cache
 
 **Windows.** The teacher sees a clip *window* (the sampled frames), so the cache holds features per
-window, keyed by ``(dataset index, start frame, flip)``. ``Re10KClips`` draws a sample's start frame (and
-flip) from ``(seed, epoch, index)``, so the windows a run sees are fixed by the recipe: this tool walks
+window, keyed by ``(dataset index, start frame, flip)``. ``Re10KClips`` and ``MinecraftClips`` draw a
+sample's start frame (and flip) from ``(seed, epoch, index)``, so the windows a run sees are fixed by the recipe: this tool walks
 exactly the windows the data pipeline draws in epochs ``0 .. E-1`` (``--epochs E``; by default the
 epochs that ``schedule.steps`` consumes at ``--world-size`` ranks) and stores each distinct window once.
 In training, a window that is not in the cache is an error naming the clip and how to rebuild. With a
@@ -56,16 +56,16 @@ def clips_digest(names: list[str]) -> str:
 
 def expected_manifest(recipe: Any) -> dict[str, Any]:
     """The manifest fields a cache for ``recipe`` must have (teacher, frames, data), without loading any model."""
-    from engine.data.re10k import find_clips
+    from engine.data.builder import clip_names
     from engine.models.teacher import teacher_identity
 
     data, gf = recipe.data, recipe.gf
-    _, clips = find_clips(data.root, data.split, on_error=data.on_error)
+    clips = clip_names(recipe)
     return {
         "teacher": teacher_identity(gf, (data.resolution, data.resolution)),
         "teacher_frames": gf.aligned_frames(data.frames),
         "data": {"root": str(Path(data.root).resolve()), "split": data.split, "kind": data.kind,
-                 "clips": len(clips), "clips_digest": clips_digest([c.name for c in clips]),
+                 "clips": len(clips), "clips_digest": clips_digest(clips),
                  "frames": data.frames, "frame_skip": data.frame_skip, "resolution": data.resolution,
                  "seed": recipe.seed, "hflip_prob": data.hflip_prob},
     }

@@ -48,7 +48,11 @@ def _fmt(value: float | None) -> str:
 def describe_sampler(sampler: dict) -> str:
     """One line for the report from ``asdict(SamplerConfig)``."""
     def guidance(g: dict) -> str:
-        text = g["history"] + (f" {g['scale']:g}" if g["history"] == "vanilla" else "")
+        text = g["history"] + (f" {g['scale']:g}" if g["history"] in ("vanilla", "fractional") else "")
+        text += f" (fraction {g.get('fraction', 0.5):g})" if g["history"] == "fractional" else ""
+        if g["history"] == "temporal":
+            text += " (" + "; ".join(f"frames {list(s)} x {w:g}" for s, w in
+                                     zip(g.get("subsets", ()), g.get("subset_weights", ()))) + ")"
         text += f", stabilization {g['stabilization']:g}" if g["stabilization"] else ""
         return text + (f", camera/action CFG {g['cond_scale']:g}" if g["cond_scale"] != 1 else "")
 

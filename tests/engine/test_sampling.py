@@ -165,6 +165,135 @@ def test_stabilization_noises_only_generated_history() -> None:
     assert bool((probe.seen[0][1][:, :2] == 0).all())  # unstabilized: all history clean
 
 
+class MixProbe(torch.nn.Module):
+    """A deterministic velocity depending on x (history leaks into every frame), t and drop_cond."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches: list[int] = []
+
+    def forward(self, x, t, actions=None, drop_cond=None, **_):
+        self.batches.append(x.shape[0])
+        tt = t[..., None, None, None]
+        dropped = (drop_cond.float() if drop_cond is not None else torch.zeros(x.shape[0]))[:, None, None, None, None]
+        return 0.5 * x + x.mean(1, keepdim=True) * (1 + tt) + torch.sin(3 * tt) + dropped * (1 + x.square())
+
+
+def _mix_setup(kinds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    x, clean = torch.randn(2, len(kinds), C, H, W, generator=g), torch.randn(2, len(kinds), C, H, W, generator=g)
+    t = torch.tensor([0.0 if k in (CONTEXT, GENERATED_CONTEXT) else 0.6 for k in kinds])
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))  # guided_velocity's one draw
+    return x, t, clean, frame_actions(len(kinds), 2), eps
+
+
+def _by_hand(model, x, t, clean, cond, eps, levels: dict[int, float], drop: bool) -> torch.Tensor:
+    """One model call with history frame p (window position) at level ``levels[p]``."""
+    xb, tb = x.clone(), t.expand(x.shape[0], -1).clone()
+    for p, k in levels.items():
+        xb[:, p] = (1 - k) * clean[:, p] + k * eps[:, p]
+        tb[:, p] = k
+    return model(xb, tb, **cond, drop_cond=torch.full((x.shape[0],), drop))
+
+
+def _guided(model, guidance: Guidance, kinds, x, t, clean, cond) -> torch.Tensor:
+    return guided_velocity(model, x, t, torch.tensor(kinds), clean, cond, guidance, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("stabilization", [0.0, 0.1])
+def test_fractional_history_guidance_matches_the_composition(stabilization: float) -> None:
+    kinds = [CONTEXT, GENERATED_CONTEXT, GENERATE, GENERATE]
+    x, t, clean, cond, eps = _mix_setup(kinds)
+    model = MixProbe()
+    name = "stabilized_fractional" if stabilization else "fractional"
+    v = _guided(model, Guidance.named(name, 3.0, stabilization, fraction=0.4), kinds, x, t, clean, cond)
+    assert model.batches == [6]  # c, fractional and u in one batched call
+    c = _by_hand(model, x, t, clean, cond, eps, {0: 0.0, 1: stabilization}, False)
+    f = _by_hand(model, x, t, clean, cond, eps, {0: 0.4, 1: 0.4}, False)
+    u = _by_hand(model, x, t, clean, cond, eps, {0: 1.0, 1: 1.0}, True)
+    torch.testing.assert_close(v, c + (3.0 - 1) * (f - u), atol=1e-5, rtol=1e-5)
+    # Without guide_cond the unconditional branch keeps the cameras / actions.
+    no_guide_cond = Guidance.named(name, 3.0, stabilization, fraction=0.4, guide_cond=False)
+    v = _guided(model, no_guide_cond, kinds, x, t, clean, cond)
+    u = _by_hand(model, x, t, clean, cond, eps, {0: 1.0, 1: 1.0}, False)
+    torch.testing.assert_close(v, c + 2 * (f - u), atol=1e-5, rtol=1e-5)
+
+
+def test_temporal_history_guidance_matches_the_composition() -> None:
+    kinds = [CONTEXT, CONTEXT, GENERATE, GENERATED_CONTEXT, GENERATE]  # history positions 0, 1, 2 = frames 0, 1, 3
+    x, t, clean, cond, eps = _mix_setup(kinds)
+    model = MixProbe()
+    guidance = Guidance.named("stabilized_temporal", stabilization=0.05, subsets=[[0, -1], [1]],
+                              subset_weights=[2.0, 0.5], cond_scale=1.5)
+    v = _guided(model, guidance, kinds, x, t, clean, cond)
+    assert model.batches == [2 * 5]  # u, the two subsets, the full history with and without cond (CFG)
+    u = _by_hand(model, x, t, clean, cond, eps, {0: 1.0, 1: 1.0, 3: 1.0}, True)
+    v1 = _by_hand(model, x, t, clean, cond, eps, {0: 0.0, 1: 1.0, 3: 0.05}, False)
+    v2 = _by_hand(model, x, t, clean, cond, eps, {0: 1.0, 1: 0.0, 3: 1.0}, False)
+    full = _by_hand(model, x, t, clean, cond, eps, {0: 0.0, 1: 0.0, 3: 0.05}, False)
+    full_nc = _by_hand(model, x, t, clean, cond, eps, {0: 0.0, 1: 0.0, 3: 0.05}, True)
+    expected = u + 2.0 * (v1 - u) + 0.5 * (v2 - u) + 0.5 * (full - full_nc)
+    torch.testing.assert_close(v, expected, atol=1e-5, rtol=1e-5)
+    for bad in ([3], [0, -4]):
+        with pytest.raises(ValueError, match=rf"guidance.subsets\[0\].*index {bad[-1]}.*3 history frames"):
+            _guided(model, Guidance.named("temporal", subsets=[bad], subset_weights=[2.0]), kinds, x, t, clean, cond)
+
+
+def test_new_history_guidance_reduces_to_the_old_schemes() -> None:
+    kinds = [CONTEXT, GENERATED_CONTEXT, GENERATE, PAD]
+    x, t, clean, cond, _ = _mix_setup(kinds)
+    model = MixProbe()
+    run = lambda g: _guided(model, g, kinds, x, t, clean, cond)  # noqa: E731
+    for stab, cs in ((0.0, 1.0), (0.1, 2.0)):
+        ref = run(Guidance(stabilization=stab, cond_scale=cs))
+        assert torch.equal(run(Guidance("fractional", 1.0, stab, cs, fraction=0.3)), ref)
+        ref = run(Guidance("vanilla", 2.5, stab, cs))
+        temporal = Guidance("temporal", stabilization=stab, cond_scale=cs, subsets=[[0, 1]], subset_weights=[2.5])
+        assert torch.equal(run(temporal), ref)
+    # The same branches, merged: history frames are identified by their kinds only.
+    assert (Guidance.named("fractional", 1.0).branches([CONTEXT, GENERATED_CONTEXT], True)
+            == Guidance().branches([CONTEXT, GENERATED_CONTEXT], True) == [((0.0, 0.0), False, 1.0)])
+    # No history in the window: HG-f and HG-t collapse onto CFG on cond, like HG-v.
+    for g in (Guidance.named("fractional", 3.0), Guidance.named("temporal", subsets=[[0]], subset_weights=[3.0])):
+        assert g.branches([], True) == Guidance.named("vanilla", 3.0).branches([], True) == [((), True, -2.0),
+                                                                                           ((), False, 3.0)]
+
+
+def test_new_history_guidance_validation_names_the_field() -> None:
+    for kwargs, field_name in (({"history": "fractional", "fraction": 0.0}, "guidance.fraction"),
+                               ({"history": "fractional", "fraction": 1.0}, "guidance.fraction"),
+                               ({"history": "temporal"}, "guidance.subsets"),
+                               ({"history": "temporal", "subsets": [[0], [1]], "subset_weights": [1.0]},
+                                "guidance.subset_weights"),
+                               ({"history": "temporal", "subsets": [[0]], "subset_weights": [math.inf]},
+                                r"guidance.subset_weights\[0\]"),
+                               ({"history": "temporal", "subsets": [[0], []], "subset_weights": [1.0, 2.0]},
+                                r"guidance.subsets\[1\]"),
+                               ({"history": "temporal", "subsets": [[0.5]], "subset_weights": [1.0]},
+                                r"guidance.subsets\[0\]"),
+                               ({"history": "frequency"}, "guidance.history")):
+        with pytest.raises(ValueError, match=field_name):
+            Guidance(**kwargs).validate()
+    with pytest.raises(ValueError, match="guidance.fraction"):
+        Guidance.named("stabilized_fractional", 2.0, 0.02, fraction=1.5)
+    with pytest.raises(ValueError, match="guidance name"):
+        Guidance.named("stabilized_frequency")
+    g = Guidance.named("stabilized_temporal", 9.0, 0.02, subsets=[[-1]], subset_weights=[2.0])
+    assert (g.history, g.scale, g.stabilization, list(g.subsets)) == ("temporal", 1.0, 0.02, [[-1]])
+
+
+@pytest.mark.parametrize("guidance", [Guidance.named("stabilized_fractional", 3.0, 0.02, fraction=0.4),
+                                      Guidance.named("stabilized_temporal", stabilization=0.02,
+                                                     subsets=[[-1], [0, 1]], subset_weights=[1.5, 1.0])])
+def test_generate_with_fractional_and_temporal_guidance_stays_exact(guidance: Guidance) -> None:
+    length = 9
+    target = target_video(length)
+    oracle = FrameOracle(target)
+    sampler = SamplerConfig(steps=3, window=5, sliding_context=3, guidance=guidance, progress=False)
+    out = generate(oracle, target[:, :2], length, frame_actions(length), sampler, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, target, atol=1e-4, rtol=0)  # history-independent oracle: weights sum to 1
+
+
 def test_sample_window_with_oracle_reproduces_the_target_and_keeps_context() -> None:
     target = target_video(6)
     oracle = FrameOracle(target)

@@ -173,3 +173,46 @@ def test_misspelt_key_fails_before_any_compute(tmp_path, data_root):
     assert "recipe.optimizer.lrr: unknown key (did you mean 'lr'?)" in proc.stderr
     assert not (tmp_path / "run").exists() and not data_root.joinpath("never").exists()
     assert time.time() - start < 60
+
+
+def _re10k_clip(folder: Path, name: str, frames: int = 6, size: int = 32, seed: int = 0) -> None:
+    import numpy as np
+    import torch
+
+    from engine.data.re10k import write_pose_file
+    from engine.data.video_io import encode_video
+
+    folder.mkdir(parents=True, exist_ok=True)
+    w2c = torch.eye(3, 4, dtype=torch.float64).repeat(frames, 1, 1)
+    w2c[:, 2, 3] = torch.arange(frames, dtype=torch.float64)
+    intrinsics = torch.tensor([[0.6, 0.8, 0.5, 0.5]], dtype=torch.float64).repeat(frames, 1)
+    write_pose_file(folder / f"{name}.txt", "https://www.youtube.com/watch?v=test", torch.arange(frames) * 100_000,
+                    intrinsics, w2c)
+    pixels = np.random.default_rng(seed).integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
+    encode_video(folder / f"{name}.mp4", pixels, fps=10)
+
+
+def test_skipped_bad_clips_are_counted_in_metrics_and_checkpoints(tmp_path):
+    """data.on_error=skip on 2 ranks: every bad clip drawn is counted once over all ranks in metrics.jsonl
+    (``skipped_clips``, cumulative) and in the checkpoint, and the count continues after --resume auto."""
+    root = tmp_path / "re10k"
+    for n in range(4):
+        _re10k_clip(root / "training", f"clip_{n}", seed=n)
+    bad = root / "training" / "clip_1.mp4"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])   # truncated
+    common = ["data.kind=re10k", "data.on_error=skip", "data.batch_size=1", "distributed.zero_stage=0",
+              "logging.checkpoint_every=2"]
+    run = tmp_path / "run"
+    # global batch 2 of 4 clips: 2 steps per epoch, clip_1 drawn once per epoch
+    proc = _train("deepspeed2", run, root, [*common, "schedule.steps=4"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert (proc.stdout + proc.stderr).count("skipping a bad clip") <= 2   # once per rank process at most
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    counts = {r["step"]: r["skipped_clips"] for r in rows if "skipped_clips" in r}
+    assert counts[2] == 1 and counts[4] == 2, counts
+    state = json.loads((latest_checkpoint(run) / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["skipped_clips"] == 2
+    proc = _train("deepspeed2", run, root, [*common, "schedule.steps=6"], ["--resume", "auto"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert {r["step"]: r["skipped_clips"] for r in rows}[6] == 3

@@ -135,3 +135,28 @@ def test_cli_writes_once_and_refuses_to_overwrite(setup, tmp_path, capsys):
     assert main([*args, "--set", "data.hflip_prob=0.5", "--overwrite"]) == 0
     manifest = json.loads((tmp_path / "c" / MANIFEST).read_text())
     assert manifest["data"]["hflip_prob"] == 0.5
+
+
+def test_minecraft_clips_are_cached_and_served(tmp_path):
+    """gf_minecraft's data (DFoT's Minecraft layout, here synthetic): the cache lists its clips, holds the
+    windows its pipeline draws, serves them with the live teacher's features, and is refused once the clip
+    set changes."""
+    from engine.data.minecraft import write_minecraft_clips
+
+    write_minecraft_clips(tmp_path / "mc" / "training", clips=4, frames=10, resolution=32, seed=0)
+    overrides = [*TINY, "data.kind=minecraft", f"data.root={tmp_path / 'mc'}", "data.frame_skip=2",
+                 "model.action_dim=8", "model.camera=none"]
+    recipe = load_recipe("gf_tiny", overrides)
+    manifest = build_cache(recipe, tmp_path / "cache", epochs=2, log=lambda s: None)
+    assert manifest["data"]["kind"] == "minecraft" and manifest["data"]["clips"] == 4
+    assert manifest["windows"]["samples_read"] == 8
+    recipe = load_recipe("gf_tiny", [*overrides, f"gf.teacher_cache={tmp_path / 'cache'}"])
+    cache, live = TeacherCache(recipe.gf.teacher_cache, recipe), LiveTeacher(recipe.gf)
+    for batch in _batches(recipe, 4):   # epochs 0-1: 4 clips / 2 per batch
+        assert "actions" in batch
+        cached, fresh = cache(batch), live(batch)
+        for k in cached:
+            assert torch.equal(cached[k], fresh[k].bfloat16().float()), k
+    write_minecraft_clips(tmp_path / "mc" / "training", clips=5, frames=10, resolution=32, seed=0)
+    with pytest.raises(TeacherCacheError, match="data.root"):
+        TeacherCache(recipe.gf.teacher_cache, recipe)

@@ -2,8 +2,12 @@
 fixed validation batch and the tensorboard logging."""
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
@@ -74,3 +78,15 @@ def test_validation_batch_and_tensorboard_logging(tmp_path) -> None:
     events.Reload()
     assert "val/psnr" in events.Tags()["scalars"] and "val/frames" in events.Tags()["images"]
     assert events.Scalars("val/psnr")[0].value == pytest.approx(result.metrics["val/psnr"], rel=1e-6)
+    # the videos: an animated GIF of every frame, GT | sample per row, decodable back to the frames
+    assert "val/videos" in events.Tags()["images"]
+    (video,) = events.Images("val/videos")
+    assert video.step == 5 and (video.height, video.width) == (2 * 32, 2 * 32)
+    gif = Image.open(io.BytesIO(video.encoded_image_string))
+    assert gif.format == "GIF" and gif.n_frames == 4
+    expected = (torch.cat([result.ground_truth, result.samples], dim=-1)[1] * 255).round()
+    for t in range(4):
+        gif.seek(t)
+        frame = torch.from_numpy(np.array(gif.convert("RGB"))).permute(2, 0, 1).float()
+        bottom = frame[:, 32:]   # video 1's row: GIF palettes quantise, so compare on average
+        assert (bottom - expected[t]).abs().mean() < 12, t
