@@ -256,6 +256,8 @@ class ResizeCrop:
         return x[..., top : top + r, left : left + r]
 
     def frames(self, frames: torch.Tensor, mode: str = "bicubic") -> torch.Tensor:
-        """uint8 frames [T, H, W, 3] -> uint8 [T, 3, R, R] (resized, rounded, centre-cropped)."""
+        """uint8 frames [T, H, W, 3] -> uint8 [T, 3, R, R] (resized, rounded, centre-cropped), contiguous:
+        the same memory layout in-process and out of a DataLoader worker (whose collate makes batches
+        contiguous), so that models fed either see bit-identical float results."""
         pixels = frames.permute(0, 3, 1, 2).float()
-        return self.images(pixels, mode).round_().clamp_(0, 255).to(torch.uint8)
+        return self.images(pixels, mode).round_().clamp_(0, 255).to(torch.uint8).contiguous()

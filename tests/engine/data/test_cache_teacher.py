@@ -160,3 +160,13 @@ def test_minecraft_clips_are_cached_and_served(tmp_path):
     write_minecraft_clips(tmp_path / "mc" / "training", clips=5, frames=10, resolution=32, seed=0)
     with pytest.raises(TeacherCacheError, match="data.root"):
         TeacherCache(recipe.gf.teacher_cache, recipe)
+
+
+def test_worker_and_in_process_batches_give_the_teacher_the_same_bits(setup):
+    """Batches from a DataLoader worker and from the main process have the same values and memory layout,
+    so the teacher (and a cache built either way) gives bit-identical features."""
+    live = LiveTeacher(_recipe(setup).gf)
+    inline, worker = (_batches(_recipe(setup, f"data.num_workers={w}"), 1)[0] for w in (0, 1))
+    assert inline["frames"].stride() == worker["frames"].stride()
+    a, b = live(inline), live(worker)
+    assert all(torch.equal(a[k], b[k]) for k in a)
