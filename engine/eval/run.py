@@ -39,7 +39,7 @@ from engine.eval.frechet import extract_features, frechet_distance_from_features
 from engine.eval.image_metrics import psnr, ssim
 from engine.eval.protocols import PROTOCOLS, Protocol, get_protocol, rotation_extrinsics
 from engine.eval.report import atomic_write_bytes, atomic_write_json, frame_grid, write_report
-from engine.sampling import COND_KEYS, SamplerConfig, generate
+from engine.sampling import COND_KEYS, GUIDANCE_NAMES, Guidance, SamplerConfig, generate
 
 if TYPE_CHECKING:
     from engine.eval.geometry import VGGTGeometry
@@ -80,6 +80,13 @@ class EvalOptions:
     vggt_frames: int | None = None
     conf_percentile: float = 0.0
     camera_scale: str = "own"
+    guidance: str | None = None
+    guidance_scale: float = 1.0
+    stabilization: float = 0.0
+    cond_scale: float = 1.0
+    fraction: float = 0.5
+    subsets: str | None = None
+    subset_weights: str | None = None
     progress: bool = True
 
 
@@ -117,8 +124,33 @@ def parse_args(argv: list[str] | None = None) -> EvalOptions:
     p.add_argument("--vggt-frames", type=int, default=None, help="frames per video given to VGGT (default all)")
     p.add_argument("--conf-percentile", type=float, default=0.0, help="drop points below this depth-conf percentile")
     p.add_argument("--camera-scale", choices=("own", "lstsq", "gt", "none"), default="own")
+    g = p.add_argument_group("history guidance (default: the protocol's; see engine/sampling.py)")
+    g.add_argument("--guidance", choices=GUIDANCE_NAMES, default=None, help="scheme of the prediction windows")
+    g.add_argument("--guidance-scale", type=float, default=1.0, help="HG-v / HG-f weight w")
+    g.add_argument("--stabilization", type=float, default=0.0, help="flow time of generated history (stabilized_*)")
+    g.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance on cameras / actions")
+    g.add_argument("--fraction", type=float, default=0.5, help="HG-f: flow time of the fractional history")
+    g.add_argument("--subsets", default=None, metavar="0,1;-1", help="HG-t: history-frame positions per subset")
+    g.add_argument("--subset-weights", default=None, metavar="2,1.5", help="HG-t: one weight per subset")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return EvalOptions(**vars(p.parse_args(argv)))
+
+
+def guidance_option(opts: EvalOptions, default: Guidance) -> Guidance:
+    """The guidance of ``--guidance ...`` (ValueError naming the flag if malformed), else ``default``."""
+    if opts.guidance is None:
+        return default
+
+    def numbers(flag: str, text: str | None, kind: type) -> list:
+        try:
+            return [kind(x) for x in text.split(",")] if text else []
+        except ValueError:
+            raise ValueError(f"{flag}: expected comma-separated {kind.__name__}s, got {text!r}") from None
+
+    subsets = [numbers("--subsets", part, int) for part in opts.subsets.split(";")] if opts.subsets else []
+    return Guidance.named(opts.guidance, scale=opts.guidance_scale, stabilization=opts.stabilization,
+                          cond_scale=opts.cond_scale, fraction=opts.fraction, subsets=subsets,
+                          subset_weights=numbers("--subset-weights", opts.subset_weights, float))
 
 
 def log(text: str) -> None:
@@ -409,7 +441,8 @@ def _device(name: str) -> torch.device:
 def sampler_config(protocol: Protocol, opts: EvalOptions, window: int, frames: int) -> SamplerConfig:
     return SamplerConfig(method=opts.method, steps=opts.steps, window=window, sliding_context=opts.sliding_context,
                          keyframe_density=protocol.keyframe_density if frames > window else None,
-                         guidance=protocol.guidance, interpolation_guidance=protocol.interpolation_guidance,
+                         guidance=guidance_option(opts, protocol.guidance),
+                         interpolation_guidance=protocol.interpolation_guidance,
                          progress=opts.progress)
 
 

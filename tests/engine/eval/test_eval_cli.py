@@ -150,3 +150,27 @@ def test_cli_errors_are_named(setup, tmp_path) -> None:
         run(parse_args(_args(setup, tmp_path, 1, "--weights", "model")))
     with pytest.raises(ValueError, match="--checkpoint"):
         run(parse_args(["--recipe", setup["recipe"], "--protocol", "short16", "--out", str(tmp_path)]))
+
+
+def test_guidance_flags_choose_the_prediction_scheme() -> None:
+    """--guidance replaces the protocol's prediction guidance (HG-f / HG-t included); malformed flags are
+    named; without it the protocol's scheme stays."""
+    from engine.eval.protocols import get_protocol
+    from engine.eval.run import sampler_config
+    from engine.sampling import Guidance
+
+    base = ["--recipe", "dfot_tiny", "--protocol", "long256", "--videos-dir", "unused"]
+    protocol = get_protocol("long256")
+    default = sampler_config(protocol, parse_args(base), window=8, frames=256)
+    assert default.guidance == protocol.guidance and default.interpolation_guidance == protocol.interpolation_guidance
+    opts = parse_args([*base, "--guidance", "stabilized_fractional", "--guidance-scale", "4", "--stabilization", "0.02",
+                       "--fraction", "0.4"])
+    assert sampler_config(protocol, opts, 8, 256).guidance == Guidance(
+        history="fractional", scale=4.0, stabilization=0.02, fraction=0.4)
+    opts = parse_args([*base, "--guidance", "temporal", "--subsets", "0,1;-1", "--subset-weights", "2,1.5"])
+    guidance = sampler_config(protocol, opts, 8, 256).guidance
+    assert guidance.history == "temporal" and guidance.subsets == [[0, 1], [-1]] and guidance.subset_weights == [2, 1.5]
+    with pytest.raises(ValueError, match="--subsets"):
+        sampler_config(protocol, parse_args([*base, "--guidance", "temporal", "--subsets", "0,a"]), 8, 256)
+    with pytest.raises(ValueError, match="guidance.subset_weights"):
+        sampler_config(protocol, parse_args([*base, "--guidance", "temporal", "--subsets", "0"]), 8, 256)
