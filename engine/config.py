@@ -48,6 +48,8 @@ class DataConfig:
     synthetic_frames: int = 16            # frames rendered per synthetic clip
     decode_backend: Literal["auto", "dali", "torchcodec", "pyav"] = "auto"   # video decoding (engine/data/decode.py)
     on_error: Literal["raise", "skip"] = "raise"   # bad clip: raise naming the file, or skip it (logged once, counted)
+    fixed_windows: bool = False           # every epoch draws epoch 0's start frame (and flip) per clip: one teacher-
+                                          # cache window per clip serves any run length (less augmentation)
 
     def validate(self) -> None:
         for name in ("frames", "frame_skip", "resolution", "batch_size", "synthetic_clips", "synthetic_frames"):

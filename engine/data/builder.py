@@ -21,8 +21,8 @@ def build_dataset(recipe: Recipe, world: World) -> torch.utils.data.Dataset:
                                      resolution=data.resolution, seed=recipe.seed, split=data.split)
         barrier()
     common = dict(split=data.split, num_frames=data.frames, frame_skip=data.frame_skip,
-                  resolution=data.resolution, seed=recipe.seed, decode_backend=data.decode_backend,
-                  on_error=data.on_error)
+                  resolution=data.resolution, seed=recipe.seed, fixed_windows=data.fixed_windows,
+                  decode_backend=data.decode_backend, on_error=data.on_error)
     if data.kind == "minecraft":
         return MinecraftClips(data.root, **common)
     return Re10KClips(data.root, hflip_prob=data.hflip_prob, **common)

@@ -8,9 +8,9 @@ window, keyed by ``(dataset index, start frame, flip)``. ``Re10KClips`` and ``Mi
 sample's start frame (and flip) from ``(seed, epoch, index)``, so the windows a run sees are fixed by the recipe: this tool walks
 exactly the windows the data pipeline draws in epochs ``0 .. E-1`` (``--epochs E``; by default the
 epochs that ``schedule.steps`` consumes at ``--world-size`` ranks) and stores each distinct window once.
-In training, a window that is not in the cache is an error naming the clip and how to rebuild. With a
-data pipeline that pins one window per clip (every epoch drawing epoch 0's window), ``--epochs 1`` covers
-any run length. Flips: a sample must carry its ``flip`` flag when ``data.hflip_prob > 0``.
+In training, a window that is not in the cache is an error naming the clip and how to rebuild. With
+``data.fixed_windows: true`` (every epoch draws epoch 0's window of each clip) the default is one epoch,
+one window per clip, and it covers any run length. Flips: a sample must carry its ``flip`` flag when ``data.hflip_prob > 0``.
 
 **Files.** ``DIR/shard_NNNNN.safetensors``: per feature key (``vggt_L4``, ..., ``dino``) a bf16 tensor
 ``[n, Tt, h, w, C]`` - patch tokens on the teacher's own grid, exactly what the live teacher returns,
@@ -67,13 +67,16 @@ def expected_manifest(recipe: Any) -> dict[str, Any]:
         "data": {"root": str(Path(data.root).resolve()), "split": data.split, "kind": data.kind,
                  "clips": len(clips), "clips_digest": clips_digest(clips),
                  "frames": data.frames, "frame_skip": data.frame_skip, "resolution": data.resolution,
-                 "seed": recipe.seed, "hflip_prob": data.hflip_prob},
+                 "seed": recipe.seed, "hflip_prob": data.hflip_prob, "fixed_windows": data.fixed_windows},
     }
 
 
 _RECIPE_KEYS = {"frames": "data.frames", "frame_skip": "data.frame_skip", "resolution": "data.resolution",
                 "seed": "seed", "hflip_prob": "data.hflip_prob", "split": "data.split", "root": "data.root",
-                "kind": "data.kind", "clips": "data.root (its clips)", "clips_digest": "data.root (its clips)"}
+                "kind": "data.kind", "fixed_windows": "data.fixed_windows", "clips": "data.root (its clips)", "clips_digest": "data.root (its clips)"}
+
+
+_ADDED_LATER = {"fixed_windows": False}   # data fields newer than some caches: their value in those caches
 
 
 def check_manifest(manifest: Mapping[str, Any], recipe: Any) -> list[str]:
@@ -103,9 +106,9 @@ def check_manifest(manifest: Mapping[str, Any], recipe: Any) -> list[str]:
         problems.append(f"gf.teacher_frames: the cache holds {manifest['teacher_frames']} teacher frames per window, "
                         f"the recipe aligns {want['teacher_frames']}")
     for name, value in want["data"].items():
-        if manifest["data"].get(name) != value:
-            problems.append(f"{_RECIPE_KEYS[name]}: the cache was built with {name}={manifest['data'].get(name)!r}, "
-                            f"the recipe has {value!r}")
+        have = manifest["data"].get(name, _ADDED_LATER.get(name))
+        if have != value:
+            problems.append(f"{_RECIPE_KEYS[name]}: the cache was built with {name}={have!r}, the recipe has {value!r}")
     return problems
 
 
@@ -189,7 +192,10 @@ class TeacherCache:
 
 # ----------------------------------------------------------------------------- writing
 def epochs_for_run(recipe: Any, dataset_len: int, world_size: int = 1) -> int:
-    """Epochs of the sampler that a run of ``schedule.steps`` optimizer steps touches at ``world_size`` ranks."""
+    """Epochs of the sampler that a run of ``schedule.steps`` optimizer steps touches at ``world_size`` ranks
+    (1 with ``data.fixed_windows``: every epoch draws epoch 0's windows)."""
+    if recipe.data.fixed_windows:
+        return 1
     global_batch = recipe.data.batch_size * recipe.distributed.grad_accum * world_size
     steps_per_epoch = dataset_len // global_batch
     if steps_per_epoch < 1:

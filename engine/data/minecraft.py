@@ -125,6 +125,7 @@ class MinecraftClips(Dataset):
         num_frames, frame_skip: T frames ``frame_skip`` apart (DFoT: 50 frames, skip 2).
         resolution: output side R: short side resized to R (nearest, as DFoT), centre crop R x R.
         seed: the start frame of sample ``index`` is drawn from ``(seed, epoch, index)``; ``set_epoch``.
+        fixed_windows: draw it from epoch 0 in every epoch (one window per clip).
         mask_first: apply DFoT's ``mask_first`` to the stacked actions.
         cameras: return ``intrinsics`` / ``extrinsics`` (from the npz); None: when the first clip has them.
         decode_backend, decode_device, on_error: as in ``engine.data.re10k.Re10KClips``.
@@ -142,6 +143,7 @@ class MinecraftClips(Dataset):
         frame_skip: int = 2,
         resolution: int = 64,
         seed: int = 0,
+        fixed_windows: bool = False,
         mask_first: bool = True,
         cameras: bool | None = None,
         decode_backend: str = "auto",
@@ -155,7 +157,7 @@ class MinecraftClips(Dataset):
             raise ValueError(f"MinecraftClips: decode_backend must be one of {BACKENDS}, got {decode_backend!r}")
         self.root, self.split = Path(root), split
         self.num_frames, self.frame_skip, self.resolution = num_frames, frame_skip, resolution
-        self.seed, self.mask_first = seed, mask_first
+        self.seed, self.mask_first, self.fixed_windows = seed, mask_first, fixed_windows
         self.decode_backend, self.decode_device = decode_backend, decode_device
         self._skip = SkipBadClips(on_error, 0, f"MinecraftClips({root}, {split})")
         self.clips = find_minecraft_clips(root, split, on_error)
@@ -204,7 +206,7 @@ class MinecraftClips(Dataset):
         if count < self.span:
             raise DataError(f"{video}: {count} frames; num_frames={self.num_frames} with frame_skip="
                             f"{self.frame_skip} needs {self.span}", video)
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, 0 if self.fixed_windows else self.epoch, index])
         start = int(rng.integers(0, count - self.span + 1))
         indices = [start + i * self.frame_skip for i in range(self.num_frames)]
         images = decode_clip(video, indices, backend=self.decode_backend, device=self.decode_device)

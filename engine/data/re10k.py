@@ -244,6 +244,7 @@ class Re10KClips(Dataset):
         layout: ``auto`` (``dfot`` when ``<root>/<split>_poses`` exists, else ``raw``), ``raw`` or ``dfot``.
         seed: the start frame and the flip of sample ``index`` are drawn from ``(seed, epoch, index)``
             only, so a resumed run sees identical data; ``set_epoch`` changes them.
+        fixed_windows: draw them from epoch 0 in every epoch (one window per clip).
         hflip_prob: probability of a horizontal flip (image, intrinsics, extrinsics and depth mirrored
             consistently).
         cache_clips: keep this many decoded, resized clips (all their frames, uint8) in an in-memory LRU
@@ -272,6 +273,7 @@ class Re10KClips(Dataset):
         resolution: int = 64,
         layout: str = "auto",
         seed: int = 0,
+        fixed_windows: bool = False,
         hflip_prob: float = 0.0,
         cache_clips: int = 0,
         load_depth: bool = True,
@@ -292,6 +294,7 @@ class Re10KClips(Dataset):
         self.root, self.split = Path(root), split
         self.num_frames, self.frame_skip, self.resolution = num_frames, frame_skip, resolution
         self.seed, self.hflip_prob, self.cache_clips, self.load_depth = seed, hflip_prob, cache_clips, load_depth
+        self.fixed_windows = fixed_windows
         self.decode_backend, self.decode_device = decode_backend, decode_device
         self._skip = SkipBadClips(on_error, 0, f"Re10KClips({root}, {split})")  # validates on_error first
         self.layout, self.clips = find_clips(root, split, layout, on_error, video_size, resolution)
@@ -386,7 +389,7 @@ class Re10KClips(Dataset):
         else:
             self._cache.move_to_end(index)
             count = loaded.w2c.shape[0]
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, 0 if self.fixed_windows else self.epoch, index])
         start = int(rng.integers(0, count - self.span + 1))
         flip = bool(rng.random() < self.hflip_prob)
         indices = [start + i * self.frame_skip for i in range(self.num_frames)]

@@ -170,3 +170,40 @@ def test_worker_and_in_process_batches_give_the_teacher_the_same_bits(setup):
     assert inline["frames"].stride() == worker["frames"].stride()
     a, b = live(inline), live(worker)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fixed_windows_one_epoch_cache_serves_every_epoch(setup, tmp_path):
+    """data.fixed_windows: every epoch draws epoch 0's window (and flip) of each clip, so the default cache
+    is one epoch, one window per clip, and serves a run of any length; a cache of moving windows does not
+    fit such a recipe (and the other way round), named by the recipe key."""
+    base, overrides, _ = setup
+    fixed = [*overrides, "data.fixed_windows=true", "data.hflip_prob=0.5"]
+    manifest = build_cache(load_recipe("gf_tiny", fixed), tmp_path / "fixed", log=lambda s: None)
+    assert manifest["windows"]["epochs"] == 1 and manifest["windows"]["count"] == 8   # 8 clips
+    recipe = load_recipe("gf_tiny", [*fixed, f"gf.teacher_cache={tmp_path / 'fixed'}"])
+    cache = TeacherCache(recipe.gf.teacher_cache, recipe)
+    batches = _batches(recipe, 12)   # 3 epochs of 4 batches
+    for batch in batches:
+        cache(batch)   # raises if a window is missing
+    windows = [{(int(i), int(f[0]), bool(fl)) for b in batches[e * 4:(e + 1) * 4]
+                for i, f, fl in zip(b["index"], b["frame_indices"], b["flip"])} for e in range(3)]
+    assert windows[0] == windows[1] == windows[2] and len(windows[0]) == 8
+    moving = load_recipe("gf_tiny", [*overrides, f"gf.teacher_cache={tmp_path / 'fixed'}", "data.hflip_prob=0.5"])
+    with pytest.raises(TeacherCacheError, match="data.fixed_windows"):
+        TeacherCache(moving.gf.teacher_cache, moving)
+    with pytest.raises(TeacherCacheError, match="data.fixed_windows"):   # the setup's cache: moving windows
+        TeacherCache(base / "cache", load_recipe("gf_tiny", [*fixed, f"gf.teacher_cache={base / 'cache'}"]))
+
+
+def test_fixed_windows_in_minecraft_clips(tmp_path):
+    from engine.data.minecraft import MinecraftClips, write_minecraft_clips
+
+    write_minecraft_clips(tmp_path / "training", clips=3, frames=12, resolution=16, seed=0)
+
+    def starts(fixed: bool, epoch: int) -> list[int]:
+        ds = MinecraftClips(tmp_path, num_frames=2, frame_skip=2, resolution=16, fixed_windows=fixed)
+        ds.set_epoch(epoch)
+        return [int(ds[i]["frame_indices"][0]) for i in range(3)]
+
+    assert starts(True, 0) == starts(True, 1) == starts(True, 5) == starts(False, 0)
+    assert any(starts(False, e) != starts(False, 0) for e in (1, 2, 3))
