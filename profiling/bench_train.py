@@ -204,9 +204,8 @@ def report(configs: list[Config], csv_path: Path | None = None) -> str:
     text = (f"device: {device_label(base.device)}   commit: {git_commit()}   torch {torch.__version__}\n"
             f"recipe {base.recipe.name}: micro-batch {base.recipe.data.batch_size}, {tokens_per_step(base.recipe)} DiT "
             f"tokens/step; p50 over {n} timed steps per config (interleaved); overhead = median over rounds of "
-            f"step / baseline step of the same round, minus 1; data wait = median of data / step "
+            f"step / baseline step of the same round, minus 1; data wait = median of data / step, target < 5% "
             f"(data.num_workers={base.recipe.data.num_workers})\n" + "\n".join(lines))
-    text += "\ndata wait (target < 5% of the step): " + ", ".join(f"{c.name} {100 * data_wait(c):.1f}%" for c in configs)
     if csv_path is not None:
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         new = not csv_path.exists() or csv_path.stat().st_size == 0

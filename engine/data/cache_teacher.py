@@ -5,12 +5,14 @@
 
 **Windows.** The teacher sees a clip *window* (the sampled frames), so the cache holds features per
 window, keyed by ``(dataset index, start frame, flip)``. ``Re10KClips`` and ``MinecraftClips`` draw a
-sample's start frame (and flip) from ``(seed, epoch, index)``, so the windows a run sees are fixed by the recipe: this tool walks
-exactly the windows the data pipeline draws in epochs ``0 .. E-1`` (``--epochs E``; by default the
-epochs that ``schedule.steps`` consumes at ``--world-size`` ranks) and stores each distinct window once.
+sample's start frame (and flip) from ``(seed, epoch, index)``, so the windows a run sees are fixed by
+the recipe: this tool walks exactly the windows the data pipeline draws in epochs ``0 .. E-1``
+(``--epochs E``; by default the epochs that ``schedule.steps`` consumes at ``--world-size`` ranks) and
+stores each distinct window once.
 In training, a window that is not in the cache is an error naming the clip and how to rebuild. With
 ``data.fixed_windows: true`` (every epoch draws epoch 0's window of each clip) the default is one epoch,
-one window per clip, and it covers any run length. Flips: a sample must carry its ``flip`` flag when ``data.hflip_prob > 0``.
+one window per clip, and it covers any run length. Flips: a sample must carry its ``flip`` flag when
+``data.hflip_prob > 0``.
 
 **Files.** ``DIR/shard_NNNNN.safetensors``: per feature key (``vggt_L4``, ..., ``dino``) a bf16 tensor
 ``[n, Tt, h, w, C]`` - patch tokens on the teacher's own grid, exactly what the live teacher returns,
@@ -73,7 +75,8 @@ def expected_manifest(recipe: Any) -> dict[str, Any]:
 
 _RECIPE_KEYS = {"frames": "data.frames", "frame_skip": "data.frame_skip", "resolution": "data.resolution",
                 "seed": "seed", "hflip_prob": "data.hflip_prob", "split": "data.split", "root": "data.root",
-                "kind": "data.kind", "fixed_windows": "data.fixed_windows", "clips": "data.root (its clips)", "clips_digest": "data.root (its clips)"}
+                "kind": "data.kind", "fixed_windows": "data.fixed_windows", "clips": "data.root (its clips)",
+                "clips_digest": "data.root (its clips)"}
 
 
 _ADDED_LATER = {"fixed_windows": False}   # data fields newer than some caches: their value in those caches
