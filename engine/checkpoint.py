@@ -92,30 +92,33 @@ def atomic_checkpoint_dir(run_dir: Path, step: int, world: World, keep: int = 0)
     barrier()
 
 
-def save_checkpoint(run_dir: Path, step: int, engine, world: World, zero_stage: int,
-                    trainer_state: dict, ema=None, keep: int = 0) -> Path:
-    """Write checkpoint ``step`` atomically. Collective: every rank calls it."""
-    with atomic_checkpoint_dir(run_dir, step, world, keep) as tmp:
-        engine.save_checkpoint(str(tmp), tag="deepspeed")
-        torch.save({"torch": torch.get_rng_state()}, tmp / f"rng_rank{world.rank}.pt")
-        weights = consolidated_state_dict(engine.module, zero_stage)
-        ema_weights = ema.full_state_dict() if ema is not None else None
-        if world.is_main:
-            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
-            if ema_weights is not None:
-                save_file(ema_weights, str(tmp / "ema.safetensors"))
-            _atomic_json(tmp / "trainer_state.json", {**trainer_state, "world_size": world.size})
-    return Path(run_dir) / "checkpoints" / f"step_{step}"
+def write_checkpoint_files(directory: Path, world: World, trainer_state: dict, ema=None) -> None:
+    """The trainer's own files of a checkpoint being written: each rank's RNG, the EMA (gathered:
+    collective) and ``trainer_state.json``."""
+    torch.save({"torch": torch.get_rng_state()}, directory / f"rng_rank{world.rank}.pt")
+    ema_weights = ema.full_state_dict() if ema is not None else None
+    if world.is_main:
+        if ema_weights is not None:
+            save_file(ema_weights, str(directory / "ema.safetensors"))
+        _atomic_json(directory / "trainer_state.json", {**trainer_state, "world_size": world.size})
 
 
-def load_checkpoint(path: Path, engine, world: World, ema=None) -> dict:
+def save_module_weights(directory: Path, module: torch.nn.Module, world: World, zero_stage: int,
+                        name: str = "model.safetensors") -> None:
+    """The consolidated weights of ``module`` as ``directory/name`` (gathered under ZeRO-3: collective)."""
+    weights = consolidated_state_dict(module, zero_stage)
+    if world.is_main:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / name))
+
+
+def load_checkpoint(path: Path, engine, world: World, ema=None, strict: bool = True) -> dict:
     """Restore engine (model, optimizer, scheduler), EMA and RNG from ``path``; return the trainer state."""
     path = Path(path)
     if not (path / "COMPLETE").is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
     state = json.loads((path / "trainer_state.json").read_text())
     load_path, _ = engine.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+                                          load_lr_scheduler_states=True, load_module_strict=strict)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the engine state from {path / 'deepspeed'}")
     if ema is not None:

@@ -108,6 +108,15 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
 
 
+def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """The sum of each value over all ranks (one all-reduce); identity on a single rank."""
+    return {k: v * world_size() for k, v in mean_over_ranks(values).items()}
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -6,18 +6,19 @@
     python profiling/bench_train.py --curves RUN_GF RUN_BASE          # loss curves of two runs -> PNG
     python profiling/bench_train.py --recipe gf_tiny --dump-batch snap.safetensors  # one batch's GF inputs
 
-**What a step is.** One process, no DeepSpeed: the recipe's module (DiT + GF head) and a plain AdamW on
-the recipe's device, fed by the recipe's data loader, i.e. the work of one rank's micro-batch in
-``engine/train.py`` without communication. Phases, each timed with ``time.perf_counter`` (CUDA:
-synchronised at every phase boundary, which serialises the step slightly):
+**What a step is.** The trainer's own step (``engine.trainer.Trainer.train_step`` on the recipe's
+``engine.diffusion_task.DiffusionTask``) in one process: DeepSpeed on a single rank with the recipe's ZeRO
+stage and precision, fed by the recipe's data loader, i.e. the work of one rank in ``engine/train.py``
+without communication. Phases are the trainer's and the task's own ``timer.mark`` points, each timed with
+``time.perf_counter`` (CUDA: synchronised at every phase boundary, which serialises the step slightly):
 
 - ``data``: next micro-batch from the loader, copy to the device, per-sample noise;
 - ``teacher``: the frozen teacher's features (live VGGT, or rows read from the teacher cache);
-- ``dit_fwd``: DiT forward + flow-matching loss (``VideoDiffusionLoss.flow_matching``);
+- ``dit_fwd``: DiT forward + flow-matching loss (up to the GF head: a forward pre-hook on it);
 - ``align``: the GF head's forward. Its fused kernels compute the projector gradients during this
   forward (``kernels/align``), so ``align`` holds almost all of the alignment's cost;
-- ``backward``: ``loss.backward()`` (DiT backward; the alignment only hands over its gradients);
-- ``optimizer``: ``AdamW.step`` + ``zero_grad``.
+- ``backward``: ``engine.backward`` (DiT backward; the alignment only hands over its gradients);
+- ``optimizer``: ``engine.step`` (AdamW, clipping, zero_grad) and the EMA update.
 
 **--compare** builds the recipe three times with the same initial DiT weights - ``baseline``
 (``gf.enabled=false``), ``gf-live`` and ``gf-cache`` (a teacher cache of the measured windows, built into
@@ -62,20 +63,37 @@ GPUS = {"h100": (989.0, 80.0), "h200": (989.0, 141.0), "a100": (312.0, 80.0)}
 
 
 # ----------------------------------------------------------------------------- measured steps
+class PhaseTimer:
+    """``mark(phase)`` adds the time since the previous mark to ``phase`` (the trainer's timer protocol)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.phases: dict[str, float] = {}
+        self._last = 0.0
+
+    def start(self) -> None:
+        _sync(self.device)
+        self.phases = {}
+        self._last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        _sync(self.device)
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self._last
+        self._last = now
+
+
 @dataclass
 class Config:
-    """One benchmarked configuration: its module, optimizer, teacher and batch stream."""
+    """One benchmarked configuration: the trainer of its recipe and the timer wired into it."""
 
     name: str
     recipe: Recipe
-    module: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    teacher: Any
-    batches: Any
+    trainer: Any
+    timer: PhaseTimer
     device: torch.device
     times: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in (*PHASES, "step")})
     peak_bytes: int | None = None
-    step: int = 0
 
 
 def _device(recipe: Recipe) -> torch.device:
@@ -84,26 +102,24 @@ def _device(recipe: Recipe) -> torch.device:
     return torch.device("cpu")
 
 
-def build_config(name: str, recipe: Recipe, device: torch.device) -> Config:
-    """Module (same seed as engine/train.py), AdamW, teacher and this rank's loader for ``recipe``."""
-    from engine.data.builder import build_loader
-    from engine.distributed import World
-    from engine.models.dit import VideoDiT
-    from engine.models.teacher import build_teacher
-    from engine.objectives.video_loss import VideoDiffusionLoss
+def _world(device: torch.device):
+    from engine.distributed import init_world
 
-    teacher = build_teacher(recipe, device)
-    torch.manual_seed(recipe.seed)
-    dit = VideoDiT(recipe.model)
-    module = VideoDiffusionLoss(dit, recipe.objective, recipe.gf, None if teacher is None else teacher.dims,
-                                recipe.backend).to(device)
-    if recipe.distributed.bf16:
-        module = module.to(torch.bfloat16)
-    opt = recipe.optimizer
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=opt.lr, betas=opt.betas,
-                                  weight_decay=opt.weight_decay, eps=opt.eps)
-    world = World(rank=0, local_rank=0, size=1, local_size=1, device=device)
-    return Config(name, recipe, module, optimizer, teacher, iter(build_loader(recipe, world)), device)
+    return init_world(device.type)   # a single-rank process group (DeepSpeed wants one)
+
+
+def build_config(name: str, recipe: Recipe, device: torch.device) -> Config:
+    """The trainer (same initial weights as engine/train.py) of ``recipe`` with a phase timer."""
+    from engine.diffusion_task import DiffusionTask
+    from engine.trainer import Trainer
+
+    world = _world(device)
+    timer = PhaseTimer(device)
+    task = DiffusionTask(recipe, world)
+    if task.module.gf is not None:   # end of the DiT forward = start of the GF head's forward
+        task.module.gf.register_forward_pre_hook(lambda module, args: timer.mark("dit_fwd"))
+    run_dir = Path(tempfile.mkdtemp(prefix=f"geoforge-bench-{name}-"))
+    return Config(name, recipe, Trainer(recipe, task, run_dir, world, timer=timer), timer, device)
 
 
 def _sync(device: torch.device) -> None:
@@ -112,39 +128,18 @@ def _sync(device: torch.device) -> None:
 
 
 def run_step(cfg: Config, record: bool = True) -> dict[str, float]:
-    """One training step of ``cfg``; returns (and records) seconds per phase."""
-    from engine.objectives.video_loss import sample_noise
-
-    r, dev = cfg.recipe, cfg.device
-    marks = [time.perf_counter()]
-
-    def mark() -> None:
-        _sync(dev)
-        marks.append(time.perf_counter())
-
-    raw = next(cfg.batches)
-    batch = {k: v.to(dev) for k, v in raw.items() if torch.is_tensor(v)}
-    noise = sample_noise(r.objective, r.model.cond_dropout, batch["frames"].shape, batch["index"].cpu(), r.seed,
-                         cfg.step)
-    noise = {k: v.to(dev) for k, v in noise.items()}
-    mark()
-    if cfg.teacher is not None:
-        batch.update(cfg.teacher(batch))
-    mark()
-    out = cfg.module.flow_matching(batch, noise)
-    loss = out["loss"].float()
-    mark()
-    if cfg.module.gf is not None:
-        loss = loss + cfg.module.gf(out["features"], batch)["loss"].float()
-    mark()
-    loss.backward()
-    mark()
-    cfg.optimizer.step()
-    cfg.optimizer.zero_grad(set_to_none=True)
-    mark()
-    cfg.step += 1
-    phases = {p: marks[i + 1] - marks[i] for i, p in enumerate(PHASES)}
-    phases["step"] = marks[-1] - marks[0]
+    """One ``Trainer.train_step`` of ``cfg``; returns (and records) seconds per phase."""
+    cfg.timer.start()
+    began = time.perf_counter()
+    cfg.trainer.train_step()
+    cfg.timer.mark("optimizer")   # the EMA update after the last engine.step
+    total = time.perf_counter() - began
+    raw = cfg.timer.phases
+    gf = "dit_fwd" in raw
+    phases = {"data": raw.get("data", 0.0), "teacher": raw.get("teacher", 0.0),
+              "dit_fwd": raw["dit_fwd"] if gf else raw.get("forward", 0.0),
+              "align": raw.get("forward", 0.0) if gf else 0.0,
+              "backward": raw.get("backward", 0.0), "optimizer": raw.get("optimizer", 0.0), "step": total}
     if record:
         for k, v in phases.items():
             cfg.times[k].append(v)
@@ -490,20 +485,18 @@ def dump_batch(recipe: Recipe, path: Path) -> Path:
     """One batch through the recipe's module: save what recomputes its GF losses (``alignment_snapshot``)."""
     from safetensors.torch import save_file
 
+    from engine.diffusion_task import DiffusionTask
     from engine.objectives.geometry_forcing import alignment_snapshot
-    from engine.objectives.video_loss import sample_noise
 
     if not recipe.gf.enabled:
         raise ValueError("--dump-batch needs a recipe with gf.enabled: true")
-    cfg = build_config("dump", recipe, _device(recipe))
-    batch = {k: v.to(cfg.device) for k, v in next(cfg.batches).items() if torch.is_tensor(v)}
-    batch.update(cfg.teacher(batch))
-    r = recipe
-    noise = {k: v.to(cfg.device) for k, v in sample_noise(r.objective, r.model.cond_dropout, batch["frames"].shape,
-                                                          batch["index"].cpu(), r.seed, 0).items()}
-    out = cfg.module.flow_matching(batch, noise)
-    parts = cfg.module.gf(out["features"], batch)
-    save_file(alignment_snapshot(cfg.module.gf, out["features"], batch, parts), str(path),
+    device = _device(recipe)
+    task = DiffusionTask(recipe, _world(device))
+    module = task.module.to(device)
+    batch, noise = task.prepare(next(task.micro_batches(0)), 0, PhaseTimer(device)).args
+    out = module.flow_matching(batch, noise)
+    parts = module.gf(out["features"], batch)
+    save_file(alignment_snapshot(module.gf, out["features"], batch, parts), str(path),
               metadata={"recipe": recipe.name, "dit_block": str(recipe.gf.dit_block),
                         "teacher_layers": json.dumps(recipe.gf.teacher_layers),
                         "temporal_patch_size": str(recipe.model.temporal_patch_size),

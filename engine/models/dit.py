@@ -26,7 +26,6 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 from einops import rearrange
-from torch.utils.checkpoint import checkpoint
 
 from engine.models.attention import attention, frame_causal_mask
 from engine.models.conditioning import CAMERA_KINDS, ActionEmbedding, CameraEmbedding, NoiseLevelEmbedding
@@ -63,7 +62,6 @@ class DiTConfig:
     latent_downsample: int = 1  # pixels per grid cell of x (8 for an SD-VAE latent); rescales intrinsics
     action_dim: int = 0
     cond_dropout: float = 0.0  # probability of dropping camera + action conditioning of a whole sample
-    activation_checkpointing: bool = False
     rope_theta: float = 10000.0
 
     def resolved(self) -> DiTConfig:
@@ -266,12 +264,8 @@ class VideoDiT(nn.Module):
                 if cfg.attention == "frame_causal" else None)
 
         features = {}
-        use_ckpt = cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for index, block in enumerate(self.blocks, start=1):
-            if use_ckpt:
-                tokens = checkpoint(block, tokens, c, cos, sin, mask, use_reentrant=False)
-            else:
-                tokens = block(tokens, c, cos, sin, mask)
+            tokens = block(tokens, c, cos, sin, mask)
             if index in wanted:
                 features[index] = tokens.unflatten(2, grid[1:])
         out = rearrange(self.final(tokens, c), "b t (h w) (pt ph pw c) -> b (t pt) c (h ph) (w pw)",

@@ -15,8 +15,11 @@ margin of exactly 0, e.g. at initialisation where θ = ref, is not counted as co
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def per_sample_error(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -63,4 +66,49 @@ def dpo_loss(model_err_w: Tensor, model_err_l: Tensor, ref_err_w: Tensor, ref_er
     return loss, accuracy.detach(), logit.detach().mean()
 
 
-__all__ = ["dpo_loss", "per_sample_error"]
+ErrorFn = Callable[[nn.Module, Tensor, dict[str, Tensor], dict[str, Tensor]], Tensor]
+
+
+class DPOModule(nn.Module):
+    """What the trainer trains for Diffusion-DPO: the policy ``network`` (LoRA-wrapped or fully trained), an
+    optional frozen ``reference`` copy, and :func:`dpo_loss` on their per-sample errors.
+
+    ``error(network, x0, cond, noise) -> [B]`` is the policy's denoising error (its prediction against its
+    target for the given noise and timesteps). With ``reference=None`` the reference is ``network`` with its
+    LoRA adapters switched off (peft's ``disable_adapter``): no second copy of the base weights.
+    """
+
+    def __init__(self, network: nn.Module, reference: nn.Module | None, error: ErrorFn, beta: float):
+        super().__init__()
+        self.network = network
+        self.reference = reference
+        self.beta = beta
+        object.__setattr__(self, "error", error)   # a bound method of the policy, not a submodule
+
+    def errors(self, x_w: Tensor, x_l: Tensor, cond: dict[str, Tensor], noise: dict[str, Tensor]
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(e_θ,w, e_θ,l, e_ref,w, e_ref,l), each [B]; winner and loser share ``noise``, in one batch of 2B."""
+        x0 = torch.cat([x_w, x_l])
+        both = {k: torch.cat([v, v]) for k, v in noise.items()}
+        model_err = self.error(self.network, x0, cond, both)
+        with torch.no_grad():
+            if self.reference is not None:
+                ref_err = self.error(self.reference, x0, cond, both)
+            else:
+                disable = getattr(self.network, "disable_adapter", None)
+                if disable is None:
+                    raise TypeError(f"{type(self.network).__name__} has no LoRA adapters to disable: give a "
+                                    f"frozen reference copy")
+                with disable():
+                    ref_err = self.error(self.network, x0, cond, both)
+        return (*model_err.chunk(2), *ref_err.chunk(2))
+
+    def forward(self, x_w: Tensor, x_l: Tensor, cond: dict[str, Tensor], noise: dict[str, Tensor]) -> dict[str, Tensor]:
+        e_w, e_l, r_w, r_l = self.errors(x_w, x_l, cond, noise)
+        loss, accuracy, margin = dpo_loss(e_w, e_l, r_w, r_l, self.beta)
+        return {"loss": loss.mean(), "implicit_acc": accuracy, "reward_margin": margin,
+                "err_w": e_w.detach().mean(), "err_l": e_l.detach().mean(),
+                "ref_err_w": r_w.mean(), "ref_err_l": r_l.mean()}
+
+
+__all__ = ["DPOModule", "dpo_loss", "per_sample_error"]

@@ -1,4 +1,6 @@
-"""The ``train`` stage: Diffusion-DPO of the policy on the preference pairs, through DeepSpeed.
+"""The ``train`` stage: Diffusion-DPO of the policy on the preference pairs, as a task of the one trainer
+(``engine.trainer``: DeepSpeed, resume, checkpoints, the non-finite policy and logging are shared with
+diffusion training).
 
 Per micro-batch of training pairs: winner and loser latents get the *same* noise and timesteps (drawn per
 pair from ``(seed, step, pair index)``, so any number of ranks sees the same noise), the policy network
@@ -9,70 +11,43 @@ network in one batch of 2B.
 Trained parameters: the LoRA adapters (peft; the reference is the same network with adapters disabled,
 or a frozen copy if ``dpo.reference: frozen_copy``), or every weight when ``lora.enabled: false`` (the
 reference is then a frozen copy). The recipe's ``optimizer``, ``schedule`` (steps, warmup, decay),
-``distributed`` (ZeRO stage, bf16, grad accumulation) and ``logging`` sections apply;
+``distributed`` (ZeRO stage, bf16, grad accumulation, activation checkpointing) and ``logging`` sections apply;
 ``data.batch_size`` is the number of pairs per micro-batch and rank.
 
 Files (``<run>/train/``): ``metrics.jsonl`` and tensorboard events (DPO loss, implicit accuracy, reward
 margin, errors, winner/loser mean scores, step time), ``checkpoints/step_N`` (DeepSpeed state without
-the frozen weights + adapters, atomic; a killed stage resumes from the newest). Output (``<run>/final/``,
+the frozen weights, ``adapter/`` or ``model.safetensors``, RNG; atomic; a killed stage resumes from the newest). Output (``<run>/final/``,
 atomic): the peft adapter (``adapter_model.safetensors`` + ``adapter_config.json``) or ``model.safetensors``
 for full fine-tuning, and ``COMPLETE`` (JSON summary: implicit accuracy on the training pairs before and
 after, peak memory, parameter bytes, time).
 """
 from __future__ import annotations
 
-import json
 import logging
 import resource
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import Tensor
 
-from engine.objectives.dpo import dpo_loss
+from engine.checkpoint import consolidated_state_dict, save_module_weights
+from engine.data.sampler import ResumableBatchSampler
+from engine.distributed import World, barrier, mean_over_ranks
+from engine.objectives.dpo import DPOModule
+from engine.objectives.video_loss import sample_seed
+from engine.trainer import MicroBatch, Task, Trainer
 from engine.videogpa.generate import load_condition
-from engine.videogpa.io import atomic_write_text, read_jsonl, read_marker, write_marker
-from engine.videogpa.lora import add_lora, adapters_disabled, frozen_copy, parameter_bytes, save_adapter
+from engine.videogpa.io import read_jsonl, read_marker, write_marker
+from engine.videogpa.lora import add_lora, frozen_copy, parameter_bytes, save_adapter
 from engine.videogpa.policy import VideoPolicy
 
 log = logging.getLogger("geoforge.videogpa")
 PARTS = ("loss", "implicit_acc", "reward_margin", "err_w", "err_l", "ref_err_w", "ref_err_l")
-
-
-class DPOModule(nn.Module):
-    """The module DeepSpeed trains: the policy network (+ an optional frozen reference copy) and the DPO loss."""
-
-    def __init__(self, policy: VideoPolicy, network: nn.Module, reference: nn.Module | None, beta: float):
-        super().__init__()
-        self.network = network
-        self.reference = reference
-        self.beta = beta
-        object.__setattr__(self, "policy", policy)   # not a submodule: its weights live in ``network``
-
-    def errors(self, x_w: Tensor, x_l: Tensor, cond: dict[str, Tensor], noise: dict[str, Tensor]
-               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(e_θ,w, e_θ,l, e_ref,w, e_ref,l), each [B]; winner and loser share ``noise``."""
-        x0 = torch.cat([x_w, x_l])
-        both = {k: torch.cat([v, v]) for k, v in noise.items()}
-        model_err = self.policy.per_sample_error(self.network, x0, cond, both)
-        with torch.no_grad():
-            if self.reference is None:
-                with adapters_disabled(self.network):
-                    ref_err = self.policy.per_sample_error(self.network, x0, cond, both)
-            else:
-                ref_err = self.policy.per_sample_error(self.reference, x0, cond, both)
-        return (*model_err.chunk(2), *ref_err.chunk(2))
-
-    def forward(self, x_w: Tensor, x_l: Tensor, cond: dict[str, Tensor], noise: dict[str, Tensor]) -> dict[str, Tensor]:
-        e_w, e_l, r_w, r_l = self.errors(x_w, x_l, cond, noise)
-        loss, accuracy, margin = dpo_loss(e_w, e_l, r_w, r_l, self.beta)
-        return {"loss": loss.mean(), "implicit_acc": accuracy, "reward_margin": margin,
-                "err_w": e_w.detach().mean(), "err_l": e_l.detach().mean(),
-                "ref_err_w": r_w.mean(), "ref_err_l": r_l.mean()}
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -92,8 +67,6 @@ def decode_frames(path: Path, frames: int) -> Tensor:
 
 def cache_latents(policy: VideoPolicy, run_dir: Path, videos: list[str], world) -> None:
     """Encode every video once into ``<run>/latents/`` (atomic per file; ranks split the work)."""
-    from engine.distributed import barrier
-
     for i, video in enumerate(videos):
         target = latent_file(run_dir, video)
         if i % world.size != world.rank or target.is_file():
@@ -140,8 +113,6 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 def pair_noise(policy: VideoPolicy, sample_shape: tuple[int, ...], indices: list[int], seed: int,
                step: int) -> dict[str, Tensor]:
     """Per-pair noise from ``(seed, step, pair index)``, stacked (CPU)."""
-    from engine.objectives.video_loss import sample_seed
-
     parts = [policy.draw_noise((1, *sample_shape), torch.Generator().manual_seed(sample_seed(seed, step, i)))
              for i in indices]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -184,8 +155,6 @@ def implicit_accuracy(module: DPOModule, policy: VideoPolicy, dataset: PairSet, 
 
 
 def _reduce_accuracy(parts: dict[str, float], world) -> dict[str, float]:
-    from engine.distributed import mean_over_ranks
-
     total = mean_over_ranks(parts)
     count = total["count"] or 1.0
     return {"implicit_acc": total["correct"] / count, "reward_margin": total["margin"] / count,
@@ -203,35 +172,48 @@ def build_dpo_module(recipe, policy: VideoPolicy) -> DPOModule:
     """LoRA (or full fine-tuning) on ``policy.network`` and the reference the recipe asks for."""
     vg = recipe.videogpa
     torch.manual_seed(recipe.seed)
-    if recipe.distributed.activation_checkpointing:
-        policy.enable_activation_checkpointing()
     base = policy.network
     reference = frozen_copy(base) if vg.reference_mode() == "frozen_copy" else None
     if vg.lora.enabled:
         network = add_lora(base, vg.lora, policy.default_lora_targets)
     else:
         network = base.requires_grad_(True)
-    return DPOModule(policy, network, reference, vg.dpo.beta)
+    return DPOModule(network, reference, policy.per_sample_error, vg.dpo.beta)
 
 
-def _save_state(stage_dir: Path, step: int, engine, module: DPOModule, world, zero_stage: int,
-                state: dict[str, Any], keep: int, lora: bool) -> None:
-    """Atomic checkpoint ``stage_dir/checkpoints/step_N``: DeepSpeed state without frozen weights (+ adapters)."""
-    from engine.checkpoint import atomic_checkpoint_dir
+class DPOTask(Task):
+    """Diffusion-DPO of the policy on the preference pairs, as a task of the one trainer."""
 
-    with atomic_checkpoint_dir(stage_dir, step, world, keep) as tmp:
-        engine.save_checkpoint(str(tmp), tag="deepspeed", exclude_frozen_parameters=True)
-        if lora:
-            save_adapter(module.network, tmp / "adapter", zero_stage, world.is_main)
-        if world.is_main:
-            atomic_write_text(tmp / "trainer_state.json", json.dumps({**state, "world_size": world.size}))
+    def __init__(self, recipe, policy: VideoPolicy, dataset: PairSet, world: World):
+        self.recipe, self.policy, self.dataset, self.world = recipe, policy, dataset, world
+        self.module = build_dpo_module(recipe, policy)
+        self.lora = recipe.videogpa.lora.enabled
+
+    def enable_activation_checkpointing(self) -> None:
+        self.policy.enable_activation_checkpointing()
+
+    def micro_batches(self, start: int) -> Iterator[list[int]]:
+        r = self.recipe
+        sampler = ResumableBatchSampler(len(self.dataset), r.data.batch_size, r.distributed.grad_accum,
+                                        self.world.size, self.world.rank, seed=r.seed, start=start)
+        return ([i for i, _ in batch] for batch in sampler)
+
+    def prepare(self, indices: list[int], step: int, timer) -> MicroBatch:
+        batch = collate([self.dataset[i] for i in indices])
+        args = prepare_batch(self.policy, batch, self.dataset.cached, self.recipe.seed, step)
+        timer.mark("data")
+        return MicroBatch(args, metrics={"winner_score": float(batch["winner_score"].mean()),
+                                         "loser_score": float(batch["loser_score"].mean())})
+
+    def export(self, directory: Path, world: World, zero_stage: int) -> None:
+        if self.lora:
+            save_adapter(self.module.network, directory / "adapter", zero_stage, world.is_main)
+        else:
+            save_module_weights(directory, self.module.network, world, zero_stage)
 
 
 def _save_final(run_dir: Path, module: DPOModule, policy: VideoPolicy, world, zero_stage: int, lora: bool,
                 summary: dict[str, Any]) -> Path:
-    from engine.checkpoint import consolidated_state_dict
-    from engine.distributed import barrier
-
     final = Path(run_dir) / "final"
     tmp = final.with_name(".tmp-final")
     if lora:
@@ -252,13 +234,6 @@ def _save_final(run_dir: Path, module: DPOModule, policy: VideoPolicy, world, ze
 
 def run_train_stage(recipe, run_dir: Path, world, policy: VideoPolicy, show_progress: bool = True) -> dict[str, Any]:
     """The ``train`` stage (see the module docstring). Returns the summary written to ``final/COMPLETE``."""
-    import deepspeed
-
-    from engine.checkpoint import latest_checkpoint
-    from engine.data.sampler import ResumableBatchSampler
-    from engine.distributed import deepspeed_config, mean_over_ranks
-    from engine.run_dir import RunLog
-
     run_dir = Path(run_dir)
     done = read_marker(run_dir / "final" / "COMPLETE")
     if done is not None:
@@ -273,90 +248,44 @@ def run_train_stage(recipe, run_dir: Path, world, policy: VideoPolicy, show_prog
     if cached:
         cache_latents(policy, run_dir, sorted({p["winner"] for p in pairs} | {p["loser"] for p in pairs}), world)
     dataset = PairSet(run_dir, pairs, policy.frames, cached)
-    module = build_dpo_module(recipe, policy)
+    task = DPOTask(recipe, policy, dataset, world)
+    module = task.module
     held_bytes = parameter_bytes(module.network, module.reference)
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    opt = recipe.optimizer
-    optimizer = torch.optim.AdamW(trainable, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay, eps=opt.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, recipe.schedule.lr_factor)
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(recipe), dist_init_required=False)
     stage_dir = run_dir / "train"
-    steps = recipe.schedule.steps
-    runlog = RunLog(stage_dir, world, total_steps=steps)
-    step, consumed = 0, 0
-    checkpoint = latest_checkpoint(stage_dir)
-    if checkpoint is not None:
-        load_path, _ = engine.load_checkpoint(str(checkpoint), tag="deepspeed", load_module_strict=False)
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load {checkpoint / 'deepspeed'}")
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-        step, consumed = state["step"], state["consumed_micro_batches"]
-        runlog.resume_from(step)
-        runlog.info(f"train: resumed from {checkpoint} at step {step}")
+    trainer = Trainer(recipe, task, stage_dir, world)
+    trainer.resume("auto")
 
     eval_idx = list(range(min(vg.dpo.eval_pairs, len(dataset))))
     mine_eval = eval_idx[world.rank::world.size]
     before_file = stage_dir / "eval_before.json"
     before = read_marker(before_file)
     if before is None:
-        before = _reduce_accuracy(implicit_accuracy(engine.module, policy, dataset, mine_eval, vg.dpo.eval_draws,
+        before = _reduce_accuracy(implicit_accuracy(module, policy, dataset, mine_eval, vg.dpo.eval_draws,
                                                     recipe.seed, cached), world)
         if world.is_main:
             write_marker(before_file, before)
 
-    sampler = ResumableBatchSampler(len(dataset), recipe.data.batch_size, recipe.distributed.grad_accum,
-                                    world.size, world.rank, seed=recipe.seed, start=consumed)
-    batches = iter(sampler)
-    accum = recipe.distributed.grad_accum
     began = time.perf_counter()
-    runlog.start_progress(step)
-    while step < steps:
-        sums: dict[str, float] = {}
-        t_step = time.perf_counter()
-        for _ in range(accum):
-            indices = [i for i, _ in next(batches)]
-            consumed += 1
-            batch = collate([dataset[i] for i in indices])
-            x_w, x_l, cond, noise = prepare_batch(policy, batch, cached, recipe.seed, step)
-            out = engine(x_w, x_l, cond, noise)
-            if not torch.isfinite(out["loss"]).item():
-                raise FloatingPointError(f"train: non-finite DPO loss at step {step}; lower optimizer.lr or dpo.beta")
-            engine.backward(out["loss"])
-            engine.step()
-            values = {k: float(out[k].detach()) for k in PARTS}
-            values["winner_score"] = float(batch["winner_score"].mean())
-            values["loser_score"] = float(batch["loser_score"].mean())
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v / accum
-        step += 1
-        parts = mean_over_ranks(sums)
-        runlog.step(step, parts, lr=engine.get_lr()[0], step_seconds=time.perf_counter() - t_step,
-                    every=recipe.logging.every)
-        if step % recipe.logging.checkpoint_every == 0 and step < steps:
-            _save_state(stage_dir, step, engine, module, world, recipe.distributed.zero_stage,
-                        {"step": step, "consumed_micro_batches": consumed}, recipe.logging.keep_checkpoints,
-                        vg.lora.enabled)
+    finish = trainer.fit()
     train_seconds = time.perf_counter() - began
-    finish = runlog.finish(train_seconds)
-    after = _reduce_accuracy(implicit_accuracy(engine.module, policy, dataset, mine_eval, vg.dpo.eval_draws,
+    after = _reduce_accuracy(implicit_accuracy(module, policy, dataset, mine_eval, vg.dpo.eval_draws,
                                                recipe.seed, cached), world)
     summary = {
-        "steps": steps, "train_pairs": len(dataset), "reference": vg.reference_mode(), "lora": vg.lora.enabled,
+        "steps": recipe.schedule.steps, "train_pairs": len(dataset), "reference": vg.reference_mode(), "lora": vg.lora.enabled,
         "implicit_acc_before": before["implicit_acc"], "implicit_acc_after": after["implicit_acc"],
         "reward_margin_before": before["reward_margin"], "reward_margin_after": after["reward_margin"],
         "pairs_evaluated": after["pairs_evaluated"], "last": {k: finish.get(k) for k in PARTS if k in finish},
-        "parameter_bytes": held_bytes, "trainable_parameters": sum(p.numel() for p in trainable),
+        "parameter_bytes": held_bytes, "trainable_parameters": trainer.trained_parameters,
         "peak_memory_bytes": peak_memory_bytes(world.device), "train_seconds": train_seconds,
     }
     _save_final(run_dir, module, policy, world, recipe.distributed.zero_stage, vg.lora.enabled, summary)
     if world.is_main:
-        runlog.info(finish["text"])
-        runlog.info(f"train: implicit accuracy on {int(after['pairs_evaluated'])} training pair draws "
+        trainer.log.info(finish["text"])
+        trainer.log.info(f"train: implicit accuracy on {int(after['pairs_evaluated'])} training pair draws "
                     f"{before['implicit_acc']:.3f} -> {after['implicit_acc']:.3f}, reward margin "
                     f"{before['reward_margin']:.3g} -> {after['reward_margin']:.3g}; final weights in {run_dir / 'final'}")
     return summary
 
 
-__all__ = ["DPOModule", "PairSet", "build_dpo_module", "cache_latents", "implicit_accuracy", "pair_noise",
+__all__ = ["DPOTask", "PairSet", "build_dpo_module", "cache_latents", "implicit_accuracy", "pair_noise",
            "prepare_batch", "run_train_stage"]

@@ -6,6 +6,7 @@ import torch
 
 from engine.models.conditioning import (camera_map, camera_rays, nerf_encoding, plucker, relative_to_first,
                                         scale_intrinsics)
+from engine.models.checkpointing import enable_activation_checkpointing
 from engine.models.dit import DIT_PRESETS, DiTConfig, VideoDiT, flops_per_token, num_params
 from engine.models.rope import apply_rope, grid_positions, rope_angles, rope_axis_dims
 
@@ -177,8 +178,9 @@ def test_cond_dropout_in_training_only():
 def test_activation_checkpointing_same_gradients():
     cfg = small_cfg(depth=3, camera="rays")
     plain = randomized(cfg)
-    ckpt = VideoDiT(small_cfg(depth=3, camera="rays", activation_checkpointing=True))
+    ckpt = VideoDiT(small_cfg(depth=3, camera="rays"))
     ckpt.load_state_dict(plain.state_dict())
+    assert enable_activation_checkpointing(ckpt.blocks) == 3
     x, t = torch.randn(2, 2, 3, 4, 4), torch.rand(2, 2)
     k, e = random_cameras(2, 2, 4, 4)
     grads = []

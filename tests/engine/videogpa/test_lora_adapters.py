@@ -43,7 +43,8 @@ def test_default_targets_are_the_attention_projections():
 
 
 def test_reference_modes_and_memory():
-    shared = build_dpo_module(recipe(), build_dit_policy(recipe()))
+    policy = build_dit_policy(recipe())
+    shared = build_dpo_module(recipe(), policy)
     copied = build_dpo_module(recipe("videogpa.dpo.reference=frozen_copy"), build_dit_policy(recipe()))
     full = build_dpo_module(recipe("videogpa.lora.enabled=false"), build_dit_policy(recipe()))
     assert shared.reference is None and copied.reference is not None and full.reference is not None
@@ -55,7 +56,6 @@ def test_reference_modes_and_memory():
     assert all(p.requires_grad for p in full.network.parameters())
     assert not any(p.requires_grad for p in full.reference.parameters())
     # both references compute the base model: same errors at initialisation (B = 0)
-    policy = shared.policy
     x0, cond, noise = probe(policy)
     x_w, x_l = x0[:1], x0[1:]
     one = {k: v[:1] for k, v in noise.items()}

@@ -1,0 +1,78 @@
+"""Diffusion training as a :class:`engine.trainer.Task`: the video DiT under flow matching, with the
+Geometry Forcing alignment when the recipe turns it on.
+
+Per micro-batch: this rank's clips from the recipe's data loader (``engine.data``), moved to the device;
+per-sample noise drawn from ``(seed, step, clip index)`` (``engine.objectives.video_loss.sample_noise``:
+one rank and N ranks with the same global batch see the same noise); the frozen teacher's features
+added to the batch (live VGGT or its cache; outside the trained module, never a gradient); then the
+trainer calls :class:`engine.objectives.video_loss.VideoDiffusionLoss`. After a step: validation
+(``logging.validate_every``) and a sample video (``logging.sample_every`` and at the end).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from engine.checkpoint import save_module_weights
+from engine.config import Recipe
+from engine.data.builder import build_loader
+from engine.distributed import World
+from engine.eval.validate import validate, validation_batch
+from engine.models.dit import VideoDiT
+from engine.models.teacher import build_teacher
+from engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
+from engine.samples import write_sample_video
+from engine.trainer import MicroBatch, Task, Trainer
+
+
+class DiffusionTask(Task):
+    use_ema = True
+    counters = ("skipped_clips",)   # bad clips the dataset passed over (data.on_error: skip)
+
+    def __init__(self, recipe: Recipe, world: World):
+        self.recipe, self.world = recipe, world
+        self.teacher = build_teacher(recipe, world.device)   # frozen GF teacher (or its cache), or None
+        torch.manual_seed(recipe.seed)   # identical initial weights on every rank
+        dims = None if self.teacher is None else self.teacher.dims
+        self.module = VideoDiffusionLoss(VideoDiT(recipe.model), recipe.objective, recipe.gf, dims, recipe.backend)
+        self._val_batch = None
+        self._last_batch: dict[str, torch.Tensor] | None = None
+
+    def checkpointed_blocks(self) -> list[torch.nn.Module]:
+        return list(self.module.dit.blocks)
+
+    def micro_batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
+        return iter(build_loader(self.recipe, self.world, start=start))
+
+    def prepare(self, raw: dict[str, torch.Tensor], step: int, timer) -> MicroBatch:
+        r, device = self.recipe, self.world.device
+        batch = {k: v.to(device, non_blocking=True) for k, v in raw.items() if torch.is_tensor(v)}
+        counts = {"skipped_clips": int(raw["skipped_clips"].sum())} if "skipped_clips" in raw else {}
+        noise = sample_noise(r.objective, r.model.cond_dropout, raw["frames"].shape, raw["index"], r.seed, step)
+        noise = {k: v.to(device, non_blocking=True) for k, v in noise.items()}
+        timer.mark("data")
+        if self.teacher is not None:   # GF targets in the batch (no grad, not trained)
+            batch.update(self.teacher(batch))
+        timer.mark("teacher")
+        self._last_batch = batch
+        return MicroBatch((batch, noise), counts)
+
+    def export(self, directory: Path, world: World, zero_stage: int) -> None:
+        save_module_weights(directory, self.module, world, zero_stage)
+
+    def after_step(self, trainer: Trainer, step: int, last: bool) -> None:
+        logging = self.recipe.logging
+        if logging.validate_every and step % logging.validate_every == 0:
+            if self._val_batch is None:
+                self._val_batch = validation_batch(self.recipe, logging.validate_videos, self.world)
+            result = validate(self.module.dit, self._val_batch, self.recipe, step)   # every rank: ZeRO-3 forwards
+            trainer.log.validation(result, step)
+        if (logging.sample_every and step % logging.sample_every == 0) or last:
+            path = write_sample_video(self.module.dit, self._last_batch, self.recipe, trainer.run_dir, step,
+                                      self.world)
+            trainer.log.info(f"sample video: {path}")
+
+
+__all__ = ["DiffusionTask"]

@@ -1,0 +1,236 @@
+"""The one training loop of GeoForge, for diffusion training and for DPO: build -> train_step -> resume /
+checkpoint / log.
+
+A :class:`Task` says *what* is trained: the module DeepSpeed wraps, the stream of micro-batches, how one
+micro-batch becomes the module's outputs, which weights a checkpoint exports and what to do after a
+step (validation, sample videos). The :class:`Trainer` owns *how*, once for every task:
+
+- **build**: a client ``torch.optim.AdamW`` over the trainable parameters, the recipe's warm-up +
+  constant / cosine schedule, and ``deepspeed.initialize`` (the only call in the code base) with the
+  recipe's ZeRO stage, precision, gradient accumulation and clipping; activation checkpointing of the
+  task's blocks (``distributed.activation_checkpointing``) is applied here, from outside the model;
+- **train_step**: ``grad_accum`` micro-batches through ``engine(...)``, ``backward``, ``step``; the
+  sharded EMA after the optimizer step; loss parts averaged over micro-batches and ranks;
+- **one non-finite policy**: a micro-batch whose loss is not finite on any rank is dropped on every rank
+  (no backward, no optimizer step) and replaced by the next one, counted as ``skipped_nonfinite``;
+  ``logging.max_nonfinite`` in a row raise :class:`NonFiniteLossError`;
+- **one checkpoint writer** (:meth:`Trainer.save`): ``checkpoints/step_N`` written atomically
+  (``engine.checkpoint.atomic_checkpoint_dir``) with the DeepSpeed state (frozen weights excluded),
+  each rank's RNG, the task's exported weights, the EMA and ``trainer_state.json``; **resume**
+  (:meth:`Trainer.resume`) restores all of it and the data position, so a resumed run reproduces the
+  uninterrupted one;
+- **log**: ``metrics.jsonl``, tensorboard and the progress bar through :class:`engine.run_dir.RunLog`.
+
+Phases of a micro-step can be timed from outside (``profiling/bench_train.py``) by passing ``timer``: an
+object whose ``mark(phase)`` is called at the end of each phase - ``data`` and ``teacher`` by the task's
+:meth:`Task.prepare`, then ``forward``, ``backward`` and ``optimizer`` here.
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from engine.checkpoint import atomic_checkpoint_dir, latest_checkpoint, load_checkpoint, write_checkpoint_files
+from engine.config import Recipe
+from engine.distributed import World, any_rank, deepspeed_config, mean_over_ranks, sum_over_ranks
+from engine.ema import ShardedEMA
+from engine.models.checkpointing import enable_activation_checkpointing
+from engine.run_dir import RunLog
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch as the task prepared it: the engine's call arguments plus host-side counts."""
+
+    args: tuple[Any, ...]
+    counts: dict[str, int] = field(default_factory=dict)   # cumulative counters (e.g. skipped_clips)
+    metrics: dict[str, float] = field(default_factory=dict)   # logged means (e.g. winner_score)
+
+
+class Task(ABC):
+    """What the trainer trains. Subclasses: ``engine.objectives.video_loss`` (diffusion + GF) through
+    :class:`engine.tasks.DiffusionTask`, and ``engine.videogpa.dpo_stage.DPOTask``."""
+
+    module: nn.Module           # what DeepSpeed wraps
+    use_ema: bool = False
+    counters: tuple[str, ...] = ()   # names of MicroBatch.counts, kept cumulative in checkpoints
+
+    def checkpointed_blocks(self) -> list[nn.Module]:
+        """The repeated blocks whose activations are recomputed under ``distributed.activation_checkpointing``."""
+        return []
+
+    def enable_activation_checkpointing(self) -> None:
+        """Default: recompute each of :meth:`checkpointed_blocks` in backward."""
+        blocks = self.checkpointed_blocks()
+        if not blocks:
+            raise NotImplementedError(f"{type(self).__name__}: no blocks to checkpoint")
+        enable_activation_checkpointing(blocks)
+
+    @abstractmethod
+    def micro_batches(self, start: int) -> Iterator[Any]:
+        """An endless stream of this rank's raw micro-batches, after ``start`` consumed ones."""
+
+    @abstractmethod
+    def prepare(self, raw: Any, step: int, timer) -> MicroBatch:
+        """Move a raw micro-batch to the device, draw its noise (and teacher features); ``timer.mark`` the
+        ``data`` phase (and ``teacher``)."""
+
+    def export(self, directory: Path, world: World, zero_stage: int) -> None:
+        """Write the trained weights into a checkpoint directory (collective). Default: nothing."""
+
+    def after_step(self, trainer: Trainer, step: int, last: bool) -> None:
+        """Hook after each optimizer step (validation, samples). Default: nothing."""
+
+
+class _NoTimer:
+    def mark(self, phase: str) -> None:
+        pass
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, task: Task, run_dir: Path, world: World, timer=None):
+        self.recipe, self.task, self.world = recipe, task, world
+        self.run_dir = Path(run_dir)
+        self.timer = timer or _NoTimer()
+        self.engine = self._build()
+        self.ema = (ShardedEMA(self.engine.module, recipe.ema.decay, world.rank, world.size)
+                    if task.use_ema and recipe.ema.enabled else None)
+        self.log = RunLog(self.run_dir, world, total_steps=recipe.schedule.steps)
+        self.step = 0
+        self.consumed = 0
+        self.counts: dict[str, int] = {"skipped_nonfinite": 0, **{k: 0 for k in task.counters}}
+        self._in_a_row = 0
+        self._batches: Iterator[Any] | None = None
+
+    # --------------------------------------------------------------------------------------- build
+    def _build(self):
+        import deepspeed
+
+        d = self.recipe.distributed
+        if d.activation_checkpointing:
+            self.task.enable_activation_checkpointing()
+        params = [p for p in self.task.module.parameters() if p.requires_grad]
+        opt = self.recipe.optimizer
+        optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay, eps=opt.eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.recipe.schedule.lr_factor)
+        engine, _, _, _ = deepspeed.initialize(model=self.task.module, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=deepspeed_config(self.recipe), dist_init_required=False)
+        return engine
+
+    @property
+    def trained_parameters(self) -> int:
+        return sum(p.numel() for p in self.engine.module.parameters() if p.requires_grad)
+
+    # -------------------------------------------------------------------------------------- resume
+    def resume(self, resume: str | None) -> Path | None:
+        """Restore from ``resume`` ('auto': the newest complete checkpoint of the run, if any; or a path)."""
+        checkpoint = latest_checkpoint(self.run_dir) if resume == "auto" else (Path(resume) if resume else None)
+        if checkpoint is None:
+            if resume == "auto":
+                self.log.info(f"--resume auto: no complete checkpoint in {self.run_dir}, starting from scratch")
+            return None
+        frozen = any(not p.requires_grad for p in self.engine.module.parameters())
+        state = load_checkpoint(checkpoint, self.engine, self.world, self.ema, strict=not frozen)
+        self.step, self.consumed = state["step"], state["consumed_micro_batches"]
+        for k in self.counts:
+            self.counts[k] = state.get(k, 0)
+        self.log.resume_from(self.step)
+        self.log.info(f"resumed from {checkpoint} at step {self.step}")
+        return checkpoint
+
+    # ------------------------------------------------------------------------------------ training
+    def _next_micro_batch(self) -> MicroBatch:
+        if self._batches is None:
+            self._batches = iter(self.task.micro_batches(self.consumed))
+        raw = next(self._batches)
+        self.consumed += 1
+        return self.task.prepare(raw, self.step, self.timer)
+
+    def _skip_nonfinite(self) -> None:
+        self.counts["skipped_nonfinite"] += 1
+        self._in_a_row += 1
+        self.log.warn_once("nonfinite", f"non-finite loss at step {self.step}: the micro-batch is skipped "
+                                        f"(counted in metrics as skipped_nonfinite)")
+        limit = self.recipe.logging.max_nonfinite
+        if self._in_a_row >= limit:
+            raise NonFiniteLossError(
+                f"{self._in_a_row} non-finite losses in a row (logging.max_nonfinite={limit}) at step "
+                f"{self.step}: stopping. Lower optimizer.lr, check the data, or resume from the last checkpoint.")
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` good micro-batches; returns the rank-mean loss parts."""
+        accum = self.recipe.distributed.grad_accum
+        sums: dict[str, Tensor] = {}
+        metrics: dict[str, float] = {}
+        counts = {k: 0 for k in self.task.counters}
+        began = time.perf_counter()
+        micro = 0
+        while micro < accum:
+            batch = self._next_micro_batch()
+            for k, v in batch.counts.items():
+                counts[k] += v
+            out = self.engine(*batch.args)
+            self.timer.mark("forward")
+            if any_rank(not torch.isfinite(out["loss"]).item()):
+                self._skip_nonfinite()
+                continue
+            self._in_a_row = 0
+            self.engine.backward(out["loss"])
+            self.timer.mark("backward")
+            self.engine.step()
+            self.timer.mark("optimizer")
+            micro += 1
+            for k, v in out.items():
+                if torch.is_tensor(v) and v.numel() == 1:
+                    sums[k] = sums.get(k, 0) + v.detach().float()
+            for k, v in batch.metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + v
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update()
+        keys = sorted(sums)
+        local = torch.stack([sums[k] for k in keys]).cpu().tolist() if keys else []   # one host sync
+        parts = mean_over_ranks({**{k: v / accum for k, v in zip(keys, local)},
+                                 **{k: v / accum for k, v in metrics.items()}})
+        for k, v in sum_over_ranks(counts).items():
+            self.counts[k] += int(round(v))
+        parts["step_seconds"] = time.perf_counter() - began
+        return parts
+
+    def save(self) -> Path:
+        """Checkpoint ``step`` atomically (collective): DeepSpeed state, RNG, exported weights, EMA, state."""
+        d = self.recipe.distributed
+        state = {"step": self.step, "consumed_micro_batches": self.consumed, **self.counts}
+        with atomic_checkpoint_dir(self.run_dir, self.step, self.world, self.recipe.logging.keep_checkpoints) as tmp:
+            self.engine.save_checkpoint(str(tmp), tag="deepspeed", exclude_frozen_parameters=True)
+            self.task.export(tmp, self.world, d.zero_stage)
+            write_checkpoint_files(tmp, self.world, state, self.ema)
+        return self.run_dir / "checkpoints" / f"step_{self.step}"
+
+    def fit(self) -> dict[str, Any]:
+        """Train from the current step to ``schedule.steps``; returns the run summary (``text`` + last values)."""
+        steps, logging = self.recipe.schedule.steps, self.recipe.logging
+        began = time.perf_counter()
+        self.log.start_progress(self.step)
+        while self.step < steps:
+            parts = self.train_step()
+            self.log.step(self.step, parts, lr=self.engine.get_lr()[0], **self.counts, every=logging.every)
+            last = self.step == steps
+            if self.step % logging.checkpoint_every == 0 or last:
+                self.save()
+            self.task.after_step(self, self.step, last)
+        return self.log.finish(time.perf_counter() - began)
+
+
+__all__ = ["MicroBatch", "NonFiniteLossError", "Task", "Trainer"]
