@@ -44,7 +44,8 @@ class DiffusionTask(Task):
         return list(self.module.dit.blocks)
 
     def micro_batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
-        return iter(build_loader(self.recipe, self.world, start=start))
+        return iter(build_loader(self.recipe.data, self.world, self.recipe.seed,
+                                self.recipe.distributed.grad_accum, start=start))
 
     def prepare(self, raw: dict[str, torch.Tensor], step: int, timer) -> MicroBatch:
         r, device = self.recipe, self.world.device

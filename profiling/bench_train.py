@@ -230,7 +230,7 @@ def _cache_for(recipe: Recipe, steps: int, directory: Path) -> Path:
     from engine.data.cache_teacher import build_cache
     from engine.distributed import World
 
-    n = len(build_dataset(recipe, World(0, 0, 1, 1, torch.device("cpu"))))
+    n = len(build_dataset(recipe.data, World(0, 0, 1, 1, torch.device("cpu")), recipe.seed))
     epochs = math.ceil(steps / max(1, n // recipe.data.batch_size))
     build_cache(recipe, directory, epochs=epochs, device=str(_device(recipe)), overwrite=True,
                 log=lambda s: print(s, flush=True))

@@ -62,7 +62,7 @@ def expected_manifest(recipe: Any) -> dict[str, Any]:
     from engine.models.teacher import teacher_identity
 
     data, gf = recipe.data, recipe.gf
-    clips = clip_names(recipe)
+    clips = clip_names(recipe.data)
     return {
         "teacher": teacher_identity(gf, (data.resolution, data.resolution)),
         "teacher_frames": gf.aligned_frames(data.frames),
@@ -262,7 +262,7 @@ def build_cache(recipe: Any, out: str | Path, *, epochs: int | None = None, worl
     for old in [*out.glob("shard_*.safetensors"), *out.glob(".tmp-shard_*"), out / MANIFEST]:
         old.unlink(missing_ok=True)
     world = World(rank=0, local_rank=0, size=1, local_size=1, device=torch.device(device))
-    dataset = build_dataset(recipe, world)
+    dataset = build_dataset(recipe.data, world, recipe.seed)
     epochs = epochs or epochs_for_run(recipe, len(dataset), world_size)
     teacher = LiveTeacher(recipe.gf, device)
     writer = _ShardWriter(out, shard_size)

@@ -45,7 +45,7 @@ def validation_batch(recipe, num_videos: int, world=None) -> dict[str, torch.Ten
         raise ValueError(f"validation needs num_videos >= 1, got {num_videos}")
     world = world or World(rank=0, local_rank=0, size=1, local_size=1, device=torch.device("cpu"))
     recipe = replace(recipe, data=replace(recipe.data, hflip_prob=0.0))
-    dataset = build_dataset(recipe, world)
+    dataset = build_dataset(recipe.data, world, recipe.seed)
     if len(dataset) < num_videos:
         raise ValueError(f"logging.validate_videos={num_videos} but the dataset has {len(dataset)} clips")
     items = [dataset[i] for i in range(num_videos)]

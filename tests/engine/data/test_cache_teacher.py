@@ -39,7 +39,7 @@ def _recipe(setup, *extra):
 
 
 def _batches(recipe, n):
-    it = iter(build_loader(recipe, WORLD))
+    it = iter(build_loader(recipe.data, WORLD, recipe.seed))
     return [{k: v for k, v in next(it).items() if torch.is_tensor(v)} for _ in range(n)]
 
 

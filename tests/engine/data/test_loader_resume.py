@@ -25,6 +25,10 @@ def _take(loader, n):
     return [b for b in itertools.islice(iter(loader), n)]
 
 
+def _loader(rec, world, start=0):
+    return build_loader(rec.data, world, rec.seed, rec.distributed.grad_accum, start=start)
+
+
 def _assert_same(a, b):
     assert a.keys() == b.keys()
     for key in a:
@@ -36,14 +40,14 @@ def _assert_same(a, b):
 
 def test_resumed_loader_yields_the_same_next_batches(recipe):
     world = World(rank=0, local_rank=0, size=1, local_size=1, device=torch.device("cpu"))
-    full = _take(build_loader(recipe("data.num_workers=2"), world), 10)  # 4 micro-batches per epoch
+    full = _take(_loader(recipe("data.num_workers=2"), world), 10)  # 4 micro-batches per epoch
     assert len({tuple(b["index"].tolist()) for b in full[:4]}) == 4
     assert sorted(i for b in full[:4] for i in b["index"].tolist()) == list(range(8))  # one epoch = a permutation
     for start in (3, 6):
-        resumed = _take(build_loader(recipe("data.num_workers=2"), world, start=start), 10 - start)
+        resumed = _take(_loader(recipe("data.num_workers=2"), world, start=start), 10 - start)
         for a, b in zip(full[start:], resumed):
             _assert_same(a, b)
-    no_workers = _take(build_loader(recipe("data.num_workers=0"), world), 10)
+    no_workers = _take(_loader(recipe("data.num_workers=0"), world), 10)
     for a, b in zip(full, no_workers):
         _assert_same(a, b)
     # epochs differ: new start frames / flips for the same clip (index) in the next epoch
@@ -54,8 +58,8 @@ def test_resumed_loader_yields_the_same_next_batches(recipe):
 
 def test_two_ranks_split_the_batches_of_one(recipe):
     one = World(rank=0, local_rank=0, size=1, local_size=1, device=torch.device("cpu"))
-    single = _take(build_loader(recipe("data.batch_size=4"), one), 4)
-    halves = [_take(build_loader(recipe("data.batch_size=2"), World(r, r, 2, 2, torch.device("cpu"))), 4)
+    single = _take(_loader(recipe("data.batch_size=4"), one), 4)
+    halves = [_take(_loader(recipe("data.batch_size=2"), World(r, r, 2, 2, torch.device("cpu"))), 4)
               for r in (0, 1)]
     for step, batch in enumerate(single):
         merged = torch.cat([halves[0][step]["frames"], halves[1][step]["frames"]])
