@@ -74,7 +74,8 @@ def build_engine(recipe: Recipe, world: World, teacher_dims: dict[str, int] | No
 def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> dict:
     teacher = build_teacher(recipe, world.device)   # frozen GF teacher (or its cache): outside the engine
     engine = build_engine(recipe, world, None if teacher is None else teacher.dims)
-    ema = ShardedEMA(engine.module, recipe.ema.decay, world.rank, world.size) if recipe.ema.enabled else None
+    ema = ShardedEMA(engine.module, recipe.ema.decay, world.rank, world.size,
+                     recipe.ema.warmup) if recipe.ema.enabled else None
     log = RunLog(run_dir, world, total_steps=recipe.schedule.steps)
     trained = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
     d = recipe.distributed
@@ -138,7 +139,7 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> di
                 parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach())
         step += 1
         if ema is not None:
-            ema.update()
+            ema.update(step)
         parts = mean_over_ranks({**{k: v / accum for k, v in parts_sum.items()}, "skipped_clips": bad_here})
         bad_clips += round(parts.pop("skipped_clips") * world.size)   # all ranks' bad clips, the same on each
         log.step(step, parts, lr=engine.get_lr()[0], skipped_nonfinite=skipped, skipped_clips=bad_clips,
