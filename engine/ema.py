@@ -9,6 +9,16 @@ full parameter and reads its slice of it.
 Cost per rank: 4 bytes x parameters / world of memory, and one fused ``lerp`` over those elements per
 optimizer step (``torch._foreach_lerp_``), no communication. Gathering happens only when a checkpoint
 is written (one all-gather per parameter).
+
+Warm-up (``ema.warmup``, on by default in recipes; DFoT / timm / diffusers): the decay of the update
+after optimizer step ``step`` (1-based, the train loop's counter) is
+
+    decay_t = min(decay, (1 + step) / (10 + step))
+
+(0.18 after step 1, 0.5 after step 8, 0.9 after step 80, 0.99 after step 890), so the average forgets
+the random initialisation within the first steps instead of after ~1 / (1 - decay) of them. The decay
+is a function of the step alone, so a resumed run (EMA shards from the checkpoint, step from
+``trainer_state.json``) continues exactly.
 """
 from __future__ import annotations
 
@@ -21,9 +31,17 @@ def _zero3_partition(p: torch.Tensor) -> torch.Tensor | None:
     return getattr(p, "ds_tensor", None)
 
 
+def warmup_decay(decay: float, step: int) -> float:
+    """``min(decay, (1 + step) / (10 + step))`` for the update after optimizer step ``step`` (>= 1)."""
+    if step < 1:
+        raise ValueError(f"EMA warm-up: step must be >= 1 (the optimizer step just taken), got {step}")
+    return min(decay, (1 + step) / (10 + step))
+
+
 class ShardedEMA:
-    def __init__(self, model: nn.Module, decay: float, rank: int = 0, world_size: int = 1):
+    def __init__(self, model: nn.Module, decay: float, rank: int = 0, world_size: int = 1, warmup: bool = False):
         self.decay = decay
+        self.warmup = warmup
         self.rank = rank
         self.world_size = world_size
         self.names: list[str] = []
@@ -50,9 +68,14 @@ class ShardedEMA:
         return piece
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, step: int | None = None) -> None:
+        """Move the average towards the current weights; ``step``: the optimizer step just taken (1-based),
+        required with warm-up."""
+        if self.warmup and step is None:
+            raise ValueError("ShardedEMA.update: warm-up needs the optimizer step (update(step))")
+        decay = warmup_decay(self.decay, step) if self.warmup else self.decay
         current = [self._local_slice(p).float() for p in self._params]
-        torch._foreach_lerp_(self.shards, current, 1.0 - self.decay)
+        torch._foreach_lerp_(self.shards, current, 1.0 - decay)
 
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ import torch
 from engine.config import Recipe
 from engine.distributed import World
 from engine.objectives.flow_matching import euler_sample
+from engine.objectives.prediction import velocity_model
 from engine.data.video_io import encode_video
 
 
@@ -25,7 +26,7 @@ def write_sample_video(dit: torch.nn.Module, batch: dict[str, torch.Tensor], rec
     cond = {k: batch[k][:1].to(dtype) for k in ("intrinsics", "extrinsics", "actions") if k in batch}
     context = max(1, recipe.objective.context_frames)
     g = torch.Generator(device="cpu").manual_seed(recipe.seed + step)
-    sample = euler_sample(dit, x0.shape, recipe.logging.sample_steps, cond, generator=g,
+    sample = euler_sample(velocity_model(dit, recipe.objective), x0.shape, recipe.logging.sample_steps, cond, generator=g,
                           context=x0[:, :context])
     dit.train(was_training)
     path = Path(run_dir) / "samples" / f"step_{step}.mp4"

@@ -104,7 +104,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.timer = timer or _NoTimer()
         self.engine = self._build()
-        self.ema = (ShardedEMA(self.engine.module, recipe.ema.decay, world.rank, world.size)
+        self.ema = (ShardedEMA(self.engine.module, recipe.ema.decay, world.rank, world.size, recipe.ema.warmup)
                     if task.use_ema and recipe.ema.enabled else None)
         self.log = RunLog(self.run_dir, world, total_steps=recipe.schedule.steps)
         self.step = 0
@@ -198,7 +198,7 @@ class Trainer:
                 metrics[k] = metrics.get(k, 0.0) + v
         self.step += 1
         if self.ema is not None:
-            self.ema.update()
+            self.ema.update(self.step)
         keys = sorted(sums)
         local = torch.stack([sums[k] for k in keys]).cpu().tolist() if keys else []   # one host sync
         parts = mean_over_ranks({**{k: v / accum for k, v in zip(keys, local)},

@@ -39,6 +39,7 @@ from engine.eval.frechet import extract_features, frechet_distance_from_features
 from engine.eval.image_metrics import psnr, ssim
 from engine.eval.protocols import PROTOCOLS, Protocol, get_protocol, rotation_extrinsics
 from engine.eval.report import atomic_write_bytes, atomic_write_json, frame_grid, write_report
+from engine.objectives.prediction import velocity_model
 from engine.sampling import COND_KEYS, GUIDANCE_NAMES, Guidance, SamplerConfig, generate
 
 if TYPE_CHECKING:
@@ -473,7 +474,7 @@ def generate_videos(opts: EvalOptions, recipe, protocol: Protocol, dataset, out:
                                  f"{tuple(gt.shape[1:])}")
         else:
             if dit is None:
-                dit = load_dit(recipe, opts.checkpoint, opts.weights, device)
+                dit = velocity_model(load_dit(recipe, opts.checkpoint, opts.weights, device), recipe.objective)
             g = torch.Generator(device=device).manual_seed(opts.seed * 1_000_003 + indices[0])
             sample = generate(dit, gt[:, :context] * 2 - 1, frames, cond, sampler, generator=g,
                               desc=f"videos {indices[0]}-{indices[-1]}")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.eval.image_metrics import psnr, ssim
+from engine.objectives.prediction import velocity_model
 from engine.sampling import COND_KEYS, SamplerConfig, generate
 
 
@@ -66,7 +67,8 @@ def validate(dit: torch.nn.Module, batch: dict[str, torch.Tensor], recipe, step:
     cond = {k: batch[k].to(device).float() for k in COND_KEYS if k in batch}
     sampler = SamplerConfig(steps=steps or recipe.logging.sample_steps, window=t, progress=False)
     g = torch.Generator().manual_seed(recipe.seed)
-    sample = generate(dit, frames[:, :context] * 2 - 1, t, cond, sampler, generator=g)
+    sample = generate(velocity_model(dit, recipe.objective), frames[:, :context] * 2 - 1, t, cond, sampler,
+                      generator=g)
     sample = ((sample.clamp(-1, 1) + 1) / 2).cpu()
     gt = frames.cpu()
     gen, ref = sample[:, context:], gt[:, context:]

@@ -9,8 +9,10 @@ and excluded from the loss.
 Timesteps: u ~ U(0, 1) or logit-normal ``u = sigmoid(mean + std * n)``, then shifted
 ``t = shift * u / (1 + (shift - 1) * u)`` (shift > 1 moves mass towards noise).
 
-Parameterisations (the network always predicts the velocity; squared errors are averaged over
-(C, H, W) per frame, then over the loss frames of a sample, then over the batch):
+What the network outputs (``prediction``: ``velocity`` or ``x0``, the clean clip) is turned into the
+velocity ``v_hat`` by :func:`engine.objectives.prediction.velocity_from_output` (x0: ``v_hat = (x_t -
+x0_hat) / max(t, x0_t_clamp)``); the loss is always on the velocity. Weightings of its squared error
+(averaged over (C, H, W) per frame, then over the loss frames of a sample, then over the batch):
 
 - ``velocity``: ``|v_hat - v|^2``, plain MSE.
 - ``v_sigmoid``: DFoT's SiD2 sigmoid weighting, written for this path. The logSNR of the path is
@@ -25,8 +27,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+
+from engine.objectives.prediction import PREDICTIONS, velocity_from_output
 
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 NOISE_LEVELS = ("independent", "uniform")
@@ -47,6 +52,9 @@ class FlowMatchingConfig:
     noise_level: str = "independent"  # "independent" (per frame) | "uniform" (one t per clip)
     parameterization: str = "velocity"  # "velocity" | "v_sigmoid"
     sigmoid_bias: float = -1.0  # bias of the v_sigmoid weighting sigmoid(bias - logSNR)
+    prediction: Literal["velocity", "x0"] = "velocity"  # network output: "velocity" | "x0" (x-prediction, velocity loss; prediction.py)
+    x0_t_clamp: float = 0.05  # x0: v_hat = (x_t - x0_hat) / max(t, x0_t_clamp) (JiT's clamp)
+    allow_patch_bottleneck: bool = False  # opt out of the recipe guard on velocity prediction (engine/config.py)
 
     def validate(self) -> FlowMatchingConfig:
         """Raise ValueError naming the field of an invalid setting; returns self."""
@@ -62,6 +70,10 @@ class FlowMatchingConfig:
             raise ValueError(f"noise_level must be one of {NOISE_LEVELS}, got {self.noise_level!r}")
         if self.parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {self.parameterization!r}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if not 0.0 < self.x0_t_clamp <= 1.0:
+            raise ValueError(f"x0_t_clamp must be in (0, 1], got {self.x0_t_clamp}")
         return self
 
 
@@ -141,7 +153,8 @@ def flow_matching_loss(model: Callable[..., torch.Tensor], x0: torch.Tensor, cfg
     and the noise eps, so a run resumed with the same RNG state reproduces it. ``noise`` (from
     :func:`draw_noise`: ``t [B, T]``, ``context [B, T]`` bool, ``eps`` like x0) replaces the draw, so a
     caller can draw it per sample (the training loop does, for rank-independent noise). ``model`` is called as
-    ``model(x_t, t, **cond, return_features=...)``. Returns ``loss`` (weighted, scalar), ``mse``
+    ``model(x_t, t, **cond, return_features=...)``; its output is read as ``cfg.prediction`` and turned
+    into the velocity (:func:`velocity_from_output`). Returns ``loss`` (weighted, scalar), ``mse``
     (unweighted, scalar), ``t [B, T]`` (0 on context frames), ``per_sample [B]`` (weighted) and
     ``features`` (the model's feature dict; empty unless ``return_features``).
     """
@@ -159,6 +172,7 @@ def flow_matching_loss(model: Callable[..., torch.Tensor], x0: torch.Tensor, cfg
         pred, features = model(x_t, t, **cond, return_features=tuple(return_features))
     else:
         pred, features = model(x_t, t, **cond), {}
+    pred = velocity_from_output(pred, x_t, t, cfg.prediction, cfg.x0_t_clamp)
     err = (pred.float() - velocity_target(x0, eps).float()).pow(2).flatten(2).mean(-1)  # [B, T]
     keep = (~ctx).float()
     count = keep.sum(1)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from engine.objectives.dpo import per_sample_error
 from engine.objectives.flow_matching import FlowMatchingConfig, add_noise, euler_sample, sample_t, velocity_target
+from engine.objectives.prediction import velocity_from_output
 
 log = logging.getLogger("geoforge.videogpa")
 
@@ -182,7 +183,9 @@ def randomise_zero_init(dit: nn.Module, std: float) -> None:
 class DiTPolicy(VideoPolicy):
     """GeoForge's video DiT as an image-to-video policy.
 
-    Pixels in [-1, 1]; flow matching ``x_t = (1 - t) x0 + t eps``, target ``eps - x0`` (velocity). Frame 0
+    Pixels in [-1, 1]; flow matching ``x_t = (1 - t) x0 + t eps``, target ``eps - x0`` (velocity); the
+    network's output is read as ``objective.prediction`` (velocity or the clean clip, x0) and turned into
+    the velocity (``engine.objectives.prediction``) for the DPO errors and for sampling. Frame 0
     is the conditioning image, kept clean (t = 0) and excluded from the error; the other frames get the
     recipe's ``objective`` timestep sampling (per frame or per clip, shift, logit-normal). With
     ``model.camera`` set, the input's camera path conditions every frame. Sampling: Euler from t = 1 with
@@ -247,7 +250,10 @@ class DiTPolicy(VideoPolicy):
         first = cond["first_frame"].to(x_t.dtype) * 2 - 1
         reps = x_t.shape[0] // first.shape[0]
         x_t = torch.cat([first.repeat(reps, 1, 1, 1)[:, None], x_t[:, 1:]], dim=1)   # the clean context frame
-        return network(x_t, noise["t"], **self._kwargs(cond, x_t.shape[0]))
+        return self._velocity(network(x_t, noise["t"], **self._kwargs(cond, x_t.shape[0])), x_t, noise["t"])
+
+    def _velocity(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        return velocity_from_output(out, x_t, t, self.objective.prediction, self.objective.x0_t_clamp)
 
     def loss_mask(self, x0: Tensor, noise: dict[str, Tensor]) -> Tensor:
         mask = torch.ones(x0.shape[:2], dtype=torch.bool, device=x0.device)
@@ -263,10 +269,11 @@ class DiTPolicy(VideoPolicy):
 
         def velocity(x: Tensor, t: Tensor) -> Tensor:
             if guidance == 1.0 or not self.camera:
-                return network(x, t, **self._kwargs(batch, x.shape[0]))
+                return self._velocity(network(x, t, **self._kwargs(batch, x.shape[0])), x, t)
             kwargs = self._kwargs(batch, 2 * x.shape[0])
             kwargs["drop_cond"][x.shape[0]:] = True   # second half: camera dropped
-            cond_v, uncond_v = network(torch.cat([x, x]), torch.cat([t, t]), **kwargs).chunk(2)
+            xx, tt = torch.cat([x, x]), torch.cat([t, t])
+            cond_v, uncond_v = self._velocity(network(xx, tt, **kwargs), xx, tt).chunk(2)
             return uncond_v + guidance * (cond_v - uncond_v)
 
         videos = []

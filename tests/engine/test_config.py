@@ -89,3 +89,17 @@ def test_lr_schedule():
     assert s.lr_factor(10) == pytest.approx(1.0)
     assert s.lr_factor(55) == pytest.approx(0.1 + 0.9 * 0.5)
     assert s.lr_factor(100) == pytest.approx(0.1)
+
+
+def test_velocity_prediction_with_a_narrow_pixel_model_is_refused(tmp_path):
+    narrow = {"model": {"hidden_dim": 128, "num_heads": 4, "patch_size": 8}}
+    with pytest.raises(ConfigError) as err:
+        load_recipe(write(tmp_path, narrow))
+    for key in ("model.hidden_dim", "model.patch_size", "objective.prediction", "allow_patch_bottleneck"):
+        assert key in str(err.value)
+    assert load_recipe(write(tmp_path, {**narrow, "objective": {"prediction": "x0"}})).objective.prediction == "x0"
+    assert load_recipe(write(tmp_path, {**narrow, "objective": {"allow_patch_bottleneck": True}}))
+    wide = {"model": {"hidden_dim": 768, "num_heads": 4, "patch_size": 8}}   # 768 = 4 x 192
+    assert load_recipe(write(tmp_path, wide)).model.hidden_dim == 768
+    with pytest.raises(ConfigError, match="objective.prediction"):
+        load_recipe(write(tmp_path, {**narrow, "objective": {"prediction": "eps"}}))
