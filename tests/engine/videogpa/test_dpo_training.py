@@ -76,7 +76,8 @@ def test_dpo_raises_implicit_accuracy_on_training_pairs(tmp_path):
     assert rows[0]["loss"] == pytest.approx(np.log(2), abs=1e-4)
     assert np.mean([r["implicit_acc"] for r in rows[-10:]]) > 0.5
     assert all(r["winner_score"] == 0.01 and r["loser_score"] == 0.2 for r in rows)
-    assert sorted(p.name for p in (run_dir / "train" / "checkpoints").iterdir()) == ["step_10", "step_20"]
+    # the one trainer checkpoints every logging.checkpoint_every steps and at the last; keep_checkpoints=2
+    assert sorted(p.name for p in (run_dir / "train" / "checkpoints").iterdir()) == ["step_20", "step_30"]
     assert len(list((run_dir / "latents").iterdir())) == 2 * PAIRS   # latents cached once
 
     # the final adapter loads with peft into a fresh policy (same recipe seed = same base weights)
