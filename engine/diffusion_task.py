@@ -19,11 +19,10 @@ from engine.checkpoint import save_module_weights
 from engine.config import Recipe
 from engine.data.builder import build_loader
 from engine.distributed import World
-from engine.eval.validate import validate, validation_batch
+from engine.eval.validate import validate, validation_batch, write_sample_video
 from engine.models.dit import VideoDiT
 from engine.models.teacher import build_teacher
 from engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
-from engine.samples import write_sample_video
 from engine.trainer import MicroBatch, Task, Trainer
 
 

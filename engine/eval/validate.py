@@ -17,12 +17,13 @@ the generated frames: ``val/psnr`` and ``val/ssim`` (mean over frames and videos
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from engine.eval.image_metrics import psnr, ssim
 from engine.objectives.prediction import velocity_model
-from engine.sampling import COND_KEYS, SamplerConfig, generate
+from engine.sampling import COND_KEYS, SamplerConfig, generate, sample_clip
 
 
 @dataclass
@@ -106,6 +107,32 @@ def gif_bytes(frames: torch.Tensor, fps: float = 4.0) -> bytes:
     buf = io.BytesIO()
     images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
     return buf.getvalue()
+
+
+@torch.no_grad()
+def write_sample_video(dit: torch.nn.Module, batch: dict[str, torch.Tensor], recipe, run_dir: Path, step: int,
+                       world) -> Path:
+    """Generate the first clip of ``batch`` (its cameras / actions, its first ``max(1, context_frames)``
+    frames as clean context; ``logging.sample_steps`` Euler steps, noise from ``seed + step``) and write
+    ``samples/step_N.mp4``: ground truth left, sample right (:func:`video_grid`). Every rank runs the
+    sampler (ZeRO-3 needs the forward in lock-step); rank 0 writes, atomically."""
+    from engine.atomic import atomic_save
+    from engine.data.video_io import encode_video
+
+    dtype = next(dit.parameters()).dtype
+    frames = batch["frames"][:1].to(dtype)
+    x0 = frames * 2 - 1
+    cond = {k: batch[k][:1].float() for k in COND_KEYS if k in batch}
+    context = max(1, recipe.objective.context_frames)
+    g = torch.Generator(device="cpu").manual_seed(recipe.seed + step)
+    sample = sample_clip(velocity_model(dit, recipe.objective), x0.shape, recipe.logging.sample_steps, cond,
+                         generator=g, context=x0[:, :context])
+    path = Path(run_dir) / "samples" / f"step_{step}.mp4"
+    if world.is_main:
+        result = ValidationResult({}, ((sample.float().clamp(-1, 1) + 1) / 2).cpu(), frames.float().cpu(), context)
+        pixels = video_grid(result, max_videos=1).numpy()
+        atomic_save(path, lambda tmp: encode_video(tmp, pixels, fps=8))
+    return path
 
 
 def write_validation(writer, result: ValidationResult, step: int, fps: float = 4.0) -> None:

@@ -179,14 +179,3 @@ def flow_matching_loss(model: Callable[..., torch.Tensor], x0: torch.Tensor, cfg
     per_sample = (loss_weight(t, cfg) * keep * err).sum(1) / count
     mse = ((keep * err).sum(1) / count).mean()
     return {"loss": per_sample.mean(), "mse": mse, "t": t, "per_sample": per_sample, "features": features}
-
-
-def euler_sample(model: Callable[..., torch.Tensor], shape: Sequence[int], steps: int, cond: dict | None = None,
-                 generator: torch.Generator | None = None, context: torch.Tensor | None = None,
-                 device: torch.device | str | None = None) -> torch.Tensor:
-    """Integrate ``dx/dt = v(x, t)`` with ``steps`` Euler steps from t = 1 (noise) to t = 0; ``context``
-    [B, k, C, H, W] fixes the first k frames. Kept for callers of the objective; the samplers (DDIM,
-    guidance, long videos) live in :mod:`engine.sampling`, which this calls."""
-    from engine.sampling import sample_clip
-
-    return sample_clip(model, shape, steps, cond, generator, context, device)

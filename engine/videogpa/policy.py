@@ -25,8 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from engine.objectives.dpo import per_sample_error
-from engine.objectives.flow_matching import FlowMatchingConfig, add_noise, euler_sample, sample_t, velocity_target
+from engine.objectives.flow_matching import FlowMatchingConfig, add_noise, sample_t, velocity_target
 from engine.objectives.prediction import velocity_from_output
+from engine.sampling import sample_clip
 
 log = logging.getLogger("geoforge.videogpa")
 
@@ -281,7 +282,7 @@ class DiTPolicy(VideoPolicy):
         try:
             for seed in seeds:
                 g = torch.Generator(device=self.device).manual_seed(seed)
-                x = euler_sample(velocity, (1, self.frames, 3, self.height, self.width), steps,
+                x = sample_clip(velocity, (1, self.frames, 3, self.height, self.width), steps,
                                  generator=g, context=context, device=self.device)
                 videos.append((x + 1) / 2)
         finally:
