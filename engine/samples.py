@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from engine import pixels
+from engine.atomic import atomic_save
 from engine.config import Recipe
 from engine.distributed import World
 from engine.objectives.flow_matching import euler_sample
@@ -21,7 +23,7 @@ def write_sample_video(dit: torch.nn.Module, batch: dict[str, torch.Tensor], rec
     dit.eval()
     dtype = next(dit.parameters()).dtype
     frames = batch["frames"][:1].to(dtype)
-    x0 = frames * 2 - 1
+    x0 = pixels.to_signed(frames)
     cond = {k: batch[k][:1].to(dtype) for k in ("intrinsics", "extrinsics", "actions") if k in batch}
     context = max(1, recipe.objective.context_frames)
     g = torch.Generator(device="cpu").manual_seed(recipe.seed + step)
@@ -30,10 +32,7 @@ def write_sample_video(dit: torch.nn.Module, batch: dict[str, torch.Tensor], rec
     dit.train(was_training)
     path = Path(run_dir) / "samples" / f"step_{step}.mp4"
     if world.is_main:
-        video = torch.cat([frames[0].float(), (sample[0].float().clamp(-1, 1) + 1) / 2], dim=-1)  # [T,3,H,2W]
-        pixels = (video * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{path.name}")
-        encode_video(tmp, pixels, fps=8)
-        tmp.replace(path)
+        video = torch.cat([frames[0].float(), pixels.to_unit(sample[0].float())], dim=-1)  # [T,3,H,2W]
+        rgb = pixels.to_uint8(video).permute(0, 2, 3, 1).numpy()
+        atomic_save(path, lambda tmp: encode_video(tmp, rgb, fps=8))
     return path

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine import pixels
 from engine.eval.image_metrics import psnr, ssim
 from engine.sampling import COND_KEYS, SamplerConfig, generate
 
@@ -66,8 +67,8 @@ def validate(dit: torch.nn.Module, batch: dict[str, torch.Tensor], recipe, step:
     cond = {k: batch[k].to(device).float() for k in COND_KEYS if k in batch}
     sampler = SamplerConfig(steps=steps or recipe.logging.sample_steps, window=t, progress=False)
     g = torch.Generator().manual_seed(recipe.seed)
-    sample = generate(dit, frames[:, :context] * 2 - 1, t, cond, sampler, generator=g)
-    sample = ((sample.clamp(-1, 1) + 1) / 2).cpu()
+    sample = generate(dit, pixels.to_signed(frames[:, :context]), t, cond, sampler, generator=g)
+    sample = pixels.to_unit(sample).cpu()
     gt = frames.cpu()
     gen, ref = sample[:, context:], gt[:, context:]
     metrics = {"val/psnr": float(psnr(gen, ref).mean()), "val/ssim": float(ssim(gen, ref).mean()),
@@ -91,7 +92,7 @@ def video_grid(result: ValidationResult, max_videos: int = 4) -> torch.Tensor:
     rows = [torch.cat([gt, sample], dim=-1) for gt, sample in
             zip(result.ground_truth[:max_videos], result.samples[:max_videos])]   # [T, 3, H, 2W] each
     grid = torch.cat(rows, dim=-2)
-    return (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return pixels.to_uint8(grid).permute(0, 2, 3, 1).contiguous()
 
 
 def gif_bytes(frames: torch.Tensor, fps: float = 4.0) -> bytes:

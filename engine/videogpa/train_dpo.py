@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import resource
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,8 @@ from torch import Tensor, nn
 
 from engine.objectives.dpo import dpo_loss
 from engine.videogpa.generate import load_condition
-from engine.videogpa.io import atomic_write_text, read_jsonl, read_marker, write_marker
+from engine.atomic import atomic_save, atomic_write_text, publish_dir, temp_path
+from engine.videogpa.io import read_jsonl, read_marker, write_marker
 from engine.videogpa.lora import add_lora, adapters_disabled, frozen_copy, parameter_bytes, save_adapter
 from engine.videogpa.policy import VideoPolicy
 
@@ -101,9 +101,7 @@ def cache_latents(policy: VideoPolicy, run_dir: Path, videos: list[str], world) 
         target.parent.mkdir(parents=True, exist_ok=True)
         with torch.no_grad():
             x0 = policy.encode(decode_frames(Path(run_dir) / video, policy.frames)[None])[0]
-        tmp = target.with_name(f".{target.name}.tmp")
-        save_file({"x0": x0.float().cpu().contiguous()}, str(tmp))
-        tmp.replace(target)
+        atomic_save(target, lambda tmp: save_file({"x0": x0.float().cpu().contiguous()}, str(tmp)))
     barrier()
 
 
@@ -233,7 +231,7 @@ def _save_final(run_dir: Path, module: DPOModule, policy: VideoPolicy, world, ze
     from engine.distributed import barrier
 
     final = Path(run_dir) / "final"
-    tmp = final.with_name(".tmp-final")
+    tmp = temp_path(final, unique=False)
     if lora:
         save_adapter(module.network, tmp, zero_stage, world.is_main, getattr(policy, "diffusers_pipeline_class", None))
     else:
@@ -243,9 +241,7 @@ def _save_final(run_dir: Path, module: DPOModule, policy: VideoPolicy, world, ze
             save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
     if world.is_main:
         write_marker(tmp / "COMPLETE", summary)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        publish_dir(tmp, final)
     barrier()
     return final
 
