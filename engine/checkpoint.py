@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from engine.atomic import TEMP_PREFIX, atomic_write_json, atomic_write_text, publish_dir, temp_path
 from engine.distributed import World, barrier
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -60,32 +61,24 @@ def consolidated_state_dict(module: torch.nn.Module, zero_stage: int) -> dict[st
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
-
 @contextmanager
 def atomic_checkpoint_dir(run_dir: Path, step: int, world: World, keep: int = 0) -> Iterator[Path]:
     """Yield ``checkpoints/.tmp-step_N`` to write into; on exit mark it COMPLETE, rename it to ``step_N``
     and keep only the newest ``keep`` complete checkpoints (0 keeps all). Collective: every rank enters."""
     root = Path(run_dir) / "checkpoints"
-    tmp = root / f".tmp-step_{step}"
     final = root / f"step_{step}"
+    tmp = temp_path(final, unique=False)   # one path for every rank
     if world.is_main:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-*"):
+        for stale in root.glob(f"{TEMP_PREFIX}*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     barrier()
     yield tmp
     barrier()
     if world.is_main:
-        (tmp / "COMPLETE").write_text(f"step {step}\n")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        atomic_write_text(tmp / "COMPLETE", f"step {step}\n")
+        publish_dir(tmp, final)
         if keep > 0:
             for old in checkpoint_dirs(run_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -100,7 +93,7 @@ def write_checkpoint_files(directory: Path, world: World, trainer_state: dict, e
     if world.is_main:
         if ema_weights is not None:
             save_file(ema_weights, str(directory / "ema.safetensors"))
-        _atomic_json(directory / "trainer_state.json", {**trainer_state, "world_size": world.size})
+        atomic_write_json(directory / "trainer_state.json", {**trainer_state, "world_size": world.size})
 
 
 def save_module_weights(directory: Path, module: torch.nn.Module, world: World, zero_stage: int,

@@ -33,6 +33,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """The one device resolution: ``"auto"`` is CUDA when a CUDA device is available, else the CPU;
+    anything else (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a ``torch.device``) is taken as given."""
+    if isinstance(name, str) and name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def init_world(device: str = "auto", local_rank_arg: int | None = None) -> World:
     """Initialise torch.distributed through DeepSpeed and return this process's place in the world."""
     if "RANK" not in os.environ:   # plain `python engine/train.py`
@@ -44,7 +52,7 @@ def init_world(device: str = "auto", local_rank_arg: int | None = None) -> World
     size = int(os.environ["WORLD_SIZE"])
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
 
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    use_cuda = resolve_device(device).type == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("recipe device: 'cuda' but no CUDA device is available")
     if not use_cuda:

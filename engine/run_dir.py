@@ -11,6 +11,7 @@ import logging
 import time
 from pathlib import Path
 
+from engine.atomic import atomic_write_text
 from engine.config import Recipe, recipe_to_yaml
 from engine.distributed import World
 
@@ -30,10 +31,7 @@ def resolve_run_dir(recipe: Recipe, run_dir: str | None, resume: str | None) -> 
 
 
 def write_resolved_recipe(recipe: Recipe, run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "recipe.yaml.tmp"
-    tmp.write_text(recipe_to_yaml(recipe))
-    tmp.replace(run_dir / "recipe.yaml")
+    atomic_write_text(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
 
 
 class RunLog:
@@ -72,9 +70,7 @@ class RunLog:
         if not self.main or not path.is_file():
             return
         rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(r + "\n" for r in rows))
-        tmp.replace(path)
+        atomic_write_text(path, "".join(r + "\n" for r in rows))
 
     def start_progress(self, step: int) -> None:
         if self.main:

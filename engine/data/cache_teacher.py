@@ -39,6 +39,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from engine.atomic import TEMP_PREFIX, atomic_save, atomic_write_json
+from engine.distributed import resolve_device
 from engine.objectives.geometry_forcing import BATCH_PREFIX
 
 FORMAT = "geoforge-teacher-cache"
@@ -229,9 +231,7 @@ class _ShardWriter:
         for i, name in enumerate(WINDOW_KEYS):
             tensors[name] = torch.tensor([w[i] for w in self.windows], dtype=torch.int64)
         name = f"shard_{len(self.shards):05d}.safetensors"
-        tmp = self.directory / f".tmp-{name}"
-        save_file(tensors, str(tmp))
-        tmp.replace(self.directory / name)
+        atomic_save(self.directory / name, lambda tmp: save_file(tensors, str(tmp)))
         self.shards.append(name)
         self.buffer, self.windows = {}, []
 
@@ -247,7 +247,7 @@ def _window_batches(dataset: Any, epochs: int, batch_size: int, num_workers: int
 
 def build_cache(recipe: Any, out: str | Path, *, epochs: int | None = None, world_size: int = 1,
                 shard_size: int = 256, batch_size: int | None = None, max_windows: int | None = None,
-                num_workers: int = 0, device: str = "cpu", overwrite: bool = False, log=print) -> dict[str, Any]:
+                num_workers: int = 0, device: torch.device | str = "cpu", overwrite: bool = False, log=print) -> dict[str, Any]:
     """Compute and write the teacher cache of ``recipe`` into ``out``; returns the manifest."""
     from engine.data.builder import build_dataset
     from engine.distributed import World
@@ -259,7 +259,7 @@ def build_cache(recipe: Any, out: str | Path, *, epochs: int | None = None, worl
     if (out / MANIFEST).exists() and not overwrite:
         raise FileExistsError(f"cache_teacher: {out} already holds a teacher cache (pass --overwrite to replace it)")
     out.mkdir(parents=True, exist_ok=True)
-    for old in [*out.glob("shard_*.safetensors"), *out.glob(".tmp-shard_*"), out / MANIFEST]:
+    for old in [*out.glob("shard_*.safetensors"), *out.glob(f"{TEMP_PREFIX}*shard_*"), out / MANIFEST]:
         old.unlink(missing_ok=True)
     world = World(rank=0, local_rank=0, size=1, local_size=1, device=torch.device(device))
     dataset = build_dataset(recipe.data, world, recipe.seed)
@@ -300,9 +300,7 @@ def build_cache(recipe: Any, out: str | Path, *, epochs: int | None = None, worl
                 "keys": {k: {"shape": s, "dtype": "bfloat16"} for k, s in shapes.items()},
                 "windows": {"count": len(seen), "epochs": epochs, "samples_read": loaded},
                 "shards": writer.shards, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-    tmp = out / f".tmp-{MANIFEST}"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(out / MANIFEST)
+    atomic_write_json(out / MANIFEST, manifest)
     log(f"cache_teacher: {len(seen)} windows ({loaded} samples of {epochs} epoch(s)) in {len(writer.shards)} "
         f"shard(s) -> {out} ({time.perf_counter() - started:.1f} s)")
     return manifest
@@ -334,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     if not out:
         print("error: give --out DIR (or set gf.teacher_cache in the recipe)", file=sys.stderr)
         return 2
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     try:
         build_cache(recipe, out, epochs=args.epochs, world_size=args.world_size, shard_size=args.shard_size,
                     batch_size=args.batch_size, max_windows=args.max_windows, num_workers=args.num_workers,

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from engine import pixels
 from engine.data.decode import BACKENDS, DataError, SkipBadClips, decode_clip, probe
 from engine.data.re10k import pixel_intrinsics, relative_extrinsics
 from engine.data.synthetic import _LIGHT, _rays, _rotation, _value_noise, ensure_generated
@@ -329,7 +330,7 @@ def render_world(heights: np.ndarray, c2w: np.ndarray, centres: np.ndarray, k: n
     light = (_LIGHT * np.array([1.0, -1.0, 1.0])).astype(np.float32)  # the light in block coordinates
     shade = 0.5 + 0.5 * np.clip(light @ normal, 0, None)
     colour[:, hit] = _BLOCK_COLOURS[kind].T * (0.8 + 0.35 * jitter) * shade
-    images = (np.clip(colour, 0, 1) * 255).round().astype(np.uint8)
+    images = pixels.to_uint8(colour)
     return images.reshape(3, frames, height, width).transpose(1, 2, 3, 0)
 
 

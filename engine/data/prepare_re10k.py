@@ -28,7 +28,6 @@ there and skipped, with the reasons, and ``<out>/<split>_skipped.json`` lists ev
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -44,6 +43,7 @@ import av
 import numpy as np
 import torch
 
+from engine.atomic import atomic_save, atomic_write_json
 from engine.data.decode import DataError
 from engine.data.re10k import IMAGE_SUFFIXES, pixel_intrinsics, read_pose_file
 from engine.data.video_io import ResizeCrop, encode_video, open_video, read_image, _to_rgb
@@ -155,16 +155,6 @@ def frames_from_folder(folder: Path, stamps_us: list[int]) -> np.ndarray:
     return np.stack(images)
 
 
-def _atomic_save(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def prepare_clip(job: Job) -> tuple[str, str, str]:
     """Prepare one clip: (clip, status, detail) with status ``done``, ``exists`` or a skip reason."""
     poses_path, video_paths = job.outputs()
@@ -192,7 +182,7 @@ def prepare_clip(job: Job) -> tuple[str, str, str]:
         height, width = frames.shape[1:3]
         for size, path in zip(job.sizes, video_paths):
             square = ResizeCrop((height, width), size).frames(images).permute(0, 2, 3, 1).numpy()
-            _atomic_save(path, lambda tmp, square=square: encode_video(
+            atomic_save(path, lambda tmp, square=square: encode_video(
                 tmp, np.ascontiguousarray(square), fps=10, pix_fmt="yuv420p", options={"crf": str(job.crf)}))
         # intrinsics of the square crop, normalised (pixel edges at 0 and size): the same at every size
         size = job.sizes[0]
@@ -201,7 +191,7 @@ def prepare_clip(job: Job) -> tuple[str, str, str]:
                                   (k[:, 1, 2] + 0.5) / size], dim=-1)
         table = torch.cat([normalised, torch.zeros(len(stamps), 2, dtype=torch.float64),
                            cams["w2c"].reshape(-1, 12)], dim=1).float()
-        _atomic_save(poses_path, lambda tmp: torch.save(table, tmp))
+        atomic_save(poses_path, lambda tmp: torch.save(table, tmp))
     except Skip as skip:
         return job.name, skip.reason, skip.detail
     return job.name, "done", ""
@@ -250,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     skipped = [dict(clip=c, reason=s, detail=d) for c, s, d in results if s not in ("done", "exists")]
     report = args.out / f"{args.split}_skipped.json"
     args.out.mkdir(parents=True, exist_ok=True)
-    _atomic_save(report, lambda tmp: tmp.write_text(json.dumps(skipped, indent=1) + "\n"))
+    atomic_write_json(report, skipped)
     print(f"{len(jobs)} clips in {time.perf_counter() - began:.1f} s: {counts['done']} prepared, "
           f"{counts['exists']} already there, {len(skipped)} skipped")
     for reason, n in sorted(Counter(s["reason"] for s in skipped).items(), key=lambda kv: -kv[1]):

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine import pixels
+from engine.atomic import atomic_dir
 from engine.data.re10k import write_pose_file
 from engine.data.video_io import encode_video
 
@@ -252,7 +251,7 @@ def render(scene: Scene, c2w: np.ndarray, centres: np.ndarray, k: np.ndarray, he
         shade = 0.45 + 0.55 * np.clip(light @ _normals(hits, int(sid), scene), 0, None)
         colour[:, sel] = _texture(hits, scene.textures[sid]) * shade
     colour = colour.reshape(3, frames, 4, height, width).mean(axis=2).transpose(1, 2, 3, 0)
-    images = (np.clip(colour, 0, 1) * 255).round().astype(np.uint8)
+    images = pixels.to_uint8(colour)
     return images, depth.reshape(frames, height, width).astype(np.float32)
 
 
@@ -317,17 +316,9 @@ def ensure_generated(target: Path, params: dict, write) -> None:
     in its ``synthetic.json`` and rename it into place (atomic; concurrent callers race for the
     rename). Then check that ``target`` was made with ``params`` (ValueError naming the key if not)."""
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        with atomic_dir(target, unique=True, replace=False) as tmp:   # a lost race discards ours
             write(tmp)
             (tmp / MARKER).write_text(json.dumps(params, indent=1) + "\n")
-            os.rename(tmp, target)
-        except OSError:
-            if not target.exists():  # a real failure, not a lost race with another process
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     _check_marker(target, params)
 
 

@@ -23,12 +23,13 @@ too: VGGT's own error, the floor a generated video can reach.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from engine.eval.camera_metrics import SCALE_MODES, camera_errors
-from engine.models.vggt import VGGT, pose_encoding_to_extri_intri, preprocess_images
+from engine.models.vggt import VGGT, preprocess_images
+from engine.models.vggt.estimate import Geometry, check_geometry_heads, estimate_geometry
 from kernels.reproject import reprojection_error
 
 
@@ -41,16 +42,13 @@ def frame_subset(frames: int, max_frames: int | None) -> torch.Tensor:
     return torch.linspace(0, frames - 1, max_frames).round().long()
 
 
-@dataclass
-class GeometryEstimate:
-    """VGGT's reading of one video (S frames at the VGGT resolution h x w)."""
+@dataclass(kw_only=True)
+class GeometryEstimate(Geometry):
+    """VGGT's reading of one video (S frames at the VGGT resolution h x w): the :class:`Geometry`
+    (cameras, world = first camera; depth; confidence) plus which frames VGGT saw."""
 
     index: torch.Tensor  # [S] frame indices into the video
     frames: torch.Tensor  # [S, 3, h, w] in [0, 1], what VGGT saw
-    extrinsics: torch.Tensor  # [S, 3, 4] camera-from-world (world = first camera)
-    intrinsics: torch.Tensor  # [S, 3, 3] pixels of the h x w frames
-    depth: torch.Tensor  # [S, h, w]
-    conf: torch.Tensor  # [S, h, w]
 
 
 class VGGTGeometry:
@@ -58,8 +56,7 @@ class VGGTGeometry:
 
     def __init__(self, vggt: VGGT, resolution: int = 518, max_frames: int | None = None,
                  conf_percentile: float = 0.0, camera_scale: str = "own", backend: str = "auto") -> None:
-        if vggt.camera_head is None or vggt.depth_head is None:
-            raise ValueError("VGGTGeometry needs a VGGT with camera and depth heads")
+        check_geometry_heads(vggt, "VGGTGeometry")
         if resolution % 14 or resolution < 14:
             raise ValueError(f"resolution must be a positive multiple of 14, got {resolution}")
         if not 0.0 <= conf_percentile < 100.0:
@@ -89,15 +86,9 @@ class VGGTGeometry:
         frames = video[index]
         frames = frames.float() / 255.0 if frames.dtype == torch.uint8 else frames.float().clamp(0, 1)
         images = preprocess_images(list(frames.cpu()), mode="crop", target_size=self.resolution).to(self.device)
-        device = self.device
-        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
-        with torch.autocast(device_type=device.type, dtype=dtype, enabled=device.type == "cuda"):
-            out = self.vggt(images[None])
-        h, w = images.shape[-2:]
-        extrinsics, intrinsics = pose_encoding_to_extri_intri(out["pose_enc"].float(), (h, w))
-        return GeometryEstimate(index=index, frames=images.float(), extrinsics=extrinsics[0].float(),
-                                intrinsics=intrinsics[0].float(), depth=out["depth"][0, ..., 0].float(),
-                                conf=out["depth_conf"][0].float())
+        geometry = estimate_geometry(self.vggt, images)
+        return GeometryEstimate(index=index, frames=images.float(),
+                                **{f.name: getattr(geometry, f.name) for f in fields(Geometry)})
 
     def reprojection(self, estimate: GeometryEstimate) -> dict[str, torch.Tensor | float]:
         """``{"score", "per_frame_mse" [S], "coverage" [S]}`` of one estimated video."""

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.eval.weights import load_into, load_state_dict
+from engine.weights import load_into, load_state_dict
 
 # torchvision vgg16 "D" configuration up to relu5_3: channels, "M" = 2×2 max-pool.
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
@@ -138,7 +138,7 @@ class LPIPS(nn.Module):
     def from_pretrained(cls, backbone_path: str | os.PathLike, lin_path: str | os.PathLike,
                         chunk: int = 32) -> "LPIPS":
         """LPIPS with the VGG16 backbone from ``backbone_path`` and lin layers from ``lin_path``
-        (local files or ``hf://`` references, see ``engine.eval.weights``)."""
+        (local files or ``hf://`` references, see ``engine.weights``)."""
         model = cls(chunk=chunk)
         model.load_backbone(backbone_path)
         model.load_lin(lin_path)

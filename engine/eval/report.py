@@ -5,13 +5,13 @@ half-written report. Plots use matplotlib's Agg backend (no display needed).
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from engine.atomic import atomic_save, atomic_write_bytes, atomic_write_json
 
 # Geometry Forcing's table (RealEstate10K 256x256, methods.md section 1), for orientation only.
 PUBLISHED = {
@@ -22,19 +22,6 @@ PUBLISHED = {
 }
 LOWER_IS_BETTER = {"fvd", "fid", "lpips", "reproj_gen", "reproj_gt", "reproj_ratio", "rot_err", "trans_err",
                    "cammc", "rot_err_gt", "trans_err_gt", "cammc_gt", "revisit_lpips", "revisit_fid"}
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | os.PathLike, data: dict) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=1, allow_nan=True) + "\n").encode())
 
 
 def _fmt(value: float | None) -> str:
@@ -81,10 +68,8 @@ def plot_per_frame(path: Path, curves: dict[str, Sequence[float | None]], title:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, format="png", dpi=100)
+    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def frame_grid(rows: Sequence[np.ndarray], columns: int = 8, gap: int = 2, min_size: int = 96) -> np.ndarray:

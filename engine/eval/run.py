@@ -35,10 +35,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from engine import pixels
+from engine.atomic import TEMP_PREFIX, atomic_write_bytes, atomic_write_json
+from engine.distributed import resolve_device
 from engine.eval.frechet import extract_features, frechet_distance_from_features
 from engine.eval.image_metrics import psnr, ssim
 from engine.eval.protocols import PROTOCOLS, Protocol, get_protocol, rotation_extrinsics
-from engine.eval.report import atomic_write_bytes, atomic_write_json, frame_grid, write_report
+from engine.eval.report import frame_grid, write_report
 from engine.objectives.prediction import velocity_model
 from engine.sampling import COND_KEYS, GUIDANCE_NAMES, Guidance, SamplerConfig, generate
 
@@ -182,19 +185,13 @@ def resolve_checkpoint(path: str | Path, weights: str) -> Path:
 
 def load_dit(recipe, checkpoint: str | Path, weights: str = "ema", device: torch.device | str = "cpu"):
     """The recipe's ``VideoDiT`` with the weights of ``checkpoint`` (keys with or without the ``dit.`` prefix)."""
-    from safetensors.torch import load_file
-
     from engine.models.dit import VideoDiT
+    from engine.weights import load_into, read_state_dict, strip_prefix
 
     file = resolve_checkpoint(checkpoint, weights)
-    state = load_file(str(file))
-    if any(k.startswith("dit.") for k in state):
-        state = {k[len("dit."):]: v for k, v in state.items() if k.startswith("dit.")}
     dit = VideoDiT(recipe.model)
-    missing, unexpected = dit.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{file}: weights do not fit the recipe's model (missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}); check --recipe / --set model.*")
+    load_into(dit, strip_prefix(read_state_dict(file), "dit."), source=str(file),
+              what="the recipe's model (check --recipe / --set model.*)")
     return dit.to(device).eval()
 
 
@@ -285,7 +282,7 @@ def load_generated(path: Path) -> dict[str, np.ndarray]:
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:
     """[T, 3, H, W] in [0, 1] -> uint8 numpy."""
-    return (video.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return pixels.to_uint8(video).cpu().numpy()
 
 
 def to_unit(frames: np.ndarray) -> torch.Tensor:
@@ -433,12 +430,6 @@ def set_metrics(load: Callable[[int], dict[str, np.ndarray]], count: int, nets: 
 
 
 # ------------------------------------------------------------------------------------------- the run
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def sampler_config(protocol: Protocol, opts: EvalOptions, window: int, frames: int) -> SamplerConfig:
     return SamplerConfig(method=opts.method, steps=opts.steps, window=window, sliding_context=opts.sliding_context,
                          keyframe_density=protocol.keyframe_density if frames > window else None,
@@ -454,7 +445,7 @@ def generate_videos(opts: EvalOptions, recipe, protocol: Protocol, dataset, out:
     Videos go in aligned batches ``[k B, (k + 1) B)`` with noise from ``(seed, k B)``; a batch with a
     missing video is regenerated whole (same result) and only the missing files are written.
     """
-    for stale in [*out.glob("videos/.tmp-*"), *out.glob("per_video/.tmp-*")]:  # left by a killed run
+    for stale in [*out.glob(f"videos/{TEMP_PREFIX}*"), *out.glob(f"per_video/{TEMP_PREFIX}*")]:  # left by a killed run
         stale.unlink()
     done = {i for i in range(num_videos) if video_path(out, i).is_file()}
     pending = [i for i in range(num_videos) if i not in done]
@@ -476,9 +467,9 @@ def generate_videos(opts: EvalOptions, recipe, protocol: Protocol, dataset, out:
             if dit is None:
                 dit = velocity_model(load_dit(recipe, opts.checkpoint, opts.weights, device), recipe.objective)
             g = torch.Generator(device=device).manual_seed(opts.seed * 1_000_003 + indices[0])
-            sample = generate(dit, gt[:, :context] * 2 - 1, frames, cond, sampler, generator=g,
+            sample = generate(dit, pixels.to_signed(gt[:, :context]), frames, cond, sampler, generator=g,
                               desc=f"videos {indices[0]}-{indices[-1]}")
-            generated = (sample.cpu().clamp(-1, 1) + 1) / 2
+            generated = pixels.to_unit(sample.cpu())
             generated[:, :context] = gt[:, :context]
         for j, i in enumerate(indices):
             if i not in done:
@@ -527,7 +518,7 @@ def run(opts: EvalOptions, networks: Networks | None = None) -> dict:
     else:
         base = Path(opts.checkpoint or opts.videos_dir)
         out = (base.parent if base.is_file() else base) / "eval" / protocol.name
-    device = _device(opts.device)
+    device = resolve_device(opts.device)
     window = min(opts.window or recipe.data.frames, frames)
     sampler = sampler_config(protocol, opts, window, frames)
     dataset = build_eval_dataset(recipe, opts, frames, num_videos)

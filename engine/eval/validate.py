@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from engine import pixels
 from engine.eval.image_metrics import psnr, ssim
 from engine.objectives.prediction import velocity_model
 from engine.sampling import COND_KEYS, SamplerConfig, generate, sample_clip
@@ -68,9 +69,9 @@ def validate(dit: torch.nn.Module, batch: dict[str, torch.Tensor], recipe, step:
     cond = {k: batch[k].to(device).float() for k in COND_KEYS if k in batch}
     sampler = SamplerConfig(steps=steps or recipe.logging.sample_steps, window=t, progress=False)
     g = torch.Generator().manual_seed(recipe.seed)
-    sample = generate(velocity_model(dit, recipe.objective), frames[:, :context] * 2 - 1, t, cond, sampler,
-                      generator=g)
-    sample = ((sample.clamp(-1, 1) + 1) / 2).cpu()
+    sample = generate(velocity_model(dit, recipe.objective), pixels.to_signed(frames[:, :context]), t, cond,
+                      sampler, generator=g)
+    sample = pixels.to_unit(sample).cpu()
     gt = frames.cpu()
     gen, ref = sample[:, context:], gt[:, context:]
     metrics = {"val/psnr": float(psnr(gen, ref).mean()), "val/ssim": float(ssim(gen, ref).mean()),
@@ -94,7 +95,7 @@ def video_grid(result: ValidationResult, max_videos: int = 4) -> torch.Tensor:
     rows = [torch.cat([gt, sample], dim=-1) for gt, sample in
             zip(result.ground_truth[:max_videos], result.samples[:max_videos])]   # [T, 3, H, 2W] each
     grid = torch.cat(rows, dim=-2)
-    return (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return pixels.to_uint8(grid).permute(0, 2, 3, 1).contiguous()
 
 
 def gif_bytes(frames: torch.Tensor, fps: float = 4.0) -> bytes:
@@ -121,7 +122,7 @@ def write_sample_video(dit: torch.nn.Module, batch: dict[str, torch.Tensor], rec
 
     dtype = next(dit.parameters()).dtype
     frames = batch["frames"][:1].to(dtype)
-    x0 = frames * 2 - 1
+    x0 = pixels.to_signed(frames)
     cond = {k: batch[k][:1].float() for k in COND_KEYS if k in batch}
     context = max(1, recipe.objective.context_frames)
     g = torch.Generator(device="cpu").manual_seed(recipe.seed + step)
@@ -129,9 +130,9 @@ def write_sample_video(dit: torch.nn.Module, batch: dict[str, torch.Tensor], rec
                          generator=g, context=x0[:, :context])
     path = Path(run_dir) / "samples" / f"step_{step}.mp4"
     if world.is_main:
-        result = ValidationResult({}, ((sample.float().clamp(-1, 1) + 1) / 2).cpu(), frames.float().cpu(), context)
-        pixels = video_grid(result, max_videos=1).numpy()
-        atomic_save(path, lambda tmp: encode_video(tmp, pixels, fps=8))
+        result = ValidationResult({}, pixels.to_unit(sample.float()).cpu(), frames.float().cpu(), context)
+        rgb = video_grid(result, max_videos=1).numpy()
+        atomic_save(path, lambda tmp: encode_video(tmp, rgb, fps=8))
     return path
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.models.vggt import VGGT, DINOV2_VARIANTS, DinoVisionTransformer, patch_token_grid, resize_for_vggt
-from engine.models.vggt.checkpoint import read_state_dict
+from engine.weights import load_into, read_state_dict
 from engine.objectives.geometry_forcing import BATCH_PREFIX, DINO_KEY, PATCH, DinoConfig, GFConfig, TeacherSource, vggt_key
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -120,11 +120,7 @@ def build_dino(cfg: DinoConfig, device: torch.device | str = "cpu") -> DinoVisio
         if not path.is_file():
             raise FileNotFoundError(f"gf.dino.pretrained: no file {path} (an official DINOv2 state dict, e.g. "
                                     f"dinov2_vitb14_reg4_pretrain.pth)")
-        state = read_state_dict(path)
-        result = model.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise ValueError(f"gf.dino.pretrained: {path} does not match {cfg.variant}: missing "
-                             f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+        load_into(model, read_state_dict(path), source=f"gf.dino.pretrained {path}", what=cfg.variant)
     return _freeze(model, device)
 
 

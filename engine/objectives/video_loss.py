@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine import pixels
 from engine.models.dit import VideoDiT
 from engine.objectives.flow_matching import FlowMatchingConfig, draw_noise, flow_matching_loss
 from engine.objectives.geometry_forcing import GeometryForcingHead, GFConfig
@@ -72,7 +73,7 @@ class VideoDiffusionLoss(nn.Module):
         """The flow-matching part alone (``flow_matching_loss``'s dict, with the DiT features the GF head
         reads in ``features``); ``forward`` adds the GF head on top. Separate for profiling."""
         dtype = next(self.dit.parameters()).dtype
-        x0 = batch["frames"].to(dtype) * 2 - 1
+        x0 = pixels.to_signed(batch["frames"].to(dtype))
         cond = self.condition(batch, dtype)
         cond["drop_cond"] = noise["drop_cond"]
         blocks = self.gf.dit_blocks if self.gf is not None else ()

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from engine import pixels
 from engine.videogpa.policy import Condition, VideoPolicy, to_uint8
 
 log = logging.getLogger("geoforge.videogpa")
@@ -157,7 +158,7 @@ class CogVideoXI2VPolicy(_DiffusersPolicy):
     def _image_latents(self, first_frames: Tensor, latent_frames: int) -> Tensor:
         """The pipeline's image conditioning: ``[B, F, C, h, w]`` (first latent frame, zeros after)."""
         cfg, vae_cfg = self.network.config, self.vae.config
-        lat = self._encode_video(first_frames[:, :, None] * 2 - 1).permute(0, 2, 1, 3, 4)   # [B, 1, C, h, w]
+        lat = self._encode_video(pixels.to_signed(first_frames[:, :, None])).permute(0, 2, 1, 3, 4)   # [B, 1, C, h, w]
         factor = self.pipe.vae_scaling_factor_image
         lat = lat / factor if vae_cfg.invert_scale_latents else lat * factor
         pad = lat.new_zeros(lat.shape[0], latent_frames - 1, *lat.shape[2:])
@@ -173,7 +174,7 @@ class CogVideoXI2VPolicy(_DiffusersPolicy):
         return out
 
     def encode(self, frames: Tensor) -> Tensor:
-        lat = self._encode_video((frames.to(self.device) * 2 - 1).permute(0, 2, 1, 3, 4)).permute(0, 2, 1, 3, 4)
+        lat = self._encode_video(pixels.to_signed(frames.to(self.device)).permute(0, 2, 1, 3, 4)).permute(0, 2, 1, 3, 4)
         return lat * self.vae.config.scaling_factor
 
     def draw_noise(self, shape: tuple[int, ...], generator: torch.Generator) -> dict[str, Tensor]:
@@ -228,7 +229,7 @@ class WanTI2VPolicy(_DiffusersPolicy):
 
     def _latents(self, video: Tensor) -> Tensor:
         """``[B, 3, T, H, W]`` in [0, 1] -> normalised latents ``[B, F, C, h, w]``."""
-        lat = self._encode_video(video * 2 - 1).permute(0, 2, 1, 3, 4)
+        lat = self._encode_video(pixels.to_signed(video)).permute(0, 2, 1, 3, 4)
         return (lat - self.mean) * self.inv_std
 
     def batch_condition(self, conds: list[Condition]) -> dict[str, Tensor]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from engine.videogpa.io import atomic_write_text, read_jsonl, read_marker, write_marker
+from engine.atomic import atomic_dir, atomic_write_text
+from engine.videogpa.io import read_jsonl, read_marker, write_marker
 from engine.videogpa.policy import Condition, VideoPolicy, seed_for
 
 log = logging.getLogger("geoforge.videogpa")
@@ -138,10 +138,8 @@ def run_generate_stage(recipe, run_dir: Path, world, policy: VideoPolicy, show_p
     began = time.perf_counter()
     for i, cond in tqdm(mine, desc="generate", unit="input", disable=not (show_progress and world.is_main),
                         dynamic_ncols=True):
-        tmp = root / f".tmp-{cond.key}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        generate_input(policy, cond, i, cfg, tmp)
-        tmp.rename(root / cond.key)
+        with atomic_dir(root / cond.key) as tmp:
+            generate_input(policy, cond, i, cfg, tmp)
     seconds = time.perf_counter() - began
     barrier()
     info = {"inputs": len(inputs), "candidates": cfg.candidates, "generated_now": len(mine), "seconds": seconds}

@@ -1,4 +1,4 @@
-"""Atomic files for the VideoGPA stages: write-then-rename, JSON lines that survive a kill, stage markers."""
+"""Files of the VideoGPA stages: atomic JSON lines (through :mod:`engine.atomic`), JSON lines that survive a kill, stage markers."""
 from __future__ import annotations
 
 import json
@@ -6,17 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, fsynced, then renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+from engine.atomic import atomic_write_text
 
 
 def dumps_row(row: dict[str, Any]) -> str:
@@ -86,5 +76,5 @@ def read_marker(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-__all__ = ["atomic_write_text", "atomic_write_jsonl", "read_jsonl", "dumps_row", "AppendLog", "write_marker",
+__all__ = ["atomic_write_jsonl", "read_jsonl", "dumps_row", "AppendLog", "write_marker",
            "read_marker"]

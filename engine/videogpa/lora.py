@@ -12,11 +12,12 @@
 from __future__ import annotations
 
 import copy
-import shutil
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from torch import nn
+
+from engine.atomic import atomic_dir
 
 
 def lora_config(cfg, default_targets: str | list[str]):
@@ -83,21 +84,17 @@ def save_adapter(network: nn.Module, directory: Path, zero_stage: int = 0, is_ma
     with _gathered(trainable, zero_stage):
         if not is_main:
             return directory
-        tmp = directory.with_name(f".tmp-{directory.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        network.save_pretrained(str(tmp))
-        if diffusers_pipeline is not None:
-            prefix = "base_model.model."   # peft's wrapper prefix; diffusers keys are relative to the transformer
-            layers = {k.removeprefix(prefix): v.detach().float().cpu().contiguous()
-                      for k, v in get_peft_model_state_dict(network).items()}
-            config = network.peft_config["default"].to_dict()   # r, lora_alpha, targets: the scaling α / r
-            config["target_modules"] = sorted(config["target_modules"]) if isinstance(
-                config["target_modules"], (set, list)) else config["target_modules"]
-            diffusers_pipeline.save_lora_weights(str(tmp), transformer_lora_layers=layers,
-                                                 transformer_lora_adapter_metadata=config)
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
+        with atomic_dir(directory) as tmp:
+            network.save_pretrained(str(tmp))
+            if diffusers_pipeline is not None:
+                prefix = "base_model.model."   # peft's wrapper prefix; diffusers keys are relative to the transformer
+                layers = {k.removeprefix(prefix): v.detach().float().cpu().contiguous()
+                          for k, v in get_peft_model_state_dict(network).items()}
+                config = network.peft_config["default"].to_dict()   # r, lora_alpha, targets: the scaling α / r
+                config["target_modules"] = sorted(config["target_modules"]) if isinstance(
+                    config["target_modules"], (set, list)) else config["target_modules"]
+                diffusers_pipeline.save_lora_weights(str(tmp), transformer_lora_layers=layers,
+                                                     transformer_lora_adapter_metadata=config)
     return directory
 
 

@@ -14,7 +14,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from engine.videogpa.io import atomic_write_jsonl, atomic_write_text, read_jsonl
+from engine.atomic import atomic_write_text
+from engine.videogpa.io import atomic_write_jsonl, read_jsonl
 
 log = logging.getLogger("geoforge.videogpa")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.videogpa.config import STAGES
-from engine.videogpa.io import atomic_write_text
+from engine.atomic import atomic_write_text
 
 log = logging.getLogger("geoforge.videogpa")
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from engine import pixels
 from engine.objectives.dpo import per_sample_error
 from engine.objectives.flow_matching import FlowMatchingConfig, add_noise, sample_t, velocity_target
 from engine.objectives.prediction import velocity_from_output
@@ -135,7 +136,7 @@ def seed_for(base: int, input_index: int, candidate: int) -> int:
 
 def to_uint8(frames: Tensor) -> np.ndarray:
     """``[K, T, 3, H, W]`` in [0, 1] -> uint8 ``[K, T, H, W, 3]``."""
-    return (frames.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
+    return pixels.to_uint8(frames).permute(0, 1, 3, 4, 2).cpu().numpy()
 
 
 # --------------------------------------------------------------------------------------------- own DiT
@@ -143,7 +144,7 @@ def load_dit_weights(dit: nn.Module, checkpoint: str | Path, use_ema: bool = Tru
     """Load a DiT from ``checkpoint``: a checkpoint directory of ``engine/train.py`` (its ``ema.safetensors``
     when ``use_ema`` and present, else ``model.safetensors``; keys ``dit.*``) or a ``.safetensors`` file
     (keys with or without the ``dit.`` prefix). Strict; returns the file used."""
-    from safetensors.torch import load_file
+    from engine.weights import load_into, read_state_dict, strip_prefix
 
     path = Path(checkpoint)
     if path.is_dir():
@@ -152,18 +153,8 @@ def load_dit_weights(dit: nn.Module, checkpoint: str | Path, use_ema: bool = Tru
     if not path.is_file():
         raise FileNotFoundError(f"videogpa.policy.checkpoint: no weights at {path} (give a checkpoints/step_N "
                                 f"directory or a .safetensors file)")
-    state = load_file(str(path))
-    if any(k.startswith("dit.") for k in state):
-        state = {k[len("dit."):]: v for k, v in state.items() if k.startswith("dit.")}
-    own = dit.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"videogpa.policy.checkpoint {path} does not fit the recipe's model section: "
-                         f"missing {missing[:6]}, unexpected {unexpected[:6]}, wrong shapes {shapes[:4]}")
-    dit.load_state_dict(state)
+    load_into(dit, strip_prefix(read_state_dict(path), "dit."), source=f"videogpa.policy.checkpoint {path}",
+              what="the recipe's model section")
     return str(path)
 
 
@@ -225,7 +216,7 @@ class DiTPolicy(VideoPolicy):
         return out
 
     def encode(self, frames: Tensor) -> Tensor:
-        return frames.to(self.device, torch.float32) * 2 - 1
+        return pixels.to_signed(frames.to(self.device, torch.float32))
 
     def draw_noise(self, shape: tuple[int, ...], generator: torch.Generator) -> dict[str, Tensor]:
         b, frames = shape[:2]
@@ -248,7 +239,7 @@ class DiTPolicy(VideoPolicy):
                 "drop_cond": torch.zeros(batch, dtype=torch.bool, device=self.device)}
 
     def predict(self, network: nn.Module, x_t: Tensor, noise: dict[str, Tensor], cond: dict[str, Tensor]) -> Tensor:
-        first = cond["first_frame"].to(x_t.dtype) * 2 - 1
+        first = pixels.to_signed(cond["first_frame"].to(x_t.dtype))
         reps = x_t.shape[0] // first.shape[0]
         x_t = torch.cat([first.repeat(reps, 1, 1, 1)[:, None], x_t[:, 1:]], dim=1)   # the clean context frame
         return self._velocity(network(x_t, noise["t"], **self._kwargs(cond, x_t.shape[0])), x_t, noise["t"])
@@ -278,13 +269,13 @@ class DiTPolicy(VideoPolicy):
             return uncond_v + guidance * (cond_v - uncond_v)
 
         videos = []
-        context = (batch["first_frame"] * 2 - 1)[:, None]
+        context = pixels.to_signed(batch["first_frame"])[:, None]
         try:
             for seed in seeds:
                 g = torch.Generator(device=self.device).manual_seed(seed)
                 x = sample_clip(velocity, (1, self.frames, 3, self.height, self.width), steps,
                                  generator=g, context=context, device=self.device)
-                videos.append((x + 1) / 2)
+                videos.append(pixels.to_unit(x))   # to_uint8 clamps to [0, 1] anyway
         finally:
             network.train(was_training)
         return to_uint8(torch.cat(videos))

@@ -34,7 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.videogpa.io import AppendLog, atomic_write_jsonl, atomic_write_text
+from engine.atomic import atomic_write_text
+from engine.distributed import resolve_device
+from engine.videogpa.io import AppendLog, atomic_write_jsonl
 from engine.videogpa.teacher import Geometry, VGGTTeacher
 
 log = logging.getLogger("geoforge.videogpa")
@@ -344,8 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, json.JSONDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     scorer = ConsistencyScorer.from_config(cfg, device, args.backend)
     progress = AppendLog(args.out.with_name(args.out.name + ".partial"))
     before = {r["video"] for r in progress.rows()}

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import resource
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +41,7 @@ from engine.objectives.dpo import DPOModule
 from engine.objectives.video_loss import sample_seed
 from engine.trainer import MicroBatch, Task, Trainer
 from engine.videogpa.generate import load_condition
+from engine.atomic import atomic_save, publish_dir, temp_path
 from engine.videogpa.io import read_jsonl, read_marker, write_marker
 from engine.videogpa.lora import add_lora, frozen_copy, parameter_bytes, save_adapter
 from engine.videogpa.policy import VideoPolicy
@@ -74,9 +74,7 @@ def cache_latents(policy: VideoPolicy, run_dir: Path, videos: list[str], world) 
         target.parent.mkdir(parents=True, exist_ok=True)
         with torch.no_grad():
             x0 = policy.encode(decode_frames(Path(run_dir) / video, policy.frames)[None])[0]
-        tmp = target.with_name(f".{target.name}.tmp")
-        save_file({"x0": x0.float().cpu().contiguous()}, str(tmp))
-        tmp.replace(target)
+        atomic_save(target, lambda tmp: save_file({"x0": x0.float().cpu().contiguous()}, str(tmp)))
     barrier()
 
 
@@ -215,7 +213,7 @@ class DPOTask(Task):
 def _save_final(run_dir: Path, module: DPOModule, policy: VideoPolicy, world, zero_stage: int, lora: bool,
                 summary: dict[str, Any]) -> Path:
     final = Path(run_dir) / "final"
-    tmp = final.with_name(".tmp-final")
+    tmp = temp_path(final, unique=False)
     if lora:
         save_adapter(module.network, tmp, zero_stage, world.is_main, getattr(policy, "diffusers_pipeline_class", None))
     else:
@@ -225,9 +223,7 @@ def _save_final(run_dir: Path, module: DPOModule, policy: VideoPolicy, world, ze
             save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
     if world.is_main:
         write_marker(tmp / "COMPLETE", summary)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        publish_dir(tmp, final)
     barrier()
     return final
 

@@ -21,9 +21,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from engine.weights import check_state_dict, read_state_dict
+
 from .aggregator import Aggregator
 from .camera_head import CameraHead
-from .checkpoint import CONFIG_FILE, check_keys, locate, read_config, read_state_dict
+from .checkpoint import CONFIG_FILE, locate, read_config
 from .config import normalise_config, resolve_config
 from .dpt_head import DPTHead
 from .track_head import TrackHead
@@ -147,7 +149,7 @@ class VGGT(nn.Module):
             model = cls(resolved)
         expected = model.state_dict()
         state = read_state_dict(weights)
-        check_keys({k: v.shape for k, v in expected.items()}, state, str(weights))
+        check_state_dict(expected, state, source=str(weights), what="the VGGT config", optional=())
         state = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
                  for k, v in state.items()}
         model.load_state_dict(state, strict=True, assign=True)  # keeps the modules' requires_grad

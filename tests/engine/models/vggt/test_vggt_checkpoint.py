@@ -84,7 +84,7 @@ def test_errors_name_what_is_missing(model, tmp_path):
         VGGT.from_pretrained(tmp_path, config=CFG)
     message = str(err.value)
     assert "camera_head.trunk_norm.weight" in message and "camera_head.extra" in message
-    assert "aggregator.camera_token: checkpoint (1, 2, 1, 8) vs model (1, 2, 1, 16)" in message
+    assert "aggregator.camera_token: file (1, 2, 1, 8) vs model (1, 2, 1, 16)" in message
 
 
 def test_hub_id_offline_error_names_the_repo():

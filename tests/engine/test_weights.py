@@ -1,4 +1,4 @@
-"""engine.eval.weights: local files, hf:// references (Hub call faked, never downloaded), strict loading."""
+"""engine.weights: local files, hf:// references (Hub call faked, never downloaded), strict loading."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from engine.eval.weights import load_into, load_state_dict, resolve_weights
+from engine.weights import load_into, load_state_dict, resolve_weights
 
 
 def _state() -> dict[str, torch.Tensor]:
@@ -44,7 +44,7 @@ def test_hf_reference_goes_through_hf_hub_download(tmp_path: Path, monkeypatch: 
     torch.save(_state(), tmp_path / "file.pth")
     calls = []
 
-    def fake_download(repo_id: str, filename: str, revision: str | None) -> str:
+    def fake_download(repo_id: str, filename: str, revision: str | None, local_files_only: bool = False) -> str:
         calls.append((repo_id, filename, revision))
         return str(tmp_path / "file.pth")
 
