@@ -128,7 +128,7 @@ def parse_args(argv: list[str] | None = None) -> EvalOptions:
     p.add_argument("--vggt-frames", type=int, default=None, help="frames per video given to VGGT (default all)")
     p.add_argument("--conf-percentile", type=float, default=0.0, help="drop points below this depth-conf percentile")
     p.add_argument("--camera-scale", choices=("own", "lstsq", "gt", "none"), default="own")
-    g = p.add_argument_group("history guidance (default: the protocol's; see engine/sampling.py)")
+    g = p.add_argument_group("history guidance (default: the protocol's; see engine/sampling)")
     g.add_argument("--guidance", choices=GUIDANCE_NAMES, default=None, help="scheme of the prediction windows")
     g.add_argument("--guidance-scale", type=float, default=1.0, help="HG-v / HG-f weight w")
     g.add_argument("--stabilization", type=float, default=0.0, help="flow time of generated history (stabilized_*)")

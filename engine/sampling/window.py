@@ -112,8 +112,8 @@ def sample_clip(model: Model, shape: Sequence[int], steps: int, cond: dict | Non
                 device: torch.device | str | None = None, method: str = "euler") -> torch.Tensor:
     """One window of ``shape = (B, T, C, H, W)`` with the first ``k`` frames fixed to ``context [B, k, ...]``.
 
-    Signature-compatible with ``engine.objectives.flow_matching.euler_sample`` (conditional Euler over
-    ``linspace(1, 0, steps + 1)``, noise drawn on ``generator``'s device), so that function can call it.
+    Conditional Euler (or DDIM) over ``linspace(1, 0, steps + 1)``, noise drawn on ``generator``'s device: what
+    training sample videos and the VideoGPA DiT policy call. ``cond`` may carry ``drop_cond``.
     """
     b, frames = shape[:2]
     k = 0 if context is None else context.shape[1]

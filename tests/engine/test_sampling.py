@@ -8,17 +8,16 @@ slice the conditioning correctly to reproduce the target video.
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
 
 from engine.eval.image_metrics import psnr
 from engine.models.dit import DiTConfig, VideoDiT
-from engine.objectives.flow_matching import FlowMatchingConfig, euler_sample, flow_matching_loss
+from engine.objectives.flow_matching import FlowMatchingConfig, flow_matching_loss
 from engine.sampling import (CONTEXT, GENERATE, GENERATED_CONTEXT, PAD, Guidance, SamplerConfig, count_model_steps,
                              flow_step, generate, guided_velocity, interpolation_plan, keyframe_indices,
-                             sample_clip, sample_window, scheduling_matrix, sliding_windows, time_grid)
+                             sample_window, scheduling_matrix, sliding_windows, time_grid)
 
 C, H, W = 3, 4, 4
 
@@ -380,26 +379,24 @@ def _clip() -> torch.Tensor:
 
 
 @pytest.fixture(scope="session")
-def trained_dit() -> tuple[VideoDiT, torch.Tensor, float]:
-    """A tiny DiT that memorised one clip: 250 AdamW steps of diffusion-forcing flow matching (~10 s)."""
+def trained_dit() -> tuple[VideoDiT, torch.Tensor]:
+    """A tiny DiT that memorised one clip: 250 AdamW steps of diffusion-forcing flow matching (~10 s quiet)."""
     torch.manual_seed(0)
     dit = VideoDiT(DiTConfig(hidden_dim=64, depth=2, num_heads=2, patch_size=4))
     clip = _clip()
     cfg = FlowMatchingConfig(context_frames=1, random_context=True)
     opt = torch.optim.AdamW(dit.parameters(), lr=2e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
-    start = time.perf_counter()
     for _ in range(250):
         loss = flow_matching_loss(dit, clip.expand(8, -1, -1, -1, -1), cfg, generator=g)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return dit.eval(), clip, time.perf_counter() - start
+    return dit.eval(), clip
 
 
 def test_trained_model_samples_are_closer_to_the_data_than_noise(trained_dit) -> None:
-    dit, clip, seconds = trained_dit
-    assert seconds < 60
+    dit, clip = trained_dit
     sampler = SamplerConfig(steps=20, window=CLIP_T, progress=False)
     unit = lambda v: (v.clamp(-1, 1) + 1) / 2  # noqa: E731
     g = torch.Generator().manual_seed(3)
@@ -417,7 +414,7 @@ def test_trained_model_samples_are_closer_to_the_data_than_noise(trained_dit) ->
 
 
 def test_sampling_is_deterministic_under_a_seed(trained_dit) -> None:
-    dit, clip, _ = trained_dit
+    dit, clip = trained_dit
     ctx = clip[:, :1].expand(2, -1, -1, -1, -1)
     sampler = SamplerConfig(steps=4, window=CLIP_T, sliding_context=2, method="ddim", eta=0.5,
                             guidance=Guidance.named("stabilized_vanilla", 2.0, 0.1), progress=False)
@@ -434,18 +431,9 @@ def test_sampling_is_deterministic_under_a_seed(trained_dit) -> None:
     dit.eval()
 
 
-def test_sample_clip_matches_flow_matching_euler_sample(trained_dit) -> None:
-    dit, clip, _ = trained_dit
-    shape = (2, CLIP_T, 3, CLIP_HW, CLIP_HW)
-    ctx = clip[:, :2].expand(2, -1, -1, -1, -1)
-    ours = sample_clip(dit, shape, 6, generator=torch.Generator().manual_seed(2), context=ctx)
-    ref = euler_sample(dit, shape, 6, generator=torch.Generator().manual_seed(2), context=ctx)
-    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
-
-
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # RMSNorm under CPU autocast
 def test_batch_cap_and_bf16_autocast_give_the_same_samples(trained_dit) -> None:
-    dit, clip, _ = trained_dit
+    dit, clip = trained_dit
     ctx = clip[:, :1].expand(3, -1, -1, -1, -1)
     base = SamplerConfig(steps=3, window=CLIP_T, guidance=Guidance.named("vanilla", 2.0), progress=False)
     ref = generate(dit, ctx, CLIP_T, None, base, torch.Generator().manual_seed(0))

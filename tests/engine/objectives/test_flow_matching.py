@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from engine.models.dit import DiTConfig, VideoDiT
-from engine.objectives.flow_matching import (FlowMatchingConfig, add_noise, context_mask, euler_sample,
+from engine.sampling import sample_clip
+from engine.objectives.flow_matching import (FlowMatchingConfig, add_noise, context_mask,
                                              flow_matching_loss, loss_weight, sample_t, shift_t, velocity_target)
 
 
@@ -196,15 +197,15 @@ def test_tiny_dit_overfits_one_batch(one_thread):
     assert losses[-1] < losses[0] / 5, (losses[0], losses[-1])
 
 
-# ---------------------------------------------------------------- Euler sampler
+# ---------------------------------------------------------------- Euler sampling of the path (engine.sampling.sample_clip)
 
 @pytest.mark.parametrize("steps", [1, 4])
-def test_euler_sample_with_exact_velocity_reproduces_x0(steps):
+def test_sample_clip_with_exact_velocity_reproduces_x0(steps):
     x0 = torch.randn(2, 4, 3, 4, 4, generator=gen(1))
     context = x0[:, :2] + 0.0
     model = Recorder(oracle(x0))
     model.train()
-    out = euler_sample(model, x0.shape, steps, generator=gen(2), context=context)
+    out = sample_clip(model, x0.shape, steps, generator=gen(2), context=context)
     torch.testing.assert_close(out, x0, rtol=1e-5, atol=1e-5)
     assert torch.equal(out[:, :2], context)
     assert len(model.calls) == steps and model.training  # mode restored
@@ -214,15 +215,15 @@ def test_euler_sample_with_exact_velocity_reproduces_x0(steps):
     assert torch.equal(first_t[:, 2:], torch.ones(2, 2))
 
 
-def test_euler_sample_is_deterministic_and_checks_arguments():
+def test_sample_clip_is_deterministic_and_checks_arguments():
     model = Recorder(lambda x, t: -x)
-    a = euler_sample(model, (1, 2, 1, 2, 2), 3, generator=gen(3))
-    b = euler_sample(model, (1, 2, 1, 2, 2), 3, generator=gen(3))
+    a = sample_clip(model, (1, 2, 1, 2, 2), 3, generator=gen(3))
+    b = sample_clip(model, (1, 2, 1, 2, 2), 3, generator=gen(3))
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="steps"):
-        euler_sample(model, (1, 2, 1, 2, 2), 0)
+        sample_clip(model, (1, 2, 1, 2, 2), 0)
     with pytest.raises(ValueError, match="context"):
-        euler_sample(model, (1, 2, 1, 2, 2), 2, context=torch.zeros(1, 2, 1, 2, 2))
+        sample_clip(model, (1, 2, 1, 2, 2), 2, context=torch.zeros(1, 2, 1, 2, 2))
 
 
 # ---------------------------------------------------------------- config
