@@ -31,10 +31,10 @@ from engine.ema import ShardedEMA
 from engine.eval.validate import validate, validation_batch
 from engine.models.attention import attention_backend, set_attention_backend
 from engine.models.dit import VideoDiT
-from engine.models.teacher import build_teacher
 from engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
 from engine.run_dir import RunLog, resolve_run_dir, write_resolved_recipe
 from engine.samples import write_sample_video
+from engine.teacher.builder import build_teacher
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,7 +72,8 @@ def build_engine(recipe: Recipe, world: World, teacher_dims: dict[str, int] | No
 
 
 def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> dict:
-    teacher = build_teacher(recipe, world.device)   # frozen GF teacher (or its cache): outside the engine
+    teacher = (build_teacher(recipe.teacher, recipe.data, world.device, seed=recipe.seed)
+               if recipe.gf.enabled else None)   # frozen GF teacher (or its cache): outside the engine
     engine = build_engine(recipe, world, None if teacher is None else teacher.dims)
     ema = ShardedEMA(engine.module, recipe.ema.decay, world.rank, world.size) if recipe.ema.enabled else None
     log = RunLog(run_dir, world, total_steps=recipe.schedule.steps)

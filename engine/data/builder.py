@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from engine.config import Recipe
+from engine.config import DataConfig, Recipe
 from engine.data.minecraft import MinecraftClips, find_minecraft_clips
 from engine.data.re10k import Re10KClips, find_clips
 from engine.data.sampler import EpochIndexed, ResumableBatchSampler
@@ -28,10 +28,9 @@ def build_dataset(recipe: Recipe, world: World) -> torch.utils.data.Dataset:
     return Re10KClips(data.root, hflip_prob=data.hflip_prob, **common)
 
 
-def clip_names(recipe: Recipe) -> list[str]:
-    """The names of the dataset's clips in index order (what a sample's ``index`` refers to), without
-    decoding anything: the identity of a data set for caches keyed by clip index."""
-    data = recipe.data
+def clip_names(data: DataConfig) -> list[str]:
+    """The names of the clips of the recipe's ``data`` section in index order (what a sample's ``index``
+    refers to), without decoding anything: the identity of a data set for caches keyed by clip index."""
     if data.kind == "minecraft":
         return [video.stem for video, _ in find_minecraft_clips(data.root, data.split, data.on_error)]
     return [clip.name for clip in find_clips(data.root, data.split, on_error=data.on_error)[1]]
