@@ -15,6 +15,7 @@ before anything is computed. Sections:
 - ``logging``      console / tensorboard / checkpoint / sample cadence
 - ``videogpa``     optional: VideoGPA post-training stages (:class:`engine.videogpa.config.VideoGPAConfig`)
 - ``gf``           Geometry Forcing alignment (:class:`engine.objectives.geometry_forcing.GFConfig`)
+- ``teacher``      GF's frozen teachers: weights, layers, input size, frames, cache (:class:`engine.teacher.spec.TeacherConfig`)
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from engine.models.dit import DiTConfig
 from engine.objectives.flow_matching import FlowMatchingConfig
 from engine.objectives.geometry_forcing import GFConfig, check_gf_recipe
 from engine.schema import ConfigError, build, to_dict
+from engine.teacher.spec import TeacherConfig
 from engine.videogpa.config import VideoGPAConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -169,6 +171,7 @@ class Recipe:
     ema: EMAConfig = field(default_factory=EMAConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     gf: GFConfig = field(default_factory=GFConfig)   # Geometry Forcing (engine/objectives/geometry_forcing.py)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)   # GF's frozen teachers (engine/teacher)
     videogpa: VideoGPAConfig | None = None   # VideoGPA post-training (engine/videogpa); None = plain training
 
     def validate(self) -> None:

@@ -21,8 +21,8 @@ from engine.data.builder import build_loader
 from engine.distributed import World
 from engine.eval.validate import validate, validation_batch, write_sample_video
 from engine.models.dit import VideoDiT
-from engine.models.teacher import build_teacher
 from engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
+from engine.teacher.builder import build_teacher
 from engine.trainer import MicroBatch, Task, Trainer
 
 
@@ -32,7 +32,8 @@ class DiffusionTask(Task):
 
     def __init__(self, recipe: Recipe, world: World):
         self.recipe, self.world = recipe, world
-        self.teacher = build_teacher(recipe, world.device)   # frozen GF teacher (or its cache), or None
+        self.teacher = (build_teacher(recipe.teacher, recipe.data, world.device, seed=recipe.seed)
+                        if recipe.gf.enabled else None)   # frozen GF teacher (or its cache), or None
         torch.manual_seed(recipe.seed)   # identical initial weights on every rank
         dims = None if self.teacher is None else self.teacher.dims
         self.module = VideoDiffusionLoss(VideoDiT(recipe.model), recipe.objective, recipe.gf, dims, recipe.backend)

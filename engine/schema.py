@@ -6,7 +6,9 @@
 - every value is checked against the field's annotation (``int``, ``float`` (ints accepted), ``bool``,
   ``str``, ``Literal[...]``, ``X | None``, ``list[X]``, ``tuple[X, ...]``, ``dict[str, X]``, nested
   dataclasses); a wrong type fails, naming the key, the expected type and the value;
-- missing keys take the dataclass defaults; a field without a default must be present.
+- missing keys take the dataclass defaults; a field without a default must be present;
+- a key that moved to another section fails naming where it went: a dataclass lists such keys in a
+  class attribute ``MOVED_KEYS = {"old_key": "section.new_key"}``.
 
 ``to_dict(obj)`` is the inverse (for writing the resolved recipe back to YAML).
 """
@@ -92,7 +94,10 @@ def build(cls: type, data: Any, where: str = "recipe") -> Any:
         raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    moved = getattr(cls, "MOVED_KEYS", {})
     for key in data:
+        if key not in fields and key in moved:
+            raise ConfigError(f"{where}.{key}: this key moved to {moved[key]}; give it there")
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

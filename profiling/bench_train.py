@@ -227,7 +227,7 @@ def report(configs: list[Config], csv_path: Path | None = None) -> str:
 def _cache_for(recipe: Recipe, steps: int, directory: Path) -> Path:
     """A teacher cache holding every window the first ``steps`` micro-batches of ``recipe`` draw."""
     from engine.data.builder import build_dataset
-    from engine.data.cache_teacher import build_cache
+    from engine.teacher.cache import build_cache
     from engine.distributed import World
 
     n = len(build_dataset(recipe.data, World(0, 0, 1, 1, torch.device("cpu")), recipe.seed))
@@ -242,16 +242,16 @@ def compare(recipe_arg: str, overrides: list[str], warmup: int, steps: int, cach
     """Baseline, GF with the live teacher and GF with the teacher cache, steps interleaved (module docstring)."""
     recipe = load_recipe(recipe_arg, overrides)
     device = _device(recipe)
-    names = [("baseline", ["gf.enabled=false", "gf.teacher_cache=null", "gf.dino=null"])]
+    names = [("baseline", ["gf.enabled=false", "teacher.cache=null", "gf.dino=null", "teacher.dino=null"])]
     if recipe.gf.enabled:
-        names.append(("gf-live", ["gf.teacher_cache=null"]))
+        names.append(("gf-live", ["teacher.cache=null"]))
     tmp = None
     if recipe.gf.enabled:
         if cache is None:
             tmp = Path(tempfile.mkdtemp(prefix="geoforge-bench-cache-"))
-            live = load_recipe(recipe_arg, [*overrides, "gf.teacher_cache=null"])
+            live = load_recipe(recipe_arg, [*overrides, "teacher.cache=null"])
             cache = str(_cache_for(live, warmup + steps + 2, tmp))
-        names.append(("gf-cache", [f"gf.teacher_cache={cache}"]))
+        names.append(("gf-cache", [f"teacher.cache={cache}"]))
     try:
         configs = [build_config(n, load_recipe(recipe_arg, [*overrides, *extra]), device) for n, extra in names]
         for _ in range(warmup):
@@ -285,19 +285,19 @@ def vit_block_flops(dim: float, tokens: float, ctx: float, mlp_ratio: float = 4.
 def teacher_flops(recipe: Recipe) -> dict[str, float]:
     """Forward FLOPs per clip of the VGGT aggregator up to the deepest requested layer, and of DINOv2.
 
-    VGGT-1B sizes unless ``gf.teacher.config`` says otherwise: DINOv2-L patch embedding (24 blocks, 1024-d)
+    VGGT-1B sizes unless ``teacher.vggt.config`` says otherwise: DINOv2-L patch embedding (24 blocks, 1024-d)
     on the P + 5 tokens of each frame, then per layer a frame block (context P + 5) and a global block
     (context S (P + 5)), 1024-d. Norms, RoPE and the 14x14 patch convolution are ignored (< 1%)."""
-    from engine.models.teacher import teacher_size
     from engine.models.vggt.config import resolve_config
+    from engine.teacher.spec import teacher_size
 
-    gf, d = recipe.gf, recipe.data
+    gf, t, d = recipe.gf, recipe.teacher, recipe.data
     out = {"vggt": 0.0, "dino": 0.0}
     if not gf.enabled:
         return out
-    agg = resolve_config(gf.teacher.config)["aggregator"]
-    frames = gf.aligned_frames(d.frames)
-    h, w = teacher_size(d.resolution, d.resolution, gf.teacher_resolution)
+    agg = resolve_config(t.vggt.config)["aggregator"]
+    frames = t.aligned_frames(d.frames)
+    h, w = teacher_size(d.resolution, d.resolution, t.resolution)
     patches = (h // agg["patch_size"]) * (w // agg["patch_size"])
     special = 1 + agg["num_register_tokens"]
     dim = agg["embed_dim"]
@@ -306,16 +306,16 @@ def teacher_flops(recipe: Recipe) -> dict[str, float]:
 
         pd, pdepth, _ = DINOV2_VARIANTS[agg["patch_embed"]]
         out["vggt"] += pdepth * frames * vit_block_flops(pd, patches + special, patches + special)
-    layers = max(layer % agg["depth"] for layer in gf.teacher_layers) + 1
+    layers = max(layer % agg["depth"] for layer in t.layers) + 1
     tokens = frames * (patches + special)
     out["vggt"] += layers * (vit_block_flops(dim, tokens, patches + special) + vit_block_flops(dim, tokens, tokens))
-    if gf.dino is not None:
+    if t.dino is not None:
         from engine.models.vggt import DINOV2_VARIANTS
 
-        dd, ddepth, _ = DINOV2_VARIANTS[gf.dino.variant]
-        dh, dw = teacher_size(d.resolution, d.resolution, gf.dino.resolution)
+        dd, ddepth, _ = DINOV2_VARIANTS[t.dino.variant]
+        dh, dw = teacher_size(d.resolution, d.resolution, t.dino.resolution)
         n = (dh // 14) * (dw // 14) + 5
-        blocks = gf.dino.layer % ddepth + 1
+        blocks = t.dino.layer % ddepth + 1
         out["dino"] = blocks * frames * vit_block_flops(dd, n, n)
     return out
 
@@ -342,37 +342,37 @@ def flops_model(recipe: Recipe, gpus: int, gpu: str, mfu: float) -> dict[str, fl
     dit_fwd = flops_per_token(recipe.model, d.frames, d.resolution, d.resolution) * tokens
     train_mult = 4 if dist.activation_checkpointing else 3
     p_dit = num_params(recipe.model)
-    gf = recipe.gf
+    gf, t = recipe.gf, recipe.teacher
     proj, p_head, teacher = 0.0, 0, {"vggt": 0.0, "dino": 0.0}
     teacher_mem = 0.0
     if gf.enabled:
         from engine.models.vggt.config import resolve_config
 
-        agg = resolve_config(gf.teacher.config)["aggregator"]
+        agg = resolve_config(t.vggt.config)["aggregator"]
         c = 2 * agg["embed_dim"]
-        aligned = tokens * gf.aligned_frames(d.frames) // d.frames
+        aligned = tokens * t.aligned_frames(d.frames) // d.frames
         per_layer = m.hidden_dim * gf.projector_hidden + gf.projector_hidden ** 2 + gf.projector_hidden * c \
             + 2 * c * gf.scale_hidden
-        proj = 3 * 2 * aligned * per_layer * len(gf.teacher_layers)
-        p_head = per_layer * len(gf.teacher_layers)
+        proj = 3 * 2 * aligned * per_layer * len(t.layers)
+        p_head = per_layer * len(t.layers)
         if gf.dino is not None:
             from engine.models.vggt import DINOV2_VARIANTS
 
-            cd = DINOV2_VARIANTS[gf.dino.variant][0]
+            cd = DINOV2_VARIANTS[t.dino.variant][0]
             pl = m.hidden_dim * gf.dino.projector_hidden + gf.dino.projector_hidden ** 2 \
                 + gf.dino.projector_hidden * cd + 2 * cd * gf.dino.scale_hidden
             proj += 3 * 2 * aligned * pl
             p_head += pl
-        if not gf.teacher_cache:
+        if not t.cache:
             teacher = teacher_flops(recipe)
-            from engine.models.teacher import teacher_size
+            from engine.teacher.spec import teacher_size
 
-            h, w = teacher_size(d.resolution, d.resolution, gf.teacher_resolution)
-            t_tokens = gf.aligned_frames(d.frames) * ((h // 14) * (w // 14) + 5)
-            agg_params = 909.1e6 if gf.teacher.config is None else 0.0
-            dino_params = 86.6e6 if gf.dino is not None and gf.dino.config is None else 0.0
+            h, w = teacher_size(d.resolution, d.resolution, t.resolution)
+            t_tokens = t.aligned_frames(d.frames) * ((h // 14) * (w // 14) + 5)
+            agg_params = 909.1e6 if t.vggt.config is None else 0.0
+            dino_params = 86.6e6 if t.dino is not None and t.dino.config is None else 0.0
             teacher_mem = 4 * (agg_params + dino_params) + d.batch_size * (
-                34 * t_tokens * agg["embed_dim"] + len(gf.teacher_layers) * t_tokens * c * 4)
+                34 * t_tokens * agg["embed_dim"] + len(t.layers) * t_tokens * c * 4)
     per_gpu = micro * (train_mult * dit_fwd + proj + teacher["vggt"] + teacher["dino"])
     peak, hbm = GPUS[gpu]
     seconds = per_gpu / (peak * 1e12 * mfu)
@@ -397,8 +397,8 @@ def flops_model(recipe: Recipe, gpus: int, gpu: str, mfu: float) -> dict[str, fl
 def print_model(recipe_arg: str, overrides: list[str], gpus: int, gpu: str, mfu: float) -> dict[str, float]:
     recipe = load_recipe(recipe_arg, overrides)
     r = flops_model(recipe, gpus, gpu, mfu)
-    base = flops_model(load_recipe(recipe_arg, [*overrides, "gf.enabled=false", "gf.dino=null",
-                                                "gf.teacher_cache=null"]), gpus, gpu, mfu)
+    base = flops_model(load_recipe(recipe_arg, [*overrides, "gf.enabled=false", "gf.dino=null", "teacher.dino=null",
+                                                "teacher.cache=null"]), gpus, gpu, mfu)
     print(f"recipe {recipe.name} on {gpus} x {gpu.upper()} (bf16 dense peak {GPUS[gpu][0]:.0f} TFLOP/s, assumed MFU "
           f"{mfu:.0%}), ZeRO-{recipe.distributed.zero_stage}, activation checkpointing "
           f"{recipe.distributed.activation_checkpointing}")
@@ -498,7 +498,7 @@ def dump_batch(recipe: Recipe, path: Path) -> Path:
     parts = module.gf(out["features"], batch)
     save_file(alignment_snapshot(module.gf, out["features"], batch, parts), str(path),
               metadata={"recipe": recipe.name, "dit_block": str(recipe.gf.dit_block),
-                        "teacher_layers": json.dumps(recipe.gf.teacher_layers),
+                        "teacher_layers": json.dumps(recipe.teacher.layers),
                         "temporal_patch_size": str(recipe.model.temporal_patch_size),
                         "angular_weight,scale_weight": json.dumps(recipe.gf.weights())})
     print(f"dump: {path} (GF term {float(parts['loss'].detach()):.6g}, "

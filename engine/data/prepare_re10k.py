@@ -46,7 +46,7 @@ import torch
 from engine.atomic import atomic_save, atomic_write_json
 from engine.data.decode import DataError
 from engine.data.re10k import IMAGE_SUFFIXES, pixel_intrinsics, read_pose_file
-from engine.data.video_io import ResizeCrop, encode_video, open_video, read_image, _to_rgb
+from engine.data.video_io import ResizeCrop, encode_video, frame_to_rgb, open_video, read_image
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv")
 _YOUTUBE_ID = re.compile(r"(?:v=|youtu\.be/|/shorts/|/embed/)([A-Za-z0-9_-]{6,})")
@@ -123,7 +123,7 @@ def frames_at_timestamps(path: Path, stamps_us: list[int], max_gap: float) -> np
                 if abs(float(chosen_time - targets[n])) > max_gap:
                     raise Skip("timestamp not in the video", f"{path}: no frame within {max_gap} s of "
                                f"{float(targets[n]):.3f} s (nearest {float(chosen_time):.3f} s)")
-                out[n] = _to_rgb(chosen)
+                out[n] = frame_to_rgb(chosen)
                 n += 1
             if n == len(targets):
                 break
@@ -132,7 +132,7 @@ def frames_at_timestamps(path: Path, stamps_us: list[int], max_gap: float) -> np
             if previous is None or abs(float(targets[n] - previous[0])) > max_gap:
                 last = "no frames" if previous is None else f"the last frame is at {float(previous[0]):.3f} s"
                 raise Skip("timestamp not in the video", f"{path}: timestamp {float(targets[n]):.3f} s, {last}")
-            out[n] = _to_rgb(previous[1])
+            out[n] = frame_to_rgb(previous[1])
             n += 1
     return np.stack(out)
 

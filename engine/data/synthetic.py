@@ -28,12 +28,12 @@ import torch
 from engine import pixels
 from engine.atomic import atomic_dir
 from engine.data.re10k import write_pose_file
+from engine.data.rendering import LIGHT, NOISE_PERIOD, pixel_rays, rotation, value_noise
 from engine.data.video_io import encode_video
 
 FPS = 10
 MARKER = "synthetic.json"
 GENERATOR_VERSION = 1
-_LIGHT = np.array([0.3, -0.8, 0.5]) / np.linalg.norm([0.3, -0.8, 0.5])  # towards the light (up = -y)
 
 
 @dataclass
@@ -46,9 +46,6 @@ class Scene:
     spheres: np.ndarray
     textures: list[dict]
     camera_region: np.ndarray  # [2, 3] corners of the box the camera stays in
-
-
-_NOISE_PERIOD = 32  # lattice period of the value-noise tables (a power of two)
 
 
 def _random_texture(rng: np.random.Generator) -> dict:
@@ -64,32 +61,8 @@ def _random_texture(rng: np.random.Generator) -> dict:
         # rows: stripe direction, then the three waves of the detail pattern (wavelengths 0.12-0.5 m)
         waves=(directions * (2 * np.pi / rng.uniform([1, 0.2, 0.3, 0.12], [1, 0.5, 0.6, 0.25]))[:, None]).astype(np.float32),
         phases=rng.uniform(0, 2 * np.pi, size=(3, 1)).astype(np.float32),
-        table=rng.random(_NOISE_PERIOD**3, dtype=np.float32),
+        table=rng.random(NOISE_PERIOD**3, dtype=np.float32),
     )
-
-
-def _value_noise(points: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """Smooth periodic 3D value noise in [0, 1] at points [3, N]: trilinear (smoothstep-eased)
-    interpolation of the random ``table`` values at the integer lattice points."""
-    base = np.floor(points)
-    f = points - base
-    f = f * f * (3 - 2 * f)
-    lo = base.astype(np.int32) & (_NOISE_PERIOD - 1)
-    hi = (lo + 1) & (_NOISE_PERIOD - 1)
-    x = (lo[0] * _NOISE_PERIOD**2, hi[0] * _NOISE_PERIOD**2)
-    y = (lo[1] * _NOISE_PERIOD, hi[1] * _NOISE_PERIOD)
-    z = (lo[2], hi[2])
-
-    def along_z(i: int, j: int) -> np.ndarray:
-        v0 = table[x[i] + y[j] + z[0]]
-        return v0 + f[2] * (table[x[i] + y[j] + z[1]] - v0)
-
-    def along_yz(i: int) -> np.ndarray:
-        v0 = along_z(i, 0)
-        return v0 + f[1] * (along_z(i, 1) - v0)
-
-    v0 = along_yz(0)
-    return v0 + f[0] * (along_yz(1) - v0)
 
 
 def _texture(points: np.ndarray, tex: dict) -> np.ndarray:
@@ -104,7 +77,7 @@ def _texture(points: np.ndarray, tex: dict) -> np.ndarray:
     elif tex["kind"] == 1:
         pattern = 0.5 + 0.5 * np.sin(tex["waves"][0] @ p)
     else:
-        pattern = _value_noise(p * 1.5, tex["table"])
+        pattern = value_noise(p * 1.5, tex["table"])
     w = tex["waves"][1:] @ points + tex["phases"]  # [3, N]
     detail = 0.5 + 0.25 * np.sin(w[0] + 1.5 * np.sin(w[1])) + 0.25 * np.sin(w[2])
     c0, c1 = tex["colours"][0][:, None], tex["colours"][1][:, None]
@@ -139,16 +112,6 @@ def random_scene(rng: np.random.Generator) -> Scene:
     return Scene(half, np.array(boxes).reshape(-1, 2, 3), np.array(spheres).reshape(-1, 4), textures, region)
 
 
-def _rotation(yaw: np.ndarray, pitch: np.ndarray, roll: np.ndarray) -> np.ndarray:
-    """Camera-to-world rotations [T, 3, 3] = R_y(yaw) R_x(pitch) R_z(roll) (yaw about the down axis)."""
-    cy, sy, cp, sp, cr, sr = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch), np.cos(roll), np.sin(roll)
-    one, zero = np.ones_like(yaw), np.zeros_like(yaw)
-    ry = np.stack([np.stack([cy, zero, sy], -1), np.stack([zero, one, zero], -1), np.stack([-sy, zero, cy], -1)], -2)
-    rx = np.stack([np.stack([one, zero, zero], -1), np.stack([zero, cp, -sp], -1), np.stack([zero, sp, cp], -1)], -2)
-    rz = np.stack([np.stack([cr, -sr, zero], -1), np.stack([sr, cr, zero], -1), np.stack([zero, zero, one], -1)], -2)
-    return ry @ rx @ rz
-
-
 def random_camera_path(rng: np.random.Generator, scene: Scene, frames: int) -> tuple[np.ndarray, np.ndarray]:
     """Smooth path of ``frames`` poses: camera-to-world rotations [T, 3, 3] and centres [T, 3].
 
@@ -169,7 +132,7 @@ def random_camera_path(rng: np.random.Generator, scene: Scene, frames: int) -> t
     yaw = heading + rng.uniform(0.1, 0.35) * np.sin(np.pi * s * rng.uniform(0.5, 1.5) + phase[3])
     pitch = rng.uniform(-0.15, 0.15) + 0.08 * np.sin(np.pi * s + phase[4])
     roll = rng.uniform(-0.04, 0.04) + 0.03 * np.sin(np.pi * s + phase[5])
-    return _rotation(yaw, pitch, roll), centres
+    return rotation(yaw, pitch, roll), centres
 
 
 def _cast(origins: np.ndarray, dirs: np.ndarray, scene: Scene) -> tuple[np.ndarray, np.ndarray]:
@@ -220,16 +183,6 @@ def _normals(points: np.ndarray, sid: int, scene: Scene) -> np.ndarray:
     return (points - sphere[:3, None]) / sphere[3]
 
 
-def _rays(c2w: np.ndarray, k: np.ndarray, height: int, width: int, offsets: np.ndarray) -> np.ndarray:
-    """World ray directions [3, T, S*H*W] through pixel centres shifted by ``offsets`` [S, 2]; their
-    camera-space z is 1, so the ray parameter of a hit is its depth."""
-    v, u = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
-    pix = np.stack([(u[None] + offsets[:, 0, None, None]).ravel(), (v[None] + offsets[:, 1, None, None]).ravel(),
-                    np.ones(len(offsets) * height * width)])
-    cam = np.linalg.inv(k) @ pix  # [3, S*H*W]
-    return np.einsum("tij,jm->itm", c2w, cam).astype(np.float32)
-
-
 def render(scene: Scene, c2w: np.ndarray, centres: np.ndarray, k: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Render T views: uint8 RGB [T, H, W, 3] and depth float32 [T, H, W] (z in each camera).
 
@@ -239,12 +192,12 @@ def render(scene: Scene, c2w: np.ndarray, centres: np.ndarray, k: np.ndarray, he
     """
     frames = len(c2w)
     origins = centres.T[:, :, None].astype(np.float32)
-    depth, _ = _cast(origins, _rays(c2w, k, height, width, np.zeros((1, 2))), scene)
-    dirs = _rays(c2w, k, height, width, np.array([[-0.25, -0.25], [0.25, -0.25], [-0.25, 0.25], [0.25, 0.25]]))
+    depth, _ = _cast(origins, pixel_rays(c2w, k, height, width, np.zeros((1, 2))), scene)
+    dirs = pixel_rays(c2w, k, height, width, np.array([[-0.25, -0.25], [0.25, -0.25], [-0.25, 0.25], [0.25, 0.25]]))
     t, surface = _cast(origins, dirs, scene)
     points = origins + t * dirs
     colour = np.empty_like(points)
-    light = _LIGHT.astype(np.float32)
+    light = LIGHT.astype(np.float32)
     for sid in np.unique(surface):
         sel = surface == sid
         hits = points[:, sel]

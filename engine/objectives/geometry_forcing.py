@@ -1,12 +1,12 @@
 """Geometry Forcing (GF): align one DiT block's tokens with a frozen geometry teacher, token by token.
 
-Per clip, the teacher (VGGT's aggregator, ``engine.models.teacher``) sees the clean frames as one
+Per clip, the teacher (VGGT's aggregator, ``engine.teacher``) sees the clean frames as one
 multi-view sequence and returns, for each requested aggregator layer, patch tokens on its
 ``H/14 x W/14`` grid. This module maps them onto the DiT token grid and computes the alignment
 losses of ``kernels.align.GeometryAlignment`` (DESIGN §4, the corrected per-token form, not the
 original code's token/channel mixing):
 
-- **token grid.** Teacher features ``[B, Tt, h, w, C]`` (``Tt`` = ``gf.teacher_frames`` or all frames)
+- **token grid.** Teacher features ``[B, Tt, h, w, C]`` (``Tt`` = ``teacher.frames`` or all frames)
   -> the DiT grid ``[B, Tt / tp, H', W', C]`` of the same frames (:func:`teacher_to_dit_grid`):
   1. time: a DiT token spans ``tp = temporal_patch_size`` frames, so the teacher features of those
      ``tp`` frames are **averaged** (their mean is the one target of the token);
@@ -22,11 +22,11 @@ original code's token/channel mixing):
   ``gf.angular_weight * L_ang + gf.scale_weight * L_scale`` (defaults 0.5 / 0.05) to flow matching.
   Those weights are also the ``loss_weights`` of every ``GeometryAlignment``, so its fused single
   pass (gradients made during the forward) is used.
-- **REPA term (optional, "GF + REPA").** A DINOv2 teacher (``gf.dino``), its own DiT block, projector
-  and weights; the same grid mapping.
+- **REPA term (optional, "GF + REPA").** A DINOv2 teacher (``teacher.dino``) with its own DiT block,
+  projector and weights (``gf.dino``); the same grid mapping.
 
 The teacher is never part of this module: its features arrive in the batch (``teacher.<key>``,
-computed live by ``engine.models.teacher`` or read from a cache by ``engine.data.cache_teacher``), so
+computed live by ``engine.teacher.live`` or read from a cache by ``engine.teacher.reader``), so
 it is outside the optimizer, outside ZeRO partitioning and gets no gradient. Logged parts:
 ``gf_angular``, ``gf_scale`` (layer means, unweighted) and ``dino_angular`` / ``dino_scale``.
 """
@@ -34,65 +34,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.teacher.spec import BATCH_PREFIX, DINO_KEY
 from kernels.align import GeometryAlignment
 
-PATCH = 14                      # VGGT / DINOv2 patch size: teacher resolutions are multiples of it
-BATCH_PREFIX = "teacher."       # batch keys of teacher features: "teacher.vggt_L4", "teacher.dino"
 LOSS_SETS = ("both", "angular", "scale")
 
 
-def vggt_key(layer: int) -> str:
-    """Feature key of VGGT aggregator output ``layer`` (0-based; negatives as given)."""
-    return f"vggt_L{layer}" if layer >= 0 else f"vggt_Lm{-layer}"
-
-
-DINO_KEY = "dino"
-
-
 @dataclass
-class TeacherSource:
-    """Where the VGGT teacher comes from: pretrained weights, or a random init from a config.
+class DinoTermConfig:
+    """The optional "GF + REPA" alignment term (``gf.dino``): its DiT block, weights and projector.
 
-    ``pretrained``: a hub id (``facebook/VGGT-1B``), a local directory or weights file; None builds a
-    random VGGT from ``config`` (``engine/models/vggt/config.py`` format) with ``init_seed`` - tiny CPU
-    recipes and tests. With ``pretrained`` set, ``config`` (if given) overrides the checkpoint's.
+    The DINOv2 teacher it aligns with is ``teacher.dino`` (:class:`engine.teacher.spec.DinoConfig`);
+    both are given or neither.
     """
 
-    pretrained: str | None = "facebook/VGGT-1B"
-    config: dict[str, Any] | None = None
-    init_seed: int = 0
-    local_files_only: bool = False
+    MOVED_KEYS = {k: f"teacher.dino.{k}" for k in ("pretrained", "variant", "config", "init_seed", "layer",
+                                                   "resolution")}
 
-    def validate(self) -> None:
-        if self.pretrained is None and self.config is None:
-            raise ValueError("gf.teacher: give pretrained (hub id or local path) or config (random init)")
-
-
-@dataclass
-class DinoConfig:
-    """The optional semantic teacher of the "GF + REPA" row: DINOv2 (with registers), REPA-style.
-
-    ``pretrained``: an official DINOv2 weights file (e.g. ``dinov2_vitb14_reg4_pretrain.pth`` from the
-    DINOv2 release, or a safetensors copy of it), loaded strictly; None: random init (tiny recipes).
-    ``variant``: one of ``engine.models.vggt.DINOV2_VARIANTS``; ``config``: ``DinoVisionTransformer``
-    keyword overrides (e.g. a tiny ``embed_dim``/``depth``). ``layer``: 0-based block whose output,
-    after the final LayerNorm, is the target (-1: the last block = ``x_norm_patchtokens``, as REPA).
-    ``resolution``: teacher input width (multiple of 14; height by aspect ratio), REPA: 224.
-    """
-
-    pretrained: str | None = None
-    variant: str = "dinov2_vitb14_reg"
-    config: dict[str, Any] | None = None
-    init_seed: int = 0
-    layer: int = -1
-    resolution: int = 224
     dit_block: int = 8
     angular_weight: float = 0.5
     scale_weight: float = 0.0
@@ -100,17 +65,16 @@ class DinoConfig:
     scale_hidden: int = 512
 
     def validate(self) -> None:
-        if self.resolution < PATCH or self.resolution % PATCH:
-            raise ValueError(f"gf.dino.resolution: must be a positive multiple of {PATCH}, got {self.resolution}")
         if self.dit_block < 1:
             raise ValueError(f"gf.dino.dit_block: 1-based block index, got {self.dit_block}")
-        _check_weights(self.angular_weight, self.scale_weight, "gf.dino")
+        check_weights(self.angular_weight, self.scale_weight, "gf.dino")
         for name in ("projector_hidden", "scale_hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"gf.dino.{name}: must be >= 1, got {getattr(self, name)}")
 
 
-def _check_weights(w_ang: float, w_scale: float, where: str) -> None:
+def check_weights(w_ang: float, w_scale: float, where: str) -> None:
+    """Alignment weights: finite, >= 0, not both 0 (ValueError naming ``where``)."""
     for name, w in (("angular_weight", w_ang), ("scale_weight", w_scale)):
         if not math.isfinite(w) or w < 0:
             raise ValueError(f"{where}.{name}: must be a finite number >= 0, got {w}")
@@ -120,41 +84,30 @@ def _check_weights(w_ang: float, w_scale: float, where: str) -> None:
 
 @dataclass
 class GFConfig:
-    """The recipe's ``gf`` section (Geometry Forcing). Disabled by default.
+    """The recipe's ``gf`` section (the Geometry Forcing objective). Disabled by default.
 
-    Ablation switches: ``losses`` (both / angular / scale only), ``dit_block``, ``teacher_layers``,
-    ``teacher_resolution``, ``teacher_frames``. ``teacher_cache``: a directory written by
-    ``python -m engine.data.cache_teacher`` whose features replace the live teacher.
+    Ablation switches: ``losses`` (both / angular / scale only), ``dit_block``; the teacher's layers,
+    resolution, frames and cache are the ``teacher`` section's (:class:`engine.teacher.spec.TeacherConfig`).
     """
+
+    MOVED_KEYS = {"teacher": "teacher.vggt", "teacher_layers": "teacher.layers",
+                  "teacher_resolution": "teacher.resolution", "teacher_frames": "teacher.frames",
+                  "teacher_cache": "teacher.cache"}
 
     enabled: bool = False
     dit_block: int = 8                                  # 1-based DiT block whose output is aligned
-    teacher: TeacherSource = field(default_factory=TeacherSource)
-    teacher_layers: list[int] = field(default_factory=lambda: [4, 11, 17, 23])  # 0-based aggregator outputs
-    teacher_resolution: int = 518                       # teacher input width (multiple of 14)
-    teacher_frames: int = 0                             # align the first N frames only; 0: all
     losses: Literal["both", "angular", "scale"] = "both"
     angular_weight: float = 0.5
     scale_weight: float = 0.05
     projector_hidden: int = 2048
     scale_hidden: int = 512
     chunk_size: int | None = None                       # tokens per chunk of the fused alignment
-    teacher_cache: str | None = None
-    dino: DinoConfig | None = None
+    dino: DinoTermConfig | None = None                  # the REPA term (its teacher: teacher.dino)
 
     def validate(self) -> None:
         if self.dit_block < 1:
             raise ValueError(f"gf.dit_block: 1-based block index, got {self.dit_block}")
-        if not self.teacher_layers:
-            raise ValueError("gf.teacher_layers: name at least one aggregator layer")
-        if len(set(self.teacher_layers)) != len(self.teacher_layers):
-            raise ValueError(f"gf.teacher_layers: duplicates in {self.teacher_layers}")
-        if self.teacher_resolution < PATCH or self.teacher_resolution % PATCH:
-            raise ValueError(f"gf.teacher_resolution: must be a positive multiple of {PATCH}, "
-                             f"got {self.teacher_resolution}")
-        if self.teacher_frames < 0:
-            raise ValueError(f"gf.teacher_frames: must be >= 0 (0 = all frames), got {self.teacher_frames}")
-        _check_weights(*self.weights(), "gf")
+        check_weights(*self.weights(), "gf")
         for name in ("projector_hidden", "scale_hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"gf.{name}: must be >= 1, got {getattr(self, name)}")
@@ -166,33 +119,30 @@ class GFConfig:
         return (self.angular_weight if self.losses != "scale" else 0.0,
                 self.scale_weight if self.losses != "angular" else 0.0)
 
-    def feature_keys(self) -> list[str]:
-        """Teacher feature keys this recipe aligns (VGGT layers, then DINO)."""
-        return [vggt_key(layer) for layer in self.teacher_layers] + ([DINO_KEY] if self.dino else [])
-
-    def aligned_frames(self, frames: int) -> int:
-        return self.teacher_frames or frames
-
 
 def check_gf_recipe(recipe: Any) -> None:
-    """Cross-section checks of ``recipe.gf`` against the model and data (called by ``Recipe.validate``).
-
-    Raises ValueError naming the key."""
-    gf = recipe.gf
+    """Cross-section checks of ``recipe.gf`` against the teacher, model and data (called by
+    ``Recipe.validate``). Raises ValueError naming the key."""
+    gf, teacher = recipe.gf, recipe.teacher
     if not gf.enabled:
-        if gf.teacher_cache or gf.dino is not None:
-            raise ValueError("gf.enabled: false, but gf.teacher_cache / gf.dino are set; enable gf or drop them")
+        if teacher.cache or teacher.dino is not None or gf.dino is not None:
+            raise ValueError("gf.enabled: false, but teacher.cache / teacher.dino / gf.dino are set; enable gf or "
+                             "drop them")
         return
+    if (gf.dino is None) != (teacher.dino is None):
+        given, missing = ("gf.dino", "teacher.dino") if teacher.dino is None else ("teacher.dino", "gf.dino")
+        raise ValueError(f"{missing}: {given} is set, so the REPA term needs {missing} too (the DINOv2 teacher "
+                         f"in teacher.dino, its alignment in gf.dino), or drop {given}")
     depth = recipe.model.resolved().depth
     blocks = [("gf.dit_block", gf.dit_block)] + ([("gf.dino.dit_block", gf.dino.dit_block)] if gf.dino else [])
     for key, block in blocks:
         if not 1 <= block <= depth:
             raise ValueError(f"{key}: {block} is not a block of the DiT (1-based, model depth {depth})")
     frames, tp = recipe.data.frames, recipe.model.temporal_patch_size
-    if gf.teacher_frames > frames:
-        raise ValueError(f"gf.teacher_frames: {gf.teacher_frames} > data.frames={frames}")
-    if gf.aligned_frames(frames) % tp:
-        raise ValueError(f"gf.teacher_frames: {gf.aligned_frames(frames)} frames do not fill whole DiT tokens "
+    if teacher.frames > frames:
+        raise ValueError(f"teacher.frames: {teacher.frames} > data.frames={frames}")
+    if teacher.aligned_frames(frames) % tp:
+        raise ValueError(f"teacher.frames: {teacher.aligned_frames(frames)} frames do not fill whole DiT tokens "
                          f"of model.temporal_patch_size={tp} frames")
 
 
@@ -241,7 +191,7 @@ class _Term(nn.Module):
             name = BATCH_PREFIX + k
             if name not in batch:
                 raise KeyError(f"GF: the batch has no teacher features {name!r} (keys: {sorted(batch)}); the train "
-                               f"loop adds them from engine.models.teacher")
+                               f"loop adds them from engine.teacher")
             y = teacher_to_dit_grid(batch[name], grid_hw, temporal_patch)
             aligned = y.shape[1]
             if aligned > feats.shape[1]:
@@ -257,7 +207,8 @@ class _Term(nn.Module):
 class GeometryForcingHead(nn.Module):
     """The trained part of GF: projectors + scale heads (one per teacher layer, one for DINO).
 
-    ``dims``: channels of each teacher feature key (from the teacher or the cache manifest);
+    ``dims``: channels of each teacher feature key (the teacher's or the cache's ``dims``, in the
+    teacher's order): one projector per VGGT key, and the DINO term when ``gf.dino`` is set;
     ``hidden_dim``: the DiT width; ``temporal_patch``: the DiT's temporal patch size.
     ``forward(features, batch)`` takes the DiT's ``{block: [B, T', H', W', D]}`` and returns
     ``{"loss": weighted sum, "gf_angular", "gf_scale"[, "dino_angular", "dino_scale"]}``.
@@ -266,12 +217,16 @@ class GeometryForcingHead(nn.Module):
     def __init__(self, gf: GFConfig, dims: Mapping[str, int], hidden_dim: int, temporal_patch: int = 1,
                  backend: str = "auto"):
         super().__init__()
-        missing = [k for k in gf.feature_keys() if k not in dims]
-        if missing:
-            raise ValueError(f"GF: no teacher feature size for {missing} (teacher provides {sorted(dims)})")
+        vggt_keys = [k for k in dims if k != DINO_KEY]
+        if not vggt_keys:
+            raise ValueError(f"GF: the teacher provides no VGGT features (keys {sorted(dims)})")
+        if (gf.dino is not None) != (DINO_KEY in dims):
+            raise ValueError(f"GF: gf.dino is {'set' if gf.dino is not None else 'not set'}, the teacher provides "
+                             f"{'' if DINO_KEY in dims else 'no '}DINO features (keys {sorted(dims)}); set both "
+                             f"teacher.dino and gf.dino, or neither")
         self.dit_block = gf.dit_block
         self.temporal_patch = temporal_patch
-        self.vggt = _Term([vggt_key(layer) for layer in gf.teacher_layers], dims, hidden_dim, gf.projector_hidden,
+        self.vggt = _Term(vggt_keys, dims, hidden_dim, gf.projector_hidden,
                           gf.scale_hidden, gf.weights(), backend, gf.chunk_size)
         self.dino = None
         self.dino_block = None
@@ -309,5 +264,5 @@ def alignment_snapshot(head: GeometryForcingHead, features: Mapping[int, torch.T
     return {k: v.float().contiguous().cpu() for k, v in out.items()}
 
 
-__all__ = ["alignment_snapshot", "GFConfig", "TeacherSource", "DinoConfig", "GeometryForcingHead", "teacher_to_dit_grid",
-           "check_gf_recipe", "vggt_key", "DINO_KEY", "BATCH_PREFIX", "PATCH"]
+__all__ = ["alignment_snapshot", "GFConfig", "DinoTermConfig", "GeometryForcingHead", "teacher_to_dit_grid",
+           "check_gf_recipe", "check_weights"]

@@ -7,7 +7,7 @@ noise whatever the number of ranks and micro-batches: a 2-rank run reproduces a 
 
 With Geometry Forcing (``gf``: :class:`engine.objectives.geometry_forcing.GFConfig`, enabled) the module
 also owns the alignment projectors (:class:`GeometryForcingHead`, trained with the DiT); the frozen
-teacher's features come in the batch (``teacher.<key>``, see ``engine.models.teacher``) and the loss is
+teacher's features come in the batch (``teacher.<key>``, see ``engine.teacher``) and the loss is
 ``fm + gf.angular_weight * L_ang + gf.scale_weight * L_scale`` (+ the optional DINO term), each part logged.
 """
 from __future__ import annotations

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from engine import pixels
-from engine.videogpa.policy import Condition, VideoPolicy, to_uint8
+from engine.videogpa.policy_base import Condition, VideoPolicy, to_uint8
 
 log = logging.getLogger("geoforge.videogpa")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -10,20 +10,21 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from safetensors.torch import load_file
 
 from engine.checkpoint import latest_checkpoint
 from engine.config import load_recipe
-from engine.data.cache_teacher import build_cache
+from engine.teacher.cache import build_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 TINY = ["model.hidden_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=8",
         "data.resolution=32", "data.frames=4", "data.synthetic_clips=8", "data.synthetic_frames=6",
-        "gf.dit_block=1", "gf.projector_hidden=32", "gf.scale_hidden=16", "gf.teacher_resolution=28",
-        "gf.teacher.config.aggregator.embed_dim=32", "gf.teacher.config.aggregator.img_size=28",
+        "gf.dit_block=1", "gf.projector_hidden=32", "gf.scale_hidden=16", "teacher.resolution=28",
+        "teacher.vggt.config.aggregator.embed_dim=32", "teacher.vggt.config.aggregator.img_size=28",
         "logging.every=1", "logging.sample_steps=1", "schedule.warmup=1", "schedule.steps=3", "ema.decay=0.9"]
 
 
@@ -71,8 +72,8 @@ def test_one_rank_logs_every_part_and_keeps_the_teacher_out(one_rank):
     weights = load_file(str(latest_checkpoint(run) / "model.safetensors"))
     assert any(k.startswith("gf.vggt.align.vggt_L1.projector") for k in weights)
     assert not any("aggregator" in k or "camera_token" in k for k in weights)   # the teacher is not trained
-    recipe = (run / "recipe.yaml").read_text()
-    assert "teacher_layers" in recipe
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert recipe["teacher"]["layers"] == [0, 1] and "teacher_layers" not in recipe["gf"]
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -96,7 +97,7 @@ def test_cached_teacher_run_reproduces_the_live_run(tmp_path, data_root, one_ran
     recipe = load_recipe("gf_tiny", [*TINY, f"data.root={data_root}", "data.batch_size=2"])
     build_cache(recipe, tmp_path / "cache", world_size=1, log=lambda s: None)
     proc = _run(tmp_path / "run", data_root, ["data.batch_size=2", "distributed.zero_stage=0",
-                                             f"gf.teacher_cache={tmp_path / 'cache'}"])
+                                             f"teacher.cache={tmp_path / 'cache'}"])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     cached = _rows(tmp_path / "run")
     assert cached[1]["fm"] == live[1]["fm"]

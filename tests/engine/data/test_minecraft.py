@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from engine.data.decode import DataError
-from engine.data.minecraft import (EYE, FORWARD, LEFT, NOOP, RIGHT, STEP, TURN, MinecraftClips, main,
-                                   render_minecraft_clip, render_world, stack_actions, walk)
-from engine.data.synthetic import _rotation
+from engine.data.minecraft import MinecraftClips, main, stack_actions
+from engine.data.rendering import rotation
+from engine.data.voxel_render import EYE, FORWARD, LEFT, NOOP, RIGHT, STEP, TURN, render_minecraft_clip, render_world, walk
 
 
 def _dfot_stack(actions, start, frames, skip, mask_first=True):
@@ -65,7 +65,7 @@ def test_turning_left_rotates_the_image_as_the_cameras_say():
     focal = 0.5 * res / np.tan(np.deg2rad(35.0))
     k = np.array([[focal, 0, (res - 1) / 2], [0, focal, (res - 1) / 2], [0, 0, 1.0]])
     centres, yaws = walk(heights, np.array([NOOP, LEFT]), np.array([20.5, 20.5]), 0.3)
-    c2w = _rotation(yaws, np.full(2, -0.3), np.zeros(2))
+    c2w = rotation(yaws, np.full(2, -0.3), np.zeros(2))
     frames = render_world(heights, c2w, centres, k, res, res).astype(np.float64)
 
     def warp_error(rot_b_from_a):

@@ -12,11 +12,12 @@ from safetensors.torch import load_file, save_file
 
 from engine.config import ConfigError, load_recipe
 from engine.models.dit import DiTConfig, VideoDiT
-from engine.models.teacher import LiveTeacher, build_dino, dino_patch_features, teacher_size
 from engine.models.vggt import DinoVisionTransformer
-from engine.objectives.geometry_forcing import (GFConfig, DinoConfig, GeometryForcingHead, TeacherSource,
-                                                alignment_snapshot, teacher_to_dit_grid)
+from engine.objectives.geometry_forcing import (GFConfig, DinoTermConfig, GeometryForcingHead, alignment_snapshot,
+                                                teacher_to_dit_grid)
 from engine.objectives.video_loss import VideoDiffusionLoss
+from engine.teacher.live import LiveTeacher, build_dino, dino_patch_features
+from engine.teacher.spec import DinoConfig, TeacherConfig, TeacherSource, teacher_size
 
 TINY_VGGT = {"aggregator": {"img_size": 56, "patch_size": 14, "embed_dim": 32, "depth": 2, "num_heads": 2,
                             "patch_embed": "conv"}}
@@ -103,10 +104,17 @@ def test_teacher_size_follows_aspect_ratio():
 
 # ----------------------------------------------------------------------------- losses from saved features
 def _gf(**kw) -> GFConfig:
-    base = dict(enabled=True, dit_block=1, teacher=TeacherSource(pretrained=None, config=TINY_VGGT),
-                teacher_layers=[0, 1], teacher_resolution=56, projector_hidden=48, scale_hidden=16)
+    base = dict(enabled=True, dit_block=1, projector_hidden=48, scale_hidden=16)
     base.update(kw)
     cfg = GFConfig(**base)
+    cfg.validate()
+    return cfg
+
+
+def _teacher(**kw) -> TeacherConfig:
+    base = dict(vggt=TeacherSource(pretrained=None, config=TINY_VGGT), layers=[0, 1], resolution=56)
+    base.update(kw)
+    cfg = TeacherConfig(**base)
     cfg.validate()
     return cfg
 
@@ -127,8 +135,8 @@ def test_losses_recomputed_independently_from_saved_features(tmp_path, shape, tp
     """One batch through the DiT + GF head (fused CPU alignment); the DiT features, teacher features and
     head weights are saved, reloaded and the losses recomputed with plain torch formulas."""
     b, t, h, w = shape
-    gf = _gf(teacher_frames=teacher_frames)
-    teacher = LiveTeacher(gf)
+    gf = _gf()
+    teacher = LiveTeacher(_teacher(frames=teacher_frames))
     dit = VideoDiT(DiTConfig(hidden_dim=32, depth=2, num_heads=2, patch_size=8, temporal_patch_size=tp))
     module = VideoDiffusionLoss(dit, _objective(), gf, teacher.dims, backend="cpu")
     batch = _batch(b, t, h, w)
@@ -169,7 +177,7 @@ def _objective():
 def test_gradients_match_plain_autograd():
     """The fused alignment's gradients (DiT features and projector weights) equal autograd of the plain formulas."""
     gf = _gf()
-    teacher = LiveTeacher(gf)
+    teacher = LiveTeacher(_teacher())
     head = GeometryForcingHead(gf, teacher.dims, hidden_dim=32, backend="cpu")
     ref = GeometryForcingHead(gf, teacher.dims, hidden_dim=32, backend="reference")
     ref.load_state_dict(head.state_dict())
@@ -189,7 +197,7 @@ def test_gradients_match_plain_autograd():
 def test_loss_switches(losses, expect):
     gf = _gf(losses=losses)
     assert gf.weights() == expect
-    teacher = LiveTeacher(gf)
+    teacher = LiveTeacher(_teacher())
     head = GeometryForcingHead(gf, teacher.dims, hidden_dim=32, backend="cpu")
     batch = _batch(2, 4, 32, 32)
     batch.update(teacher(batch))
@@ -201,7 +209,7 @@ def test_loss_switches(losses, expect):
 # ----------------------------------------------------------------------------- the frozen teacher
 def test_teacher_is_frozen_and_outside_the_trained_module():
     gf = _gf()
-    teacher = LiveTeacher(gf)
+    teacher = LiveTeacher(_teacher())
     dit = VideoDiT(DiTConfig(hidden_dim=32, depth=2, num_heads=2, patch_size=8))
     module = VideoDiffusionLoss(dit, _objective(), gf, teacher.dims, backend="cpu")
     teacher_params = list(teacher.vggt.parameters())
@@ -222,8 +230,7 @@ def test_teacher_is_frozen_and_outside_the_trained_module():
 
 def test_teacher_features_are_patch_tokens_of_the_aggregator():
     """Live features = the aggregator outputs minus the special tokens, reshaped to the 14-pixel grid."""
-    gf = _gf(teacher_frames=3)
-    teacher = LiveTeacher(gf)
+    teacher = LiveTeacher(_teacher(frames=3))
     frames = _batch(2, 4, 32, 48)["frames"]
     feats = teacher.features(frames)
     images = F.interpolate(frames[:, :3].flatten(0, 1), size=(42, 56), mode="bilinear", align_corners=False,
@@ -241,7 +248,7 @@ def test_dino_term_and_official_weights(tmp_path):
     vit = DinoVisionTransformer(**{**TINY_DINO, "num_register_tokens": 4, "init_values": 1.0})
     torch.save(vit.state_dict(), tmp_path / "dinov2_tiny_reg4_pretrain.pth")
     dino = DinoConfig(pretrained=str(tmp_path / "dinov2_tiny_reg4_pretrain.pth"), variant="dinov2_vits14_reg",
-                      config=TINY_DINO, resolution=28, dit_block=2, projector_hidden=16, scale_hidden=8)
+                      config=TINY_DINO, resolution=28)
     loaded = build_dino(dino)
     for (k, a), (_, b) in zip(vit.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
@@ -250,8 +257,8 @@ def test_dino_term_and_official_weights(tmp_path):
         [0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     torch.testing.assert_close(dino_patch_features(loaded, images).flatten(1, 2), vit.eval()(normed))
 
-    gf = _gf(dino=dino)
-    teacher = LiveTeacher(gf)
+    gf = _gf(dino=DinoTermConfig(dit_block=2, projector_hidden=16, scale_hidden=8))
+    teacher = LiveTeacher(_teacher(dino=dino))
     assert teacher.dims["dino"] == 32
     dit = VideoDiT(DiTConfig(hidden_dim=32, depth=2, num_heads=2, patch_size=8))
     module = VideoDiffusionLoss(dit, _objective(), gf, teacher.dims, backend="cpu")
@@ -275,20 +282,39 @@ def test_dino_weights_of_another_variant_are_refused(tmp_path):
 # ----------------------------------------------------------------------------- recipe keys
 @pytest.mark.parametrize("override,message", [
     ("gf.dit_block=9", "gf.dit_block: 9 is not a block of the DiT"),
-    ("gf.teacher_resolution=60", "gf.teacher_resolution: must be a positive multiple of 14"),
-    ("gf.teacher_frames=9", "gf.teacher_frames: 9 > data.frames=8"),
+    ("teacher.resolution=60", "teacher.resolution: must be a positive multiple of 14"),
+    ("teacher.frames=9", "teacher.frames: 9 > data.frames=8"),
     ("gf.losses=neither", "gf.losses: must be one of"),
-    ("gf.teacher_layers=[]", "gf.teacher_layers: name at least one"),
-    ("gf.teacher_layerz=[1]", "gf.teacher_layerz: unknown key (did you mean 'teacher_layers'?)"),
+    ("teacher.layers=[]", "teacher.layers: name at least one"),
+    ("teacher.layerz=[1]", "teacher.layerz: unknown key (did you mean 'layers'?)"),
+    ("gf.dino={}", "teacher.dino: gf.dino is set, so the REPA term needs teacher.dino too"),
+    ("teacher.dino={}", "gf.dino: teacher.dino is set, so the REPA term needs gf.dino too"),
 ])
 def test_recipe_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_recipe("gf_tiny", [override])
 
 
+@pytest.mark.parametrize("old,new", [("gf.teacher_layers=[1]", "teacher.layers"),
+                                     ("gf.teacher_resolution=56", "teacher.resolution"),
+                                     ("gf.teacher_frames=0", "teacher.frames"), ("gf.teacher_cache=x", "teacher.cache"),
+                                     ("gf.teacher.init_seed=1", "teacher.vggt"),
+                                     ("gf.dino.resolution=224", "teacher.dino.resolution"),
+                                     ("gf.dino.variant=dinov2_vitb14_reg", "teacher.dino.variant")])
+def test_old_teacher_keys_under_gf_name_where_they_moved(old, new):
+    key = old.split("=")[0].replace("gf.teacher.init_seed", "gf.teacher")
+    with pytest.raises(ConfigError, match=re.escape(f"{key}: this key moved to {new}")):
+        load_recipe("gf_tiny", [old])
+
+
+def test_gf_off_with_teacher_extras_is_refused():
+    with pytest.raises(ConfigError, match="gf.enabled: false, but teacher.cache"):
+        load_recipe("gf_tiny", ["gf.enabled=false", "teacher.cache=somewhere"])
+
+
 def test_temporal_patch_must_divide_teacher_frames():
-    with pytest.raises(ConfigError, match="gf.teacher_frames: 3 frames do not fill whole DiT tokens"):
-        load_recipe("gf_tiny", ["model.temporal_patch_size=2", "gf.teacher_frames=3"])
+    with pytest.raises(ConfigError, match="teacher.frames: 3 frames do not fill whole DiT tokens"):
+        load_recipe("gf_tiny", ["model.temporal_patch_size=2", "teacher.frames=3"])
 
 
 @pytest.mark.parametrize("name", ["gf_tiny", "gf_re10k", "gf_minecraft", "gf_repa_re10k", "dfot_re10k"])
@@ -296,4 +322,4 @@ def test_recipes_load(name):
     recipe = load_recipe(name)
     assert recipe.gf.enabled == (name != "dfot_re10k")
     if name == "gf_repa_re10k":
-        assert recipe.gf.dino is not None
+        assert recipe.gf.dino is not None and recipe.teacher.dino is not None

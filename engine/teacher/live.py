@@ -1,26 +1,25 @@
-"""The frozen teachers of Geometry Forcing, built from the recipe's ``gf`` section.
+"""The live GF teacher: frozen VGGT (+ DINOv2) run on a batch's clean frames, from the ``teacher`` section.
 
 :class:`LiveTeacher` holds VGGT (and optionally DINOv2) frozen - eval mode, ``requires_grad=False``,
 run under ``torch.inference_mode`` (VGGT's ``aggregator_features``) / ``torch.no_grad``, bf16 autocast
 on CUDA - and is deliberately *not* an ``nn.Module`` attribute of the trained module: the train loop
 calls it on each micro-batch and puts its features into the batch (``teacher.<key>``), so the teacher
-is outside the optimizer, outside ZeRO partitioning and never receives a gradient. :func:`build_teacher` returns it, or the cache reader of
-``engine.data.cache_teacher`` when ``gf.teacher_cache`` is set (same call, same outputs up to bf16).
+is outside the optimizer, outside ZeRO partitioning and never receives a gradient.
+``engine.teacher.builder.build_teacher`` returns it, or the cache reader of ``engine.teacher.reader``
+when ``teacher.cache`` is set (same call, same outputs up to bf16).
 
-Teacher inputs: the clean frames in [0, 1]; only the first ``gf.teacher_frames`` frames (0: all).
+Teacher inputs: the clean frames in [0, 1]; only the first ``teacher.frames`` frames (0: all).
 VGGT sees each clip's frames as one multi-view sequence, resized bilinearly (antialiased when
-shrinking) to width ``gf.teacher_resolution`` and the height of the frame's aspect ratio, both
-multiples of 14 (:func:`teacher_size`; square frames -> square inputs). Output per requested
-aggregator layer: patch tokens only (the ``patch_start_idx`` camera/register tokens dropped) on their
-``H/14 x W/14`` grid, ``[B, Tt, h, w, 2C]`` float32. DINOv2 sees each frame alone (bicubic resize to
-``gf.dino.resolution``, ImageNet normalisation) and returns the LayerNorm-ed patch tokens of block
-``gf.dino.layer``.
+shrinking) to width ``teacher.resolution`` and the height of the frame's aspect ratio, both
+multiples of 14 (:func:`engine.teacher.spec.teacher_size`; square frames -> square inputs). Output per
+requested aggregator layer (``teacher.layers``): patch tokens only (the ``patch_start_idx``
+camera/register tokens dropped) on their ``H/14 x W/14`` grid, ``[B, Tt, h, w, 2C]`` float32. DINOv2
+sees each frame alone (bicubic resize to ``teacher.dino.resolution``, ImageNet normalisation) and
+returns the LayerNorm-ed patch tokens of block ``teacher.dino.layer``.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,49 +29,11 @@ import torch.nn.functional as F
 
 from engine.models.vggt import VGGT, DINOV2_VARIANTS, DinoVisionTransformer, patch_token_grid, resize_for_vggt
 from engine.weights import load_into, read_state_dict
-from engine.objectives.geometry_forcing import BATCH_PREFIX, DINO_KEY, PATCH, DinoConfig, GFConfig, TeacherSource, vggt_key
+from engine.teacher.spec import BATCH_PREFIX, DINO_KEY, PATCH, DinoConfig, TeacherConfig, TeacherSource, teacher_size, vggt_key
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HEADS = ("camera_head", "depth_head", "point_head", "track_head")
-
-
-def teacher_size(height: int, width: int, resolution: int) -> tuple[int, int]:
-    """Teacher input ``(h, w)``: width ``resolution``, height by the frame's aspect ratio, multiples of 14."""
-    if resolution % PATCH:
-        raise ValueError(f"teacher resolution must be a multiple of {PATCH}, got {resolution}")
-    return max(PATCH, round(height * resolution / width / PATCH) * PATCH), resolution
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def vggt_identity(src: TeacherSource) -> str:
-    """A stable name of the VGGT teacher's weights, recorded in (and checked against) teacher caches."""
-    if src.pretrained is None:
-        return f"random-vggt:{_digest({'config': src.config, 'seed': src.init_seed})}"
-    path = Path(src.pretrained).expanduser()
-    name = str(path.resolve()) if path.exists() else src.pretrained
-    return name if src.config is None else f"{name}+config:{_digest(src.config)}"
-
-
-def dino_identity(cfg: DinoConfig) -> str:
-    base = {"variant": cfg.variant, "config": cfg.config, "layer": cfg.layer}
-    if cfg.pretrained is None:
-        return f"random-dino:{_digest({**base, 'seed': cfg.init_seed})}"
-    path = Path(cfg.pretrained).expanduser()
-    return f"{path.resolve() if path.exists() else cfg.pretrained}:{_digest(base)}"
-
-
-def teacher_identity(gf: GFConfig, frame_hw: tuple[int, int]) -> dict[str, Any]:
-    """What the teacher features depend on (weights, layers, input size), as recorded in a cache manifest."""
-    out: dict[str, Any] = {"vggt": {"id": vggt_identity(gf.teacher), "layers": list(gf.teacher_layers),
-                                    "size": list(teacher_size(*frame_hw, gf.teacher_resolution))}}
-    if gf.dino is not None:
-        d = gf.dino
-        out["dino"] = {"id": dino_identity(d), "layer": d.layer, "size": list(teacher_size(*frame_hw, d.resolution))}
-    return out
 
 
 def _freeze(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
@@ -101,7 +62,7 @@ def build_dino(cfg: DinoConfig, device: torch.device | str = "cpu") -> DinoVisio
     """The frozen DINOv2 teacher: ``variant`` sizes, official hub flags for ``*_reg`` models, ``config``
     overrides; strict load of ``pretrained`` (official DINOv2 state dict) when given."""
     if cfg.variant not in DINOV2_VARIANTS:
-        raise ValueError(f"gf.dino.variant: must be one of {sorted(DINOV2_VARIANTS)}, got {cfg.variant!r}")
+        raise ValueError(f"teacher.dino.variant: must be one of {sorted(DINOV2_VARIANTS)}, got {cfg.variant!r}")
     dim, depth, heads = DINOV2_VARIANTS[cfg.variant]
     kwargs: dict[str, Any] = dict(img_size=518, patch_size=PATCH, embed_dim=dim, depth=depth, num_heads=heads,
                                   init_values=1.0, num_register_tokens=4, interpolate_antialias=True,
@@ -112,15 +73,15 @@ def build_dino(cfg: DinoConfig, device: torch.device | str = "cpu") -> DinoVisio
         try:
             model = DinoVisionTransformer(**kwargs)
         except TypeError as err:
-            raise ValueError(f"gf.dino.config: {err}") from err
+            raise ValueError(f"teacher.dino.config: {err}") from err
     if not -len(model.blocks) <= cfg.layer < len(model.blocks):
-        raise ValueError(f"gf.dino.layer: {cfg.layer} is not a block of a {len(model.blocks)}-block DINOv2")
+        raise ValueError(f"teacher.dino.layer: {cfg.layer} is not a block of a {len(model.blocks)}-block DINOv2")
     if cfg.pretrained is not None:
         path = Path(cfg.pretrained).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"gf.dino.pretrained: no file {path} (an official DINOv2 state dict, e.g. "
+            raise FileNotFoundError(f"teacher.dino.pretrained: no file {path} (an official DINOv2 state dict, e.g. "
                                     f"dinov2_vitb14_reg4_pretrain.pth)")
-        load_into(model, read_state_dict(path), source=f"gf.dino.pretrained {path}", what=cfg.variant)
+        load_into(model, read_state_dict(path), source=f"teacher.dino.pretrained {path}", what=cfg.variant)
     return _freeze(model, device)
 
 
@@ -149,17 +110,17 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
 class LiveTeacher:
     """Frozen VGGT (+ DINOv2) computing GF targets from a batch's clean frames. Not an nn.Module."""
 
-    def __init__(self, gf: GFConfig, device: torch.device | str = "cpu"):
-        self.gf = gf
+    def __init__(self, teacher: TeacherConfig, device: torch.device | str = "cpu"):
+        self.cfg = teacher
         self.device = torch.device(device)
-        self.vggt = build_vggt(gf.teacher, self.device)
-        self.dino = build_dino(gf.dino, self.device) if gf.dino is not None else None
-        for layer in gf.teacher_layers:
+        self.vggt = build_vggt(teacher.vggt, self.device)
+        self.dino = build_dino(teacher.dino, self.device) if teacher.dino is not None else None
+        for layer in teacher.layers:
             depth = self.vggt.aggregator.depth
             if not -depth <= layer < depth:
-                raise ValueError(f"gf.teacher_layers: {layer} is not an output of the {depth}-layer VGGT aggregator")
+                raise ValueError(f"teacher.layers: {layer} is not an output of the {depth}-layer VGGT aggregator")
         width = 2 * self.vggt.aggregator.camera_token.shape[-1]
-        self.dims = {vggt_key(layer): width for layer in gf.teacher_layers}
+        self.dims = {vggt_key(layer): width for layer in teacher.layers}
         if self.dino is not None:
             self.dims[DINO_KEY] = self.dino.embed_dim
 
@@ -168,19 +129,19 @@ class LiveTeacher:
         """``frames [B, T, 3, H, W]`` in [0, 1] -> ``{key: [B, Tt, h, w, C] float32}`` (Tt: teacher frames)."""
         if frames.dim() != 5 or frames.shape[2] != 3:
             raise ValueError(f"teacher: frames must be [B, T, 3, H, W], got {tuple(frames.shape)}")
-        gf = self.gf
-        frames = frames[:, :gf.aligned_frames(frames.shape[1])].to(self.device, torch.float32)
+        cfg = self.cfg
+        frames = frames[:, :cfg.aligned_frames(frames.shape[1])].to(self.device, torch.float32)
         b, t, _, height, width = frames.shape
-        size = teacher_size(height, width, gf.teacher_resolution)
+        size = teacher_size(height, width, cfg.resolution)
         images = resize_for_vggt(frames, size)
         # inference mode inside; the clones below are ordinary tensors a loss may save for backward
-        tokens = self.vggt.aggregator_features(images, gf.teacher_layers)
+        tokens = self.vggt.aggregator_features(images, cfg.layers)
         grid = self.vggt.patch_grid(size)
         start = self.vggt.patch_start_idx
         out = {vggt_key(layer): patch_token_grid(tokens[layer], start, grid).float().clone(
-            memory_format=torch.contiguous_format) for layer in gf.teacher_layers}
+            memory_format=torch.contiguous_format) for layer in cfg.layers}
         if self.dino is not None:
-            d = gf.dino
+            d = cfg.dino
             dsize = teacher_size(height, width, d.resolution)
             flat = frames.flatten(0, 1)
             if tuple(flat.shape[-2:]) != dsize:
@@ -195,19 +156,4 @@ class LiveTeacher:
         return {BATCH_PREFIX + k: v for k, v in self.features(batch["frames"]).items()}
 
 
-def build_teacher(recipe: Any, device: torch.device | str = "cpu"):
-    """The recipe's teacher: None (GF off), the cache reader (``gf.teacher_cache``) or a LiveTeacher.
-
-    Both return ``{"teacher.<key>": [B, Tt, h, w, C]}`` for a batch and expose ``dims`` (channels per key)."""
-    gf: GFConfig = recipe.gf
-    if not gf.enabled:
-        return None
-    if gf.teacher_cache:
-        from engine.data.cache_teacher import TeacherCache
-
-        return TeacherCache(gf.teacher_cache, recipe, device)
-    return LiveTeacher(gf, device)
-
-
-__all__ = ["LiveTeacher", "build_teacher", "teacher_identity", "build_vggt", "build_dino", "dino_patch_features", "teacher_size",
-           "vggt_identity", "dino_identity"]
+__all__ = ["LiveTeacher", "build_vggt", "build_dino", "dino_patch_features", "IMAGENET_MEAN", "IMAGENET_STD"]

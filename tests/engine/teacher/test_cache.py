@@ -3,6 +3,7 @@ rounded to bf16 (so the loss of a batch is the live path's), and a cache that do
 refused with a message naming the recipe key."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -11,16 +12,18 @@ import torch
 
 from engine.config import load_recipe
 from engine.data.builder import build_loader
-from engine.data.cache_teacher import MANIFEST, TeacherCache, TeacherCacheError, build_cache, main
 from engine.distributed import World
 from engine.models.dit import VideoDiT
-from engine.models.teacher import LiveTeacher
 from engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
+from engine.teacher.builder import build_teacher
+from engine.teacher.cache import build_cache, main
+from engine.teacher.live import LiveTeacher
+from engine.teacher.reader import MANIFEST, TeacherCache, TeacherCacheError
 
 TINY = ["model.hidden_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=8",
         "data.resolution=32", "data.frames=4", "data.synthetic_clips=8", "data.synthetic_frames=6",
         "data.batch_size=2", "gf.dit_block=1", "gf.projector_hidden=32", "gf.scale_hidden=16",
-        "gf.teacher_resolution=28", "gf.teacher.config.aggregator.embed_dim=32", "gf.teacher.config.aggregator.img_size=28"]
+        "teacher.resolution=28", "teacher.vggt.config.aggregator.embed_dim=32", "teacher.vggt.config.aggregator.img_size=28"]
 WORLD = World(rank=0, local_rank=0, size=1, local_size=1, device=torch.device("cpu"))
 
 
@@ -35,7 +38,11 @@ def setup(tmp_path_factory):
 
 def _recipe(setup, *extra):
     base, overrides, _ = setup
-    return load_recipe("gf_tiny", [*overrides, f"gf.teacher_cache={base / 'cache'}", *extra])
+    return load_recipe("gf_tiny", [*overrides, f"teacher.cache={base / 'cache'}", *extra])
+
+
+def _cache(recipe, directory=None):
+    return TeacherCache(directory or recipe.teacher.cache, recipe.teacher, recipe.data, recipe.seed)
 
 
 def _batches(recipe, n):
@@ -59,8 +66,9 @@ def test_cache_serves_every_window_of_the_pipeline_with_the_live_features(setup)
     """The loader's batches of epochs 0-1 (8 clips / 2 per batch = 4 steps per epoch) are all cached, and
     the cached features are the live teacher's rounded to bf16, bit for bit."""
     recipe = _recipe(setup)
-    cache = TeacherCache(recipe.gf.teacher_cache, recipe)
-    live = LiveTeacher(recipe.gf)
+    cache = build_teacher(recipe.teacher, recipe.data, seed=recipe.seed)
+    live = build_teacher(dataclasses.replace(recipe.teacher, cache=None))
+    assert isinstance(cache, TeacherCache) and isinstance(live, LiveTeacher)
     assert cache.dims == live.dims
     for batch in _batches(recipe, 8):
         cached, fresh = cache(batch), live(batch)
@@ -74,7 +82,7 @@ def test_cache_path_gives_the_live_loss(setup):
     """Same module, batch and noise: the loss with cached targets equals the loss with the live targets
     rounded to bf16 exactly, and the full-precision live loss to bf16 accuracy."""
     recipe = _recipe(setup)
-    cache, live = TeacherCache(recipe.gf.teacher_cache, recipe), LiveTeacher(recipe.gf)
+    cache, live = _cache(recipe), LiveTeacher(recipe.teacher)
     torch.manual_seed(0)
     module = VideoDiffusionLoss(VideoDiT(recipe.model), recipe.objective, recipe.gf, cache.dims, "cpu")
     batch = _batches(recipe, 1)[0]
@@ -89,36 +97,36 @@ def test_cache_path_gives_the_live_loss(setup):
 
 
 @pytest.mark.parametrize("override,key", [
-    ("gf.teacher_resolution=56", "gf.teacher_resolution"),
-    ("gf.teacher.init_seed=1", "gf.teacher"),
-    ("gf.teacher_layers=[0,-1]", "gf.teacher_layers: layers [-1] are not in the cache"),
-    ("gf.teacher_frames=2", "gf.teacher_frames"),
+    ("teacher.resolution=56", "teacher.resolution"),
+    ("teacher.vggt.init_seed=1", "teacher.vggt"),
+    ("teacher.layers=[0,-1]", "teacher.layers: layers [-1] are not in the cache"),
+    ("teacher.frames=2", "teacher.frames"),
     ("data.resolution=40", "data.resolution"),
     ("seed=3", "seed"),
 ])
 def test_mismatched_cache_is_refused_naming_the_key(setup, override, key):
     recipe = _recipe(setup, override)
     with pytest.raises(TeacherCacheError, match=re.escape(key)):
-        TeacherCache(recipe.gf.teacher_cache, recipe)
+        _cache(recipe)
 
 
 def test_recipe_may_use_a_subset_of_the_cached_layers(setup):
-    recipe = _recipe(setup, "gf.teacher_layers=[1]")
-    cache = TeacherCache(recipe.gf.teacher_cache, recipe)
+    recipe = _recipe(setup, "teacher.layers=[1]")
+    cache = _cache(recipe)
     batch = _batches(recipe, 1)[0]
     assert set(cache(batch)) == {"teacher.vggt_L1"}
 
 
 def test_missing_window_and_incomplete_cache(setup, tmp_path):
     recipe = _recipe(setup)
-    cache = TeacherCache(recipe.gf.teacher_cache, recipe)
+    cache = _cache(recipe)
     batch = _batches(recipe, 1)[0]
     batch["frame_indices"] = batch["frame_indices"] + 100
     with pytest.raises(TeacherCacheError, match="has no window for dataset index"):
         cache(batch)
-    recipe = _recipe(setup, f"gf.teacher_cache={tmp_path}")
+    recipe = _recipe(setup, f"teacher.cache={tmp_path}")
     with pytest.raises(TeacherCacheError, match="not a complete teacher cache"):
-        TeacherCache(tmp_path, recipe)
+        _cache(recipe, tmp_path)
 
 
 def test_cli_writes_once_and_refuses_to_overwrite(setup, tmp_path, capsys):
@@ -150,8 +158,8 @@ def test_minecraft_clips_are_cached_and_served(tmp_path):
     manifest = build_cache(recipe, tmp_path / "cache", epochs=2, log=lambda s: None)
     assert manifest["data"]["kind"] == "minecraft" and manifest["data"]["clips"] == 4
     assert manifest["windows"]["samples_read"] == 8
-    recipe = load_recipe("gf_tiny", [*overrides, f"gf.teacher_cache={tmp_path / 'cache'}"])
-    cache, live = TeacherCache(recipe.gf.teacher_cache, recipe), LiveTeacher(recipe.gf)
+    recipe = load_recipe("gf_tiny", [*overrides, f"teacher.cache={tmp_path / 'cache'}"])
+    cache, live = _cache(recipe), LiveTeacher(recipe.teacher)
     for batch in _batches(recipe, 4):   # epochs 0-1: 4 clips / 2 per batch
         assert "actions" in batch
         cached, fresh = cache(batch), live(batch)
@@ -159,13 +167,13 @@ def test_minecraft_clips_are_cached_and_served(tmp_path):
             assert torch.equal(cached[k], fresh[k].bfloat16().float()), k
     write_minecraft_clips(tmp_path / "mc" / "training", clips=5, frames=10, resolution=32, seed=0)
     with pytest.raises(TeacherCacheError, match="data.root"):
-        TeacherCache(recipe.gf.teacher_cache, recipe)
+        _cache(recipe)
 
 
 def test_worker_and_in_process_batches_give_the_teacher_the_same_bits(setup):
     """Batches from a DataLoader worker and from the main process have the same values and memory layout,
     so the teacher (and a cache built either way) gives bit-identical features."""
-    live = LiveTeacher(_recipe(setup).gf)
+    live = LiveTeacher(_recipe(setup).teacher)
     inline, worker = (_batches(_recipe(setup, f"data.num_workers={w}"), 1)[0] for w in (0, 1))
     assert inline["frames"].stride() == worker["frames"].stride()
     a, b = live(inline), live(worker)
@@ -180,19 +188,19 @@ def test_fixed_windows_one_epoch_cache_serves_every_epoch(setup, tmp_path):
     fixed = [*overrides, "data.fixed_windows=true", "data.hflip_prob=0.5"]
     manifest = build_cache(load_recipe("gf_tiny", fixed), tmp_path / "fixed", log=lambda s: None)
     assert manifest["windows"]["epochs"] == 1 and manifest["windows"]["count"] == 8   # 8 clips
-    recipe = load_recipe("gf_tiny", [*fixed, f"gf.teacher_cache={tmp_path / 'fixed'}"])
-    cache = TeacherCache(recipe.gf.teacher_cache, recipe)
+    recipe = load_recipe("gf_tiny", [*fixed, f"teacher.cache={tmp_path / 'fixed'}"])
+    cache = _cache(recipe)
     batches = _batches(recipe, 12)   # 3 epochs of 4 batches
     for batch in batches:
         cache(batch)   # raises if a window is missing
     windows = [{(int(i), int(f[0]), bool(fl)) for b in batches[e * 4:(e + 1) * 4]
                 for i, f, fl in zip(b["index"], b["frame_indices"], b["flip"])} for e in range(3)]
     assert windows[0] == windows[1] == windows[2] and len(windows[0]) == 8
-    moving = load_recipe("gf_tiny", [*overrides, f"gf.teacher_cache={tmp_path / 'fixed'}", "data.hflip_prob=0.5"])
+    moving = load_recipe("gf_tiny", [*overrides, f"teacher.cache={tmp_path / 'fixed'}", "data.hflip_prob=0.5"])
     with pytest.raises(TeacherCacheError, match="data.fixed_windows"):
-        TeacherCache(moving.gf.teacher_cache, moving)
+        _cache(moving)
     with pytest.raises(TeacherCacheError, match="data.fixed_windows"):   # the setup's cache: moving windows
-        TeacherCache(base / "cache", load_recipe("gf_tiny", [*fixed, f"gf.teacher_cache={base / 'cache'}"]))
+        _cache(load_recipe("gf_tiny", [*fixed, f"teacher.cache={base / 'cache'}"]))
 
 
 def test_fixed_windows_in_minecraft_clips(tmp_path):
