@@ -376,3 +376,55 @@ def test_gradients_made_in_forward(backend, dtype, monkeypatch):
     out = m(x, y)
     (out["angular"] + out["scale"]).backward()
     assert len(calls) == 3
+
+
+# ----------------------------------------------------------------------------- GPU-readiness (issue 16)
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_paths_refuse_fp16(backend):
+    """fp16 gradients of the fused paths underflow (coefficients 2/(N*T) below fp16's subnormals): refused."""
+    m, x, y = make(SHAPES[0], torch.float16, backend)
+    with pytest.raises(TypeError, match="float16 is not supported on the fused"):
+        m(x, y)
+    p = torch.randn(8, 16, dtype=torch.float16)
+    with pytest.raises(TypeError, match="float16 is not supported on the fused"):
+        align.loss_tail(p, p.clone(), p.clone(), backend=backend)
+    ref = align.GeometryAlignment(32, 64, 48, 40, backend="reference").half()  # the reference still takes fp16
+    assert torch.isfinite(ref(torch.randn(4, 32).half(), torch.randn(4, 48).half())["angular"].float())
+
+
+def test_weight_gradients_accumulate_in_fp32():
+    """bf16 chunk products go into the float32 accumulator without a bf16 temporary (issue 16 item 5)."""
+    torch.manual_seed(0)
+    chunks, rows, out_dim, in_dim = 16, 64, 48, 40
+    ws = align._Workspace(rows, 64, 48, 40, 2 * rows * 64, torch.bfloat16, torch.device("cpu"))
+    acc = torch.zeros(out_dim, in_dim)
+    exact = torch.zeros(out_dim, in_dim, dtype=torch.float64)
+    for _ in range(chunks):
+        g = torch.randn(rows, out_dim).bfloat16()
+        h = torch.randn(rows, in_dim).bfloat16()
+        align._accumulate(acc, g.t(), h, ws)
+        exact += g.double().t() @ h.double()
+    rel = ((acc.double() - exact).norm() / exact.norm()).item()
+    assert rel < 1e-6, f"relative error {rel:.2e}: the chunk products were rounded below float32"
+
+
+@needs_triton
+def test_triton_tail_refuses_partial_rows(monkeypatch):
+    """The in-place tail needs one program per whole row (BLOCK_T >= T); a config breaking that is refused."""
+    ops = align.tail_ops("triton")
+    monkeypatch.setattr(type(ops), "config", staticmethod(lambda rows, cols, tiles=2: (1, 16, 8)))
+    p, y = torch.randn(4, 40), torch.randn(4, 40)
+    with pytest.raises(ValueError, match="BLOCK_T=16 < T=40"):
+        ops.norm_fwd(p, y, p)
+
+
+def test_launch_config_warps_and_width(monkeypatch):
+    monkeypatch.setattr(_backend, "triton_interpreting", lambda: False)  # the GPU configuration
+    for cols in (17, 1024, 2048, 4096, 16384):
+        for tiles in (2, 3):
+            block_r, block_t, warps = align.launch_config(8192, cols, tiles)
+            assert block_t >= cols and 8 <= warps <= 32
+            assert block_r * block_t // (32 * warps) <= 16, "more than 16 values per thread: register spills"
+    assert align.launch_config(8192, 2048)[2] == 8  # _norm_bwd at VGGT width: 8 warps (74 registers, sm_90)
+    with pytest.raises(ValueError, match="at most 16384"):
+        align.launch_config(8, 16385)

@@ -565,3 +565,21 @@ def test_bad_arguments_name_the_argument():
         reprojection_error(frames, depth, conf.to("meta"), E, K)
     with pytest.raises(ValueError, match="intrinsic"):
         reprojection_error(frames, depth, conf, E, torch.cat((K, K[:1])))
+
+
+@pytest.mark.parametrize("op", ["unproject", "reprojection_error"])
+def test_triton_refuses_more_frames_than_grid_axis_1_holds(op):
+    """Grid axis 1 holds the frames; CUDA caps it at 65,535. The wrapper refuses before launching (the
+    interpreter has no such limit, so without the check this call would run here and fail only on a GPU)."""
+    if not triton_usable(torch.device("cpu")):
+        pytest.skip("triton missing or TRITON_INTERPRET unset")
+    S = 65536
+    depth = torch.ones(S, 1, 1)
+    extrinsic = torch.eye(3, 4).expand(S, 3, 4)
+    intrinsic = torch.eye(3).expand(S, 3, 3)
+    with pytest.raises(ValueError, match="grid axis 1 holds 65536 programs"):
+        if op == "unproject":
+            unproject_depth(depth, extrinsic, intrinsic, backend="triton")
+        else:
+            reprojection_error(torch.zeros(S, 1, 1, 1), depth, torch.ones(S, 1, 1), extrinsic, intrinsic,
+                               backend="triton")
