@@ -31,7 +31,7 @@ def write_sample_video(dit: torch.nn.Module, batch: dict[str, torch.Tensor], rec
     path = Path(run_dir) / "samples" / f"step_{step}.mp4"
     if world.is_main:
         video = torch.cat([frames[0].float(), (sample[0].float().clamp(-1, 1) + 1) / 2], dim=-1)  # [T,3,H,2W]
-        pixels = (video * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        pixels = (video * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".tmp-{path.name}")
         encode_video(tmp, pixels, fps=8)

@@ -100,7 +100,7 @@ def gif_bytes(frames: torch.Tensor, fps: float = 4.0) -> bytes:
 
     from PIL import Image
 
-    images = [Image.fromarray(f.numpy()) for f in frames]
+    images = [Image.fromarray(f.cpu().numpy()) for f in frames]
     buf = io.BytesIO()
     images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
     return buf.getvalue()
