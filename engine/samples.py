@@ -19,10 +19,9 @@ def write_sample_video(dit: torch.nn.Module, batch: dict[str, torch.Tensor], rec
     the forward in lock-step); rank 0 writes."""
     was_training = dit.training
     dit.eval()
-    dtype = next(dit.parameters()).dtype
-    frames = batch["frames"][:1].to(dtype)
+    frames = batch["frames"][:1].float()   # float32 context, cameras and flow times whatever the model's dtype
     x0 = frames * 2 - 1
-    cond = {k: batch[k][:1].to(dtype) for k in ("intrinsics", "extrinsics", "actions") if k in batch}
+    cond = {k: batch[k][:1].float() for k in ("intrinsics", "extrinsics", "actions") if k in batch}
     context = max(1, recipe.objective.context_frames)
     g = torch.Generator(device="cpu").manual_seed(recipe.seed + step)
     sample = euler_sample(dit, x0.shape, recipe.logging.sample_steps, cond, generator=g,
