@@ -29,7 +29,7 @@ from engine.distributed import (World, any_rank, broadcast_object, deepspeed_con
                                 shutdown)
 from engine.ema import ShardedEMA
 from engine.eval.validate import validate, validation_batch
-from engine.models.attention import attention_backend, set_attention_backend
+from engine.models.attention import attention_backend, attention_report, set_attention_backend
 from engine.models.dit import VideoDiT
 from engine.models.teacher import build_teacher
 from engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
@@ -83,6 +83,7 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> di
              f"attention: {attention_backend()} | fused kernels: {recipe.backend} | run dir: {run_dir}")
 
     step, consumed, skipped, bad_clips = 0, 0, 0, 0
+    reported_kernels = False
     checkpoint = None
     if resume == "auto":
         checkpoint = latest_checkpoint(run_dir)
@@ -106,18 +107,19 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> di
     val_batch = (validation_batch(recipe, recipe.logging.validate_videos, world)
                  if recipe.logging.validate_every else None)
     while step < recipe.schedule.steps:
-        parts_sum: dict[str, float] = {}
+        parts_sum: dict[str, torch.Tensor] = {}
         micro, bad_here = 0, 0
         while micro < accum:
-            batch = {k: v.to(world.device) for k, v in next(batches).items() if torch.is_tensor(v)}
-            if "skipped_clips" in batch:   # bad clips the dataset passed over (data.on_error: skip)
-                bad_here += int(batch["skipped_clips"].sum())
+            host = next(batches)   # CPU (pinned on CUDA): read what the host needs before the copies
+            if "skipped_clips" in host:   # bad clips the dataset passed over (data.on_error: skip)
+                bad_here += int(host["skipped_clips"].sum())
+            batch = {k: v.to(world.device, non_blocking=True) for k, v in host.items() if torch.is_tensor(v)}
             if teacher is not None:   # GF targets in the batch (no grad, not trained)
                 batch.update(teacher(batch))
             consumed += 1
-            noise = sample_noise(recipe.objective, recipe.model.cond_dropout, batch["frames"].shape,
-                                 batch["index"].cpu(), recipe.seed, step)
-            noise = {k: v.to(world.device) for k, v in noise.items()}
+            noise = sample_noise(recipe.objective, recipe.model.cond_dropout, host["frames"].shape,
+                                 host["index"], recipe.seed, step)
+            noise = {k: v.to(world.device, non_blocking=True) for k, v in noise.items()}
             out = engine(batch, noise)
             if any_rank(not torch.isfinite(out["loss"]).item()):
                 skipped += 1
@@ -134,12 +136,18 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> di
             engine.backward(out["loss"])
             engine.step()
             micro += 1
-            for k, v in out.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach())
+            for k, v in out.items():   # summed on the device: one host copy per step, not per part and micro-batch
+                parts_sum[k] = parts_sum[k] + v.detach().float() if k in parts_sum else v.detach().float()
         step += 1
+        if not reported_kernels:   # after this process's first step: what each attention call site ran
+            reported_kernels = True
+            log.info("attention kernels: " + ("; ".join(f"{site}: {kernel}" for site, kernel in
+                                                        sorted(attention_report().items())) or "none called"))
         if ema is not None:
             ema.update()
-        parts = mean_over_ranks({**{k: v / accum for k, v in parts_sum.items()}, "skipped_clips": bad_here})
+        keys = sorted(parts_sum)
+        means = (torch.stack([parts_sum[k] for k in keys]) / accum).tolist() if keys else []
+        parts = mean_over_ranks({**dict(zip(keys, means)), "skipped_clips": bad_here})
         bad_clips += round(parts.pop("skipped_clips") * world.size)   # all ranks' bad clips, the same on each
         log.step(step, parts, lr=engine.get_lr()[0], skipped_nonfinite=skipped, skipped_clips=bad_clips,
                  every=recipe.logging.every)
