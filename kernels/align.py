@@ -213,7 +213,8 @@ if triton is not None:
             tl.store(gs_ptr + offs, (scale_coef * e).to(gs_ptr.dtype.element_ty), mask=mask)
 
 
-MAX_TRITON_COLS = 16384  # widest row a program holds in registers without spilling (sm_80 / sm_90, 32 warps)
+MAX_TRITON_COLS = 16384  # widest row a program holds in registers without spilling (sm_80 / sm_90, 32 warps);
+# the one-pass tail (``loss_tail``, three live tiles) half of it
 
 
 def _num_warps(elements: int) -> int:
@@ -225,15 +226,19 @@ def _num_warps(elements: int) -> int:
     return max(8, min(32, elements // 512))
 
 
-def launch_config(rows: int, cols: int, tiles: int = 2) -> tuple[int, int, int]:
+def launch_config(rows: int, cols: int, tiles: int = 2, interpreting: bool | None = None) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_T, num_warps) of a tail kernel over [rows, cols]: whole rows per program (the in-place
     kernels rely on it: BLOCK_T >= cols), few large programs under the interpreter. ``tiles``: [BLOCK_R,
-    BLOCK_T] tiles live at once (3 for the one-pass tail, which then takes half the rows)."""
-    if cols > MAX_TRITON_COLS and not _backend.triton_interpreting():
+    BLOCK_T] tiles live at once (3 for the one-pass tail, which then takes half the rows). ``interpreting``:
+    None asks ``_backend``; False gives the GPU configuration (the compile lane asks for it)."""
+    interpreting = _backend.triton_interpreting() if interpreting is None else interpreting
+    widest = MAX_TRITON_COLS if tiles <= 2 else MAX_TRITON_COLS // 2  # three live tiles: half the width
+    if cols > widest and not interpreting:
         raise ValueError(f"align: the triton tail holds a whole row of {cols} channels per program; at most "
-                         f"{MAX_TRITON_COLS} fit without register spills (use backend='reference')")
+                         f"{widest} fit without register spills{' in the one-pass tail' if tiles > 2 else ''} "
+                         f"(use backend='reference')")
     block_t = triton.next_power_of_2(cols)
-    budget = 1 << 16 if _backend.triton_interpreting() else 1 << 12  # elements per program
+    budget = 1 << 16 if interpreting else 1 << 12  # elements per program
     block_r = max(1, min(triton.next_power_of_2(rows), budget // block_t))
     if tiles > 2:
         block_r = max(1, block_r // 2)
@@ -296,6 +301,28 @@ class _TritonTail:
                                                         GRAD_S=grad_s is not None, BLOCK_R=block_r, BLOCK_T=block_t,
                                                         num_warps=warps)
         return stats
+
+
+def compile_specs(rows: int = DEFAULT_CHUNK["cuda"], widths: Sequence[int] = (1024, 2048, MAX_TRITON_COLS),
+                  dtypes: Sequence[str] = ("bf16", "fp32")) -> list[dict]:
+    """The kernel variants ``_TritonTail`` launches on a GPU for chunks of ``rows`` tokens of ``widths``
+    channels (DINOv2-L 1024, VGGT 2048, the cap), as ahead-of-time compile specs for ``kernels._aot``:
+    kernel name, argument types, constexprs and num_warps, from the same ``launch_config`` the wrappers use."""
+    specs = []
+    for dt in dtypes:
+        for cols in widths:
+            for kernel, tiles, variants in (("_norm_fwd_kernel", 2, [{}]),
+                                            ("_scale_err_kernel", 2, [{"WRITE": True}, {"WRITE": False}]),
+                                            ("_norm_bwd_kernel", 2, [{"HAS_G": True}, {"HAS_G": False}]),
+                                            ("_tail_kernel", 3, [{"GRAD_P": True, "GRAD_S": True},
+                                                                 {"GRAD_P": False, "GRAD_S": False}])):
+                width = min(cols, MAX_TRITON_COLS // 2) if tiles > 2 else cols  # the widest loss_tail takes
+                block_r, block_t, warps = launch_config(rows, width, tiles, interpreting=False)
+                for flags in variants:
+                    specs.append({"kernel": kernel, "dtype": dt, "size": f"{rows}x{width}", "num_warps": warps,
+                                  "constexprs": {**flags, "BLOCK_R": block_r, "BLOCK_T": block_t},
+                                  "types": {"stats_ptr": "*fp32", "sq_ptr": "*fp32", "*": f"*{dt}"}})
+    return specs
 
 
 @functools.lru_cache(maxsize=None)

@@ -321,6 +321,24 @@ def _resolve_triton(keys: Tensor, src: Tensor, background: Tensor, target: Tenso
     return image, depth, index
 
 
+def compile_specs() -> list[dict]:
+    """The kernel variants the Triton path launches on a GPU, as ahead-of-time compile specs for
+    ``kernels._aot`` (float32 and the float64 unprojection; fixed blocks from ``_block``, 4 warps)."""
+    block = _block(1 << 20, torch.device("cuda"))
+    f32 = {"*": "*fp32"}
+    specs = [{"kernel": "_unproject_kernel", "dtype": dt, "constexprs": {"FP64": dt == "fp64", "BLOCK": block},
+              "types": {"*": f"*{dt}"}} for dt in ("fp32", "fp64")]
+    specs += [{"kernel": "_zbuffer_kernel", "dtype": "fp32", "constexprs": {"HAS_VALID": v, "BLOCK": block},
+               "types": {**f32, "valid_ptr": "*u8", "keys_ptr": "*i64"}} for v in (True, False)]
+    specs += [{"kernel": "_resolve_kernel", "dtype": "fp32", "constexprs": {"WITH_ERROR": e, "BLOCK": block},
+               "types": {**f32, "keys_ptr": "*i64", "index_ptr": "*i64", "hits_ptr": "*i32"}} for e in (True, False)]
+    for spec in specs:
+        # unproject and z-buffer launch with enable_fp_fusion=False (exact, backend-identical arithmetic)
+        spec.update(size=f"BLOCK={block}", num_warps=4,
+                    options={"enable_fp_fusion": spec["kernel"] == "_resolve_kernel"})
+    return specs
+
+
 # ------------------------------------------------------------------------------------------------ public API
 def unproject_depth(depth: Tensor, extrinsic: Tensor, intrinsic: Tensor, backend: str = "auto") -> Tensor:
     """World points [S,H,W,3] of depth maps [S,H,W] (z-depth along the optical axis).

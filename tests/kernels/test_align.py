@@ -420,11 +420,13 @@ def test_triton_tail_refuses_partial_rows(monkeypatch):
 
 def test_launch_config_warps_and_width(monkeypatch):
     monkeypatch.setattr(_backend, "triton_interpreting", lambda: False)  # the GPU configuration
-    for cols in (17, 1024, 2048, 4096, 16384):
-        for tiles in (2, 3):
+    for cols in (17, 1024, 2048, 4096, 8192, 16384):
+        for tiles in (2, 3) if cols <= 8192 else (2,):
             block_r, block_t, warps = align.launch_config(8192, cols, tiles)
             assert block_t >= cols and 8 <= warps <= 32
             assert block_r * block_t // (32 * warps) <= 16, "more than 16 values per thread: register spills"
     assert align.launch_config(8192, 2048)[2] == 8  # _norm_bwd at VGGT width: 8 warps (74 registers, sm_90)
     with pytest.raises(ValueError, match="at most 16384"):
         align.launch_config(8, 16385)
+    with pytest.raises(ValueError, match="at most 8192 fit without register spills in the one-pass tail"):
+        align.launch_config(8, 8193, tiles=3)
