@@ -37,6 +37,7 @@ the stored weight gradients, so it would miss both the time and the memory budge
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -419,6 +420,8 @@ class _Workspace:
         """float32 copies of ``a`` and ``b`` in the workspace (a may be a transposed view: it is copied as its
         contiguous transpose and handed back transposed)."""
         na = a.numel()
+        if self.up is None or self.up.numel() < na + b.numel():
+            self.up = torch.empty(na + b.numel(), dtype=torch.float32, device=a.device)
         at = a.t()
         a32 = self.up[:na].view(at.shape).copy_(at).t()
         b32 = self.up[na:na + b.numel()].view(b.shape).copy_(b)
@@ -437,11 +440,21 @@ def _accumulate(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, ws: 
         return
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif acc.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    else:
-        a32, b32 = ws.upcast(a, b)
-        acc.addmm_(a32, b32)
+        return
+    if acc.is_cuda and _MIXED_GEMM["ok"]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError) as err:  # a torch without the mixed-dtype cuBLAS path
+            _MIXED_GEMM["ok"] = False
+            logging.getLogger("geoforge.kernels").warning(
+                "align: addmm with out_dtype=float32 failed (%s); weight gradients use float32 copies of the "
+                "chunk operands instead", err)
+    a32, b32 = ws.upcast(a, b)
+    acc.addmm_(a32, b32)
+
+
+_MIXED_GEMM = {"ok": True}
 
 
 def _accumulate_bias(acc: torch.Tensor | None, grad: torch.Tensor) -> None:
