@@ -62,13 +62,13 @@ def init_world(device: str = "auto", local_rank_arg: int | None = None) -> World
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
     import deepspeed
 
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
-    if use_cuda:
+    if use_cuda:   # before the process group: NCCL binds each rank's communicator to the current device
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
     return World(rank=dist.get_rank(), local_rank=local_rank, size=dist.get_world_size(),
                  local_size=local_size, device=dev)
 

@@ -41,6 +41,7 @@ from engine.checkpoint import atomic_checkpoint_dir, latest_checkpoint, load_che
 from engine.config import Recipe
 from engine.distributed import World, any_rank, deepspeed_config, mean_over_ranks, sum_over_ranks
 from engine.ema import ShardedEMA
+from engine.models.attention import attention_report
 from engine.models.checkpointing import enable_activation_checkpointing
 from engine.run_dir import RunLog
 
@@ -223,8 +224,13 @@ class Trainer:
         steps, logging = self.recipe.schedule.steps, self.recipe.logging
         began = time.perf_counter()
         self.log.start_progress(self.step)
+        reported = False
         while self.step < steps:
             parts = self.train_step()
+            if not reported:   # after this process's first step: the attention kernel each call site ran
+                reported = True
+                self.log.info("attention kernels: " + ("; ".join(f"{site}: {kernel}" for site, kernel in
+                                                                sorted(attention_report().items())) or "none called"))
             self.log.step(self.step, parts, lr=self.engine.get_lr()[0], **self.counts, every=logging.every)
             last = self.step == steps
             if self.step % logging.checkpoint_every == 0 or last:

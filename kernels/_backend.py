@@ -12,6 +12,7 @@ The first time an op resolves ``auto`` (or a forced backend) the choice is logge
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -77,3 +78,34 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
         _announced.add(key)
         log.info("%s: backend %s (requested %s, device %s)", op, chosen, backend, device.type)
     return chosen
+
+
+MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2 (axis 0 allows 2**31 - 1)
+
+
+def device_guard(t: torch.Tensor | torch.device):
+    """The context a Triton launch on ``t`` runs under: ``torch.cuda.device(t.device)`` for CUDA tensors.
+
+    Triton launches on the *current* CUDA device and its stream, not on the tensor's; a kernel given a
+    tensor of ``cuda:1`` while ``cuda:0`` is current reads foreign memory (an illegal address, or wrong
+    results under peer access). Every launch in ``kernels/`` goes through this guard
+    (tests/kernels/test_backend.py checks that statically). A no-op for CPU tensors (the interpreter).
+    """
+    device = t if isinstance(t, torch.device) else t.device
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def check_grid(op: str, grid: tuple[int, ...]) -> tuple[int, ...]:
+    """``grid`` unchanged, or a ValueError naming ``op`` when an axis exceeds CUDA's limits.
+
+    Checked on every device (the interpreter has no limit, but a size that fails on the GPU must fail in the
+    CPU tests too)."""
+    if grid and grid[0] > 2**31 - 1:
+        raise ValueError(f"{op}: grid axis 0 holds {grid[0]} programs, CUDA allows at most {2**31 - 1}")
+    for axis, size in enumerate(grid[1:], start=1):
+        if size > MAX_GRID_YZ:
+            raise ValueError(f"{op}: grid axis {axis} holds {size} programs, CUDA allows at most {MAX_GRID_YZ} "
+                             f"(split the call, e.g. fewer frames per call)")
+    return grid

@@ -37,6 +37,7 @@ the stored weight gradients, so it would miss both the time and the memory budge
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -213,49 +214,116 @@ if triton is not None:
             tl.store(gs_ptr + offs, (scale_coef * e).to(gs_ptr.dtype.element_ty), mask=mask)
 
 
-def _tile(rows: int, cols: int) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_T): whole rows per program; few large programs under the interpreter."""
+MAX_TRITON_COLS = 16384  # widest row a program holds in registers without spilling (sm_80 / sm_90, 32 warps);
+# the one-pass tail (``loss_tail``, three live tiles) half of it
+
+
+def _num_warps(elements: int) -> int:
+    """Warps for a program holding ``elements`` values per tile: 16 values per thread, 8 to 32 warps.
+
+    From the compiled kernels (tests/kernels/test_compile_targets.py, sm_90, bf16): ``_norm_bwd`` with 4096
+    values per program needs 142 registers at 4 warps, 75 at 8; 16384 values spill at 8 and 16 warps and
+    fit at 32 (64 registers)."""
+    return max(8, min(32, elements // 512))
+
+
+def launch_config(rows: int, cols: int, tiles: int = 2, interpreting: bool | None = None) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_T, num_warps) of a tail kernel over [rows, cols]: whole rows per program (the in-place
+    kernels rely on it: BLOCK_T >= cols), few large programs under the interpreter. ``tiles``: [BLOCK_R,
+    BLOCK_T] tiles live at once (3 for the one-pass tail, which then takes half the rows). ``interpreting``:
+    None asks ``_backend``; False gives the GPU configuration (the compile lane asks for it)."""
+    interpreting = _backend.triton_interpreting() if interpreting is None else interpreting
+    widest = MAX_TRITON_COLS if tiles <= 2 else MAX_TRITON_COLS // 2  # three live tiles: half the width
+    if cols > widest and not interpreting:
+        raise ValueError(f"align: the triton tail holds a whole row of {cols} channels per program; at most "
+                         f"{widest} fit without register spills{' in the one-pass tail' if tiles > 2 else ''} "
+                         f"(use backend='reference')")
     block_t = triton.next_power_of_2(cols)
-    budget = 1 << 16 if _backend.triton_interpreting() else 1 << 12  # elements per program
-    return max(1, min(triton.next_power_of_2(rows), budget // block_t)), block_t
+    budget = 1 << 16 if interpreting else 1 << 12  # elements per program
+    block_r = max(1, min(triton.next_power_of_2(rows), budget // block_t))
+    if tiles > 2:
+        block_r = max(1, block_r // 2)
+    return block_r, block_t, _num_warps(block_r * block_t)
+
+
+def _check_tile(op: str, block_t: int, cols: int) -> None:
+    """The kernels read a row completely before writing it (outputs may alias inputs): one program per row."""
+    if block_t < cols:
+        raise ValueError(f"align {op}: BLOCK_T={block_t} < T={cols}; a program must hold whole rows (the "
+                         f"in-place tail would read values another program already overwrote)")
 
 
 class _TritonTail:
-    """TailOps as Triton kernels (fixed block configs: no autotune, which the interpreter cannot run)."""
+    """TailOps as Triton kernels (fixed block configs: no autotune, which the interpreter cannot run).
+
+    Every launch runs under the tensors' CUDA device (``_backend.device_guard``)."""
+
+    config = staticmethod(launch_config)
 
     def norm_fwd(self, p, y, out):
         rows, cols = p.shape
         stats = torch.empty(rows, 3, device=p.device, dtype=torch.float32)
-        block_r, block_t = _tile(rows, cols)
-        _norm_fwd_kernel[(triton.cdiv(rows, block_r),)](p, y, out, stats, rows, cols, EPS,
-                                                        BLOCK_R=block_r, BLOCK_T=block_t)
+        block_r, block_t, warps = self.config(rows, cols)
+        _check_tile("norm_fwd", block_t, cols)
+        with _backend.device_guard(p):
+            _norm_fwd_kernel[(triton.cdiv(rows, block_r),)](p, y, out, stats, rows, cols, EPS,
+                                                            BLOCK_R=block_r, BLOCK_T=block_t, num_warps=warps)
         return stats
 
     def scale_err(self, s, y, out, coef):
         rows, cols = s.shape
         sq = torch.empty(rows, device=s.device, dtype=torch.float32)
-        block_r, block_t = _tile(rows, cols)
-        _scale_err_kernel[(triton.cdiv(rows, block_r),)](s, y, s if out is None else out, sq, rows, cols, coef,
-                                                         WRITE=out is not None, BLOCK_R=block_r, BLOCK_T=block_t)
+        block_r, block_t, warps = self.config(rows, cols)
+        _check_tile("scale_err", block_t, cols)
+        with _backend.device_guard(s):
+            _scale_err_kernel[(triton.cdiv(rows, block_r),)](s, y, s if out is None else out, sq, rows, cols, coef,
+                                                             WRITE=out is not None, BLOCK_R=block_r, BLOCK_T=block_t,
+                                                             num_warps=warps)
         return sq
 
     def norm_bwd(self, g, p_hat, y, stats, ang_coef, out):
         rows, cols = p_hat.shape
-        block_r, block_t = _tile(rows, cols)
-        _norm_bwd_kernel[(triton.cdiv(rows, block_r),)](p_hat if g is None else g, p_hat, y, stats, out, rows, cols,
-                                                        ang_coef, EPS, HAS_G=g is not None,
-                                                        BLOCK_R=block_r, BLOCK_T=block_t)
+        block_r, block_t, warps = self.config(rows, cols)
+        _check_tile("norm_bwd", block_t, cols)
+        with _backend.device_guard(p_hat):
+            _norm_bwd_kernel[(triton.cdiv(rows, block_r),)](p_hat if g is None else g, p_hat, y, stats, out, rows,
+                                                            cols, ang_coef, EPS, HAS_G=g is not None,
+                                                            BLOCK_R=block_r, BLOCK_T=block_t, num_warps=warps)
 
     def tail(self, p, s, y, grad_p, grad_s, ang_coef, scale_coef):
         rows, cols = p.shape
         stats = torch.empty(rows, 2, device=p.device, dtype=torch.float32)
-        block_r, block_t = _tile(rows, cols)
-        block_r = max(1, block_r // 2)  # three row tiles live per program instead of two
-        _tail_kernel[(triton.cdiv(rows, block_r),)](p, s, y, p if grad_p is None else grad_p,
-                                                    s if grad_s is None else grad_s, stats, rows, cols, ang_coef,
-                                                    scale_coef, EPS, GRAD_P=grad_p is not None,
-                                                    GRAD_S=grad_s is not None, BLOCK_R=block_r, BLOCK_T=block_t)
+        block_r, block_t, warps = self.config(rows, cols, tiles=3)  # three row tiles live per program
+        _check_tile("tail", block_t, cols)
+        with _backend.device_guard(p):
+            _tail_kernel[(triton.cdiv(rows, block_r),)](p, s, y, p if grad_p is None else grad_p,
+                                                        s if grad_s is None else grad_s, stats, rows, cols, ang_coef,
+                                                        scale_coef, EPS, GRAD_P=grad_p is not None,
+                                                        GRAD_S=grad_s is not None, BLOCK_R=block_r, BLOCK_T=block_t,
+                                                        num_warps=warps)
         return stats
+
+
+def compile_specs(rows: int = DEFAULT_CHUNK["cuda"], widths: Sequence[int] = (1024, 2048, MAX_TRITON_COLS),
+                  dtypes: Sequence[str] = ("bf16", "fp32")) -> list[dict]:
+    """The kernel variants ``_TritonTail`` launches on a GPU for chunks of ``rows`` tokens of ``widths``
+    channels (DINOv2-L 1024, VGGT 2048, the cap), as ahead-of-time compile specs for ``kernels._aot``:
+    kernel name, argument types, constexprs and num_warps, from the same ``launch_config`` the wrappers use."""
+    specs = []
+    for dt in dtypes:
+        for cols in widths:
+            for kernel, tiles, variants in (("_norm_fwd_kernel", 2, [{}]),
+                                            ("_scale_err_kernel", 2, [{"WRITE": True}, {"WRITE": False}]),
+                                            ("_norm_bwd_kernel", 2, [{"HAS_G": True}, {"HAS_G": False}]),
+                                            ("_tail_kernel", 3, [{"GRAD_P": True, "GRAD_S": True},
+                                                                 {"GRAD_P": False, "GRAD_S": False}])):
+                width = min(cols, MAX_TRITON_COLS // 2) if tiles > 2 else cols  # the widest loss_tail takes
+                block_r, block_t, warps = launch_config(rows, width, tiles, interpreting=False)
+                for flags in variants:
+                    specs.append({"kernel": kernel, "dtype": dt, "size": f"{rows}x{width}", "num_warps": warps,
+                                  "constexprs": {**flags, "BLOCK_R": block_r, "BLOCK_T": block_t},
+                                  "types": {"stats_ptr": "*fp32", "sq_ptr": "*fp32", "*": f"*{dt}"}})
+    return specs
 
 
 @functools.lru_cache(maxsize=None)
@@ -283,6 +351,8 @@ def loss_tail(p: torch.Tensor, s: torch.Tensor, target: torch.Tensor, backend: s
         raise ValueError("loss_tail: no tokens (N = 0)")
     chosen = _backend.resolve("align_tail", backend, p.device)
     n, t = p.shape
+    if chosen != "reference":
+        _refuse_fp16("loss_tail", p.dtype, chosen)
     if chosen == "reference":
         if not grad:
             with torch.no_grad():
@@ -305,6 +375,15 @@ def loss_tail(p: torch.Tensor, s: torch.Tensor, target: torch.Tensor, backend: s
     return (1 - sums[0] / n).to(p.dtype), (sums[1] / (n * t)).to(p.dtype), grad_p, grad_s
 
 
+def _refuse_fp16(op: str, dtype: torch.dtype, backend: str) -> None:
+    """The fused paths write gradients scaled by 1/N (angular) and 2/(N*T) (scale) in the input dtype; at
+    realistic N*T (~1e7) that coefficient times a unit error is below fp16's smallest subnormal (6e-8), so
+    fp16 gradients would flush to zero. bf16 has float32's exponent range and is fine."""
+    if dtype == torch.float16:
+        raise TypeError(f"{op}: float16 is not supported on the fused {backend!r} backend (its scaled gradients "
+                        f"underflow in fp16); use bfloat16 or float32, or backend='reference'")
+
+
 # ----------------------------------------------------------------------------- chunked pass
 class _Workspace:
     """The chunk buffers of one pass, allocated once and reused by every chunk (views into one flat tensor).
@@ -316,15 +395,16 @@ class _Workspace:
     then d/dp) and a shared region used first by ``h`` [c, h] (h1, then h2, until p exists), then by
     the scale head's ``s1``, ``g1`` [c, s] and ``s`` [c, t] (later d/ds, d/ds1, d/dp_hat), then by
     the recomputed ``h2`` [c, h] (later d/da2). h1 is recomputed into ``a2`` once a2 is consumed.
-    ``prod``: a [out, in] product buffer for rounding low-precision weight gradients into float32.
+    ``up``: float32 room for the two operands of a weight-gradient product (``upcast``; CPU with low-precision
+    inputs only, ``up_numel`` elements).
     """
 
-    def __init__(self, chunk: int, hid: int, t: int, shid: int, prod_numel: int, dtype: torch.dtype,
+    def __init__(self, chunk: int, hid: int, t: int, shid: int, up_numel: int, dtype: torch.dtype,
                  device: torch.device) -> None:
         self.chunk, self.hid, self.t, self.shid = chunk, hid, t, shid
         shared = max(chunk * hid, 2 * chunk * shid + chunk * t)
-        self.flat = torch.empty(2 * chunk * hid + chunk * t + shared + prod_numel, dtype=dtype, device=device)
-        self.prod_numel = prod_numel
+        self.flat = torch.empty(2 * chunk * hid + chunk * t + shared, dtype=dtype, device=device)
+        self.up = torch.empty(up_numel, dtype=torch.float32, device=device) if up_numel else None
 
     def _view(self, offset: int, rows: int, cols: int) -> torch.Tensor:
         return self.flat[offset:offset + rows * cols].view(rows, cols)
@@ -336,18 +416,45 @@ class _Workspace:
                 "h": self._view(shared, rows, h), "s1": self._view(shared, rows, sh),
                 "g1": self._view(shared + c * sh, rows, sh), "s": self._view(shared + 2 * c * sh, rows, t)}
 
-    def prod(self, rows: int, cols: int) -> torch.Tensor:
-        return self.flat[self.flat.numel() - self.prod_numel:][:rows * cols].view(rows, cols)
+    def upcast(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 copies of ``a`` and ``b`` in the workspace (a may be a transposed view: it is copied as its
+        contiguous transpose and handed back transposed)."""
+        na = a.numel()
+        if self.up is None or self.up.numel() < na + b.numel():
+            self.up = torch.empty(na + b.numel(), dtype=torch.float32, device=a.device)
+        at = a.t()
+        a32 = self.up[:na].view(at.shape).copy_(at).t()
+        b32 = self.up[na:na + b.numel()].view(b.shape).copy_(b)
+        return a32, b32
 
 
 def _accumulate(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, ws: _Workspace) -> None:
-    """acc += a @ b in acc's precision (a low-precision chunk product is rounded once per chunk)."""
+    """acc += a @ b, the product accumulated in acc's precision (float32 for bf16 operands).
+
+    CUDA: one cuBLAS GEMM with bf16 operands and the float32 accumulator as C (``addmm`` with
+    ``out_dtype``), no bf16 temporary. Elsewhere (the CPU has no mixed-dtype GEMM): the chunk's operands are
+    up-cast into the workspace and multiplied in float32. Never through a bf16 [out, in] product, which
+    would round every chunk's contribution to 8 bits before the sum (and cost a read + write of it).
+    """
     if acc is None:
         return
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    else:
-        acc.add_(torch.mm(a, b, out=ws.prod(*acc.shape)))
+        return
+    if acc.is_cuda and _MIXED_GEMM["ok"]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError) as err:  # a torch without the mixed-dtype cuBLAS path
+            _MIXED_GEMM["ok"] = False
+            logging.getLogger("geoforge.kernels").warning(
+                "align: addmm with out_dtype=float32 failed (%s); weight gradients use float32 copies of the "
+                "chunk operands instead", err)
+    a32, b32 = ws.upcast(a, b)
+    acc.addmm_(a32, b32)
+
+
+_MIXED_GEMM = {"ok": True}
 
 
 def _accumulate_bias(acc: torch.Tensor | None, grad: torch.Tensor) -> None:
@@ -382,8 +489,9 @@ def _fused_pass(x: torch.Tensor, y: torch.Tensor, params: Sequence[torch.Tensor]
     accs = [torch.zeros(p.shape, dtype=acc_dtype, device=x.device) if want else None
             for p, want in zip(params, need[1:])]
     grad_x = torch.empty_like(x) if need[0] else None
-    prod_numel = max(w.numel() for w in params[::2]) if train and acc_dtype != x.dtype else 0
-    ws = _Workspace(chunk, hid, t, shid, prod_numel, x.dtype, x.device)
+    widest = max(hid, t, shid, x.shape[1])
+    up_numel = 2 * chunk * widest if train and acc_dtype != x.dtype and not x.is_cuda else 0
+    ws = _Workspace(chunk, hid, t, shid, up_numel, x.dtype, x.device)
     into_l1 = need[0] or need[1] or need[2]  # how far back the chain has to run
     into_l2 = into_l1 or need[3] or need[4]
     into_p = into_l2 or need[5] or need[6]
@@ -528,6 +636,7 @@ class GeometryAlignment(nn.Module):
         backend = _backend.resolve("align", self.backend, x.device)
         if backend == "reference":
             return alignment_losses_reference(x, target, self.projector, self.scale_head)
+        _refuse_fp16("GeometryAlignment", x.dtype, backend)
         params = self._params()
         if any(p.dtype != x.dtype or p.device != x.device for p in params):
             raise ValueError(f"GeometryAlignment: parameters must match x ({x.dtype}, {x.device}) on the "

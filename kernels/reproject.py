@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kernels._backend import resolve
+from kernels._backend import check_grid, device_guard, resolve
 
 try:
     import triton
@@ -273,9 +273,10 @@ def _unproject_fast(depth: Tensor, extrinsic: Tensor, intrinsic: Tensor, backend
     S, H, W = depth.shape
     out = torch.empty(S, H, W, 3, dtype=depth.dtype, device=depth.device)
     block = _block(H * W, depth.device)
-    _unproject_kernel[(triton.cdiv(H * W, block), S)](depth, extrinsic, intrinsic, out, H, W,
-                                                      FP64=depth.dtype == torch.float64, BLOCK=block,
-                                                      enable_fp_fusion=False)
+    grid = check_grid("unproject_depth", (triton.cdiv(H * W, block), S))  # axis 1: frames, at most 65,535
+    with device_guard(depth):
+        _unproject_kernel[grid](depth, extrinsic, intrinsic, out, H, W, FP64=depth.dtype == torch.float64,
+                                BLOCK=block, enable_fp_fusion=False)
     return out
 
 
@@ -287,9 +288,10 @@ def _zbuffer_triton(points: Tensor, valid: Tensor | None, extrinsic: Tensor, int
     block = _block(P, points.device)
     mask = valid.view(torch.uint8) if valid is not None else points
     if P > 0:
-        _zbuffer_kernel[(triton.cdiv(P, block),)](points, mask, extrinsic, intrinsic, keys, P, S, height, width,
-                                                  Z_MIN, HAS_VALID=valid is not None, BLOCK=block,
-                                                  enable_fp_fusion=False)
+        grid = check_grid("splat_points", (triton.cdiv(P, block),))
+        with device_guard(points):
+            _zbuffer_kernel[grid](points, mask, extrinsic, intrinsic, keys, P, S, height, width, Z_MIN,
+                                  HAS_VALID=valid is not None, BLOCK=block, enable_fp_fusion=False)
     return keys
 
 
@@ -301,7 +303,7 @@ def _resolve_triton(keys: Tensor, src: Tensor, background: Tensor, target: Tenso
     """
     (S, HW), C = keys.shape, src.shape[1]
     block = _block(HW, keys.device)
-    grid = (triton.cdiv(HW, block), S)
+    grid = check_grid("reproject resolve", (triton.cdiv(HW, block), S))  # axis 1: frames, at most 65,535
     image = torch.empty(S, C, HW, dtype=torch.float32, device=keys.device)
     if target is not None:
         sse = torch.empty(S, grid[0], dtype=torch.float32, device=keys.device)
@@ -311,11 +313,30 @@ def _resolve_triton(keys: Tensor, src: Tensor, background: Tensor, target: Tenso
         depth = torch.empty(S, HW, dtype=torch.float32, device=keys.device)
         index = torch.empty(S, HW, dtype=torch.int64, device=keys.device)
         outputs = (image, depth, index, keys, keys, keys)
-    _resolve_kernel[grid](keys, src, *src.stride(), max(src.shape[2], 1), background, *outputs, HW, C,
-                          WITH_ERROR=target is not None, BLOCK=block)
+    with device_guard(keys):
+        _resolve_kernel[grid](keys, src, *src.stride(), max(src.shape[2], 1), background, *outputs, HW, C,
+                              WITH_ERROR=target is not None, BLOCK=block)
     if target is not None:
         return image, sse.double().sum(1), hits.long().sum(1)
     return image, depth, index
+
+
+def compile_specs() -> list[dict]:
+    """The kernel variants the Triton path launches on a GPU, as ahead-of-time compile specs for
+    ``kernels._aot`` (float32 and the float64 unprojection; fixed blocks from ``_block``, 4 warps)."""
+    block = _block(1 << 20, torch.device("cuda"))
+    f32 = {"*": "*fp32"}
+    specs = [{"kernel": "_unproject_kernel", "dtype": dt, "constexprs": {"FP64": dt == "fp64", "BLOCK": block},
+              "types": {"*": f"*{dt}"}} for dt in ("fp32", "fp64")]
+    specs += [{"kernel": "_zbuffer_kernel", "dtype": "fp32", "constexprs": {"HAS_VALID": v, "BLOCK": block},
+               "types": {**f32, "valid_ptr": "*u8", "keys_ptr": "*i64"}} for v in (True, False)]
+    specs += [{"kernel": "_resolve_kernel", "dtype": "fp32", "constexprs": {"WITH_ERROR": e, "BLOCK": block},
+               "types": {**f32, "keys_ptr": "*i64", "index_ptr": "*i64", "hits_ptr": "*i32"}} for e in (True, False)]
+    for spec in specs:
+        # unproject and z-buffer launch with enable_fp_fusion=False (exact, backend-identical arithmetic)
+        spec.update(size=f"BLOCK={block}", num_warps=4,
+                    options={"enable_fp_fusion": spec["kernel"] == "_resolve_kernel"})
+    return specs
 
 
 # ------------------------------------------------------------------------------------------------ public API

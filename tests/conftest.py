@@ -1,14 +1,58 @@
-"""Test-wide set-up. TRITON_INTERPRET must be set before triton is imported anywhere."""
+"""Test-wide set-up. TRITON_INTERPRET must be set before triton is imported anywhere.
+
+Two lanes:
+- CPU (no CUDA device): ``TRITON_INTERPRET=1``, so the Triton kernels run through the interpreter on CPU
+  tensors and are compared with their references; the GPU-lane tests skip, saying why.
+- GPU (a CUDA device): the interpreter stays off, Triton compiles for the device, and the GPU-lane tests
+  (``gpu`` marker: compiled Triton vs the references on CUDA tensors, flash-attn, a bf16 GF training run)
+  run; the interpreter-only tests skip. ``profiling/gpu_check.sh`` runs this lane.
+An explicit TRITON_INTERPRET in the environment wins either way.
+"""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # torch does not import triton; checking for CUDA here is safe
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
+
+GPU_SKIP_REASON = ("GPU lane: needs a CUDA device (compiled Triton, flash-attn, NVDEC); on a GPU machine run "
+                   "profiling/gpu_check.sh")
+
+
+def pytest_collection_modifyitems(config, items):
+    if CUDA:
+        return
+    skip = pytest.mark.skip(reason=GPU_SKIP_REASON)
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+# ----------------------------------------------------------------------------- compile lane report
+_COMPILE_ROWS: list = []
+
+
+@pytest.fixture
+def compile_report() -> list:
+    """Rows (kernels._aot.Compiled) that tests/kernels/test_compile_targets.py compiled; printed at the end."""
+    return _COMPILE_ROWS
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _COMPILE_ROWS:
+        from kernels._aot import table
+
+        rows = sorted(_COMPILE_ROWS, key=lambda r: (r.arch, r.kernel, r.dtype, r.size, r.constexprs))
+        terminalreporter.section("compile lane: registers and spills per thread (cuobjdump of the sm_XX cubins)")
+        terminalreporter.write_line(table(rows))
+        terminalreporter.write_line(f"{len(rows)} variants, {sum(r.seconds for r in rows):.1f} s compiling")

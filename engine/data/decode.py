@@ -249,6 +249,10 @@ class _Dali:
                     tensor = torch.empty(out[i].shape(), dtype=torch.uint8, device=torch.device("cuda", key[2]))
                     feed_ndarray(out[i], tensor, cuda_stream=torch.cuda.current_stream(key[2]))
                     result.append(tensor)
+                # The copies are queued on torch's stream while DALI may reuse its output buffers at the next
+                # run() on its own stream: wait for them before the lock is released (and before the caller
+                # can hand the tensors to another stream or thread).
+                torch.cuda.current_stream(key[2]).synchronize()
                 return result
             return [torch.from_numpy(np.array(out[i])) for i in range(len(encoded))]
 

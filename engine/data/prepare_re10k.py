@@ -181,7 +181,7 @@ def prepare_clip(job: Job) -> tuple[str, str, str]:
         images = torch.from_numpy(frames)
         height, width = frames.shape[1:3]
         for size, path in zip(job.sizes, video_paths):
-            square = ResizeCrop((height, width), size).frames(images).permute(0, 2, 3, 1).numpy()
+            square = ResizeCrop((height, width), size).frames(images).permute(0, 2, 3, 1).cpu().numpy()
             atomic_save(path, lambda tmp, square=square: encode_video(
                 tmp, np.ascontiguousarray(square), fps=10, pix_fmt="yuv420p", options={"crf": str(job.crf)}))
         # intrinsics of the square crop, normalised (pixel edges at 0 and size): the same at every size

@@ -474,7 +474,7 @@ def generate_videos(opts: EvalOptions, recipe, protocol: Protocol, dataset, out:
         for j, i in enumerate(indices):
             if i not in done:
                 record = {"generated": to_uint8(generated[j]), "context": context,
-                          **{k: v[j].numpy() for k, v in cond.items()}}
+                          **{k: v[j].cpu().numpy() for k, v in cond.items()}}
                 if not protocol.rotation:
                     record["gt"] = to_uint8(gt[j])
                 save_video(video_path(out, i), record)

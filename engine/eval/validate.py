@@ -104,7 +104,7 @@ def gif_bytes(frames: torch.Tensor, fps: float = 4.0) -> bytes:
 
     from PIL import Image
 
-    images = [Image.fromarray(f.numpy()) for f in frames]
+    images = [Image.fromarray(f.cpu().numpy()) for f in frames]
     buf = io.BytesIO()
     images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
     return buf.getvalue()
@@ -120,8 +120,7 @@ def write_sample_video(dit: torch.nn.Module, batch: dict[str, torch.Tensor], rec
     from engine.atomic import atomic_save
     from engine.data.video_io import encode_video
 
-    dtype = next(dit.parameters()).dtype
-    frames = batch["frames"][:1].to(dtype)
+    frames = batch["frames"][:1].float()   # float32 context, cameras and flow times whatever the model's dtype
     x0 = pixels.to_signed(frames)
     cond = {k: batch[k][:1].float() for k in COND_KEYS if k in batch}
     context = max(1, recipe.objective.context_frames)

@@ -160,6 +160,9 @@ class CameraEmbedding(nn.Module):
         self.proj = nn.Linear(in_dim, hidden)
 
     def forward(self, intrinsics: torch.Tensor, extrinsics: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Cameras are used in float32 (pass them in float32: a bf16 camera is already off by its rounding);
+        only the camera map fed to ``proj`` takes the weights' dtype."""
+        intrinsics, extrinsics = intrinsics.float(), extrinsics.float()
         if self.downsample != 1:
             intrinsics = scale_intrinsics(intrinsics, 1.0 / self.downsample)
         if self.relative:

@@ -162,7 +162,7 @@ def flow_matching_loss(model: Callable[..., torch.Tensor], x0: torch.Tensor, cfg
     cond = _check_cond(cond)
     if noise is None:
         noise = draw_noise(x0.shape, cfg, generator, x0.device)
-    t, ctx = noise["t"].to(x0.device, x0.dtype), noise["context"].to(x0.device)
+    t, ctx = noise["t"].to(x0.device, torch.float32), noise["context"].to(x0.device)  # fp32 times under bf16
     eps = noise["eps"].to(x0.device, x0.dtype)
     if eps.shape != x0.shape or t.shape != x0.shape[:2] or ctx.shape != x0.shape[:2]:
         raise ValueError(f"noise: expected t and context {tuple(x0.shape[:2])} and eps {tuple(x0.shape)}, got "

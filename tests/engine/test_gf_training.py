@@ -104,3 +104,34 @@ def test_cached_teacher_run_reproduces_the_live_run(tmp_path, data_root, one_ran
     for key in ("gf_angular", "gf_scale", "loss"):
         assert cached[1][key] == pytest.approx(live[1][key], rel=5e-3), key
     assert torch.isfinite(torch.tensor([r["loss"] for r in cached.values()])).all()
+
+
+# ----------------------------------------------------------------------------- GPU lane
+@pytest.mark.gpu
+def test_cuda_bf16_gf_run_with_triton_flash_attn_and_sample_step(tmp_path, data_root):
+    """A short real GF run on one GPU: bf16 (DeepSpeed), the fused alignment forced to compiled Triton, the
+    attention backend auto (flash-attn when installed), a sample video at step 2 and at the end (the step
+    that crashed on ``.numpy()`` of a CUDA tensor), a checkpoint, finite losses."""
+    run = tmp_path / "run"
+    args = ["engine/train.py", "--recipe", "gf_tiny", "--run-dir", str(run)]
+    overrides = [*TINY, f"data.root={data_root}", "device=cuda", "distributed.bf16=true", "backend=triton",
+                 "attention=auto", "distributed.zero_stage=1", "data.batch_size=2", "logging.sample_every=2",
+                 "logging.sample_steps=2", "schedule.steps=3"]
+    for o in overrides:
+        args += ["--set", o]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    assert "done: 3 steps" in proc.stdout
+    assert (run / "samples" / "step_2.mp4").is_file() and (run / "samples" / "step_3.mp4").is_file()
+    rows = _rows(run)
+    assert all(torch.isfinite(torch.tensor(rows[s]["loss"])) for s in (1, 2, 3))
+    assert {"loss", "fm", "gf_angular", "gf_scale"} <= set(rows[1]), rows[1]
+    try:
+        import flash_attn  # noqa: F401
+        expected = "engine.models.dit:DiTBlock.attend: flash_attn"
+    except Exception:
+        expected = "engine.models.dit:DiTBlock.attend: sdpa"
+    assert "attention kernels: " in out and expected in out, out[-3000:]

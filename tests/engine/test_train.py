@@ -72,6 +72,8 @@ def single_rank(tmp_path_factory, data_root) -> dict[int, float]:
                                              "logging.validate_every=5", "logging.validate_videos=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "done: 5 steps" in proc.stdout
+    # the kernel each attention call site actually ran, after the first step (issue 16 item 3)
+    assert "attention kernels: engine.models.dit:DiTBlock.attend: sdpa" in proc.stdout + proc.stderr
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if "val/psnr" in r]
     assert len(val) == 1 and val[0]["step"] == 5 and 0 < val[0]["val/psnr"] < 60

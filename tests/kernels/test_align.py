@@ -376,3 +376,118 @@ def test_gradients_made_in_forward(backend, dtype, monkeypatch):
     out = m(x, y)
     (out["angular"] + out["scale"]).backward()
     assert len(calls) == 3
+
+
+# ----------------------------------------------------------------------------- GPU-readiness (issue 16)
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_paths_refuse_fp16(backend):
+    """fp16 gradients of the fused paths underflow (coefficients 2/(N*T) below fp16's subnormals): refused."""
+    m, x, y = make(SHAPES[0], torch.float16, backend)
+    with pytest.raises(TypeError, match="float16 is not supported on the fused"):
+        m(x, y)
+    p = torch.randn(8, 16, dtype=torch.float16)
+    with pytest.raises(TypeError, match="float16 is not supported on the fused"):
+        align.loss_tail(p, p.clone(), p.clone(), backend=backend)
+    ref = align.GeometryAlignment(32, 64, 48, 40, backend="reference").half()  # the reference still takes fp16
+    assert torch.isfinite(ref(torch.randn(4, 32).half(), torch.randn(4, 48).half())["angular"].float())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_weight_gradients_accumulate_in_fp32(device):
+    """bf16 chunk products go into the float32 accumulator without a bf16 temporary (issue 16 item 5)."""
+    torch.manual_seed(0)
+    chunks, rows, out_dim, in_dim = 16, 64, 48, 40
+    ws = align._Workspace(rows, 64, 48, 40, 2 * rows * 64 if device == "cpu" else 0, torch.bfloat16,
+                          torch.device(device))
+    acc = torch.zeros(out_dim, in_dim, device=device)
+    exact = torch.zeros(out_dim, in_dim, dtype=torch.float64)
+    for _ in range(chunks):
+        g = torch.randn(rows, out_dim).bfloat16()
+        h = torch.randn(rows, in_dim).bfloat16()
+        align._accumulate(acc, g.t().to(device), h.to(device), ws)
+        exact += g.double().t() @ h.double()
+    if device == "cuda":
+        assert align._MIXED_GEMM["ok"], "addmm(out_dtype=float32) is not available: the fallback ran"
+    acc = acc.cpu()
+    rel = ((acc.double() - exact).norm() / exact.norm()).item()
+    assert rel < 1e-6, f"relative error {rel:.2e}: the chunk products were rounded below float32"
+
+
+@needs_triton
+def test_triton_tail_refuses_partial_rows(monkeypatch):
+    """The in-place tail needs one program per whole row (BLOCK_T >= T); a config breaking that is refused."""
+    ops = align.tail_ops("triton")
+    monkeypatch.setattr(type(ops), "config", staticmethod(lambda rows, cols, tiles=2: (1, 16, 8)))
+    p, y = torch.randn(4, 40), torch.randn(4, 40)
+    with pytest.raises(ValueError, match="BLOCK_T=16 < T=40"):
+        ops.norm_fwd(p, y, p)
+
+
+def test_launch_config_warps_and_width(monkeypatch):
+    monkeypatch.setattr(_backend, "triton_interpreting", lambda: False)  # the GPU configuration
+    for cols in (17, 1024, 2048, 4096, 8192, 16384):
+        for tiles in (2, 3) if cols <= 8192 else (2,):
+            block_r, block_t, warps = align.launch_config(8192, cols, tiles)
+            assert block_t >= cols and 8 <= warps <= 32
+            assert block_r * block_t // (32 * warps) <= 16, "more than 16 values per thread: register spills"
+    assert align.launch_config(8192, 2048)[2] == 8  # _norm_bwd at VGGT width: 8 warps (74 registers, sm_90)
+    with pytest.raises(ValueError, match="at most 16384"):
+        align.launch_config(8, 16385)
+    with pytest.raises(ValueError, match="at most 8192 fit without register spills in the one-pass tail"):
+        align.launch_config(8, 8193, tiles=3)
+
+
+# ----------------------------------------------------------------------------- GPU lane (compiled Triton)
+# Realistic: a 2048-token chunk boundary crossed, DiT-L width 1024 into VGGT's 2048 channels.
+CUDA_SHAPES = SHAPES + [(4099, 1024, 1024, 2048, 512, 2048)]
+
+
+def _to_cuda(m, x, y):
+    import copy
+
+    mc = copy.deepcopy(m).cuda()
+    return mc, x.detach().cuda().requires_grad_(True), y.cuda()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_triton_against_oracle_and_reference(shape, dtype):
+    """Compiled Triton on CUDA: losses and every gradient against the float64 oracle and the reference."""
+    m, x, y = make(shape, dtype, "triton")
+    mc, xc, yc = _to_cuda(m, x, y)
+    got = run(mc, xc, yc, 0.5, 0.05)
+    assert_all(got, oracle(x, y, m, 0.5, 0.05), dtype, "cuda triton vs oracle")
+    ref = copy_backend(mc, "reference")
+    assert_all(got, run(ref, xc, yc, 0.5, 0.05), dtype, "cuda triton vs reference")
+
+
+def copy_backend(m, backend):
+    import copy
+
+    other = copy.deepcopy(m)
+    other.backend = backend
+    return other
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("nt", [(37, 29), (4096, 2048)])
+def test_cuda_loss_tail_against_reference(nt, dtype):
+    n, t = nt
+    p, s, y = (torch.randn(n, t, device="cuda").to(dtype) for _ in range(3))
+    ang, sc, gp, gs = align.loss_tail(p, s, y, backend="triton")
+    ang_r, sc_r, gp_r, gs_r = align.loss_tail(p.float(), s.float(), y.float(), backend="reference")
+    for what, a, e in (("angular", ang, ang_r), ("scale", sc, sc_r), ("grad p", gp, gp_r), ("grad s", gs, gs_r)):
+        assert_close(a, e, dtype, f"cuda loss_tail {what}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="GPU lane: needs two CUDA devices")
+def test_cuda_triton_on_the_second_device():
+    """Tensors on cuda:1 while cuda:0 is current: the launch must follow the tensors (device_guard)."""
+    m, x, y = make(SHAPES[2], torch.float32, "triton")
+    torch.cuda.set_device(0)
+    mc = __import__("copy").deepcopy(m).to("cuda:1")
+    got = run(mc, x.detach().to("cuda:1").requires_grad_(True), y.to("cuda:1"), 0.5, 0.05)
+    assert_all(got, oracle(x, y, m, 0.5, 0.05), torch.float32, "cuda:1 triton vs oracle")

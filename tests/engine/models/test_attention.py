@@ -81,3 +81,57 @@ def test_frame_causal_attention_ignores_later_frames(no_cuda):
     v3 = v.clone()
     v3[..., per_frame - 1, :] += 1.0
     assert (attention(q, k, v3, mask)[..., 0, :] - a[..., 0, :]).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------- issue 16 item 3
+def test_kernel_choice_and_reasons():
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert attn_mod.kernel_for("flash_attn", "cuda", bf16, False) == ("flash_attn", "")
+    assert attn_mod.kernel_for("xformers", "cuda", torch.float16, False) == ("xformers", "")
+    assert attn_mod.kernel_for("flash_attn", "cuda", bf16, True) == ("sdpa", "flash_attn not taken: a mask")
+    assert attn_mod.kernel_for("flash_attn", "cuda", fp32, False) == ("sdpa", "flash_attn not taken: float32")
+    assert attn_mod.kernel_for("flash_attn", "cpu", bf16, False) == ("sdpa", "flash_attn not taken: cpu tensors")
+    assert attn_mod.kernel_for("sdpa", "cuda", bf16, False) == ("sdpa", "")
+
+
+def test_mixed_dtypes_reach_the_kernel_as_v_dtype(no_cuda, monkeypatch):
+    """Autocast on CUDA leaves a normalised q/k in float32 and v in bf16; the kernel must see one dtype
+    (the fused check reads q's dtype, so a float32 q silently sent every call to SDPA)."""
+    seen = []
+    monkeypatch.setattr(attn_mod.F, "scaled_dot_product_attention",
+                        lambda q, k, v, attn_mask=None: seen.append((q.dtype, k.dtype, v.dtype)) or v)
+    q = torch.randn(1, 2, 5, 8)
+    attention(q, q.clone(), q.bfloat16())
+    assert seen == [(torch.bfloat16,) * 3]
+
+
+def test_dit_block_under_autocast_like_norms(no_cuda, monkeypatch):
+    """DiTBlock.attend with its q/k norms returning float32 (what CUDA autocast does with rms_norm) hands the
+    kernel q, k and v of one dtype, and the call site is reported."""
+    from engine.models.dit import DiTBlock
+    from engine.models.rope import rope_tables
+
+    block = DiTBlock(32, 2, 2.0, qk_norm=True).bfloat16()
+    for norm in (block.q_norm, block.k_norm):
+        norm.register_forward_hook(lambda module, args, out: out.float())
+    seen = []
+    real = attn_mod.F.scaled_dot_product_attention
+    monkeypatch.setattr(attn_mod.F, "scaled_dot_product_attention",
+                        lambda q, k, v, attn_mask=None: seen.append({q.dtype, k.dtype, v.dtype}) or real(q, k, v))
+    monkeypatch.setattr(attn_mod, "_used", {})
+    h = torch.randn(1, 2, 4, 32).bfloat16()
+    cos, sin = rope_tables(2, 2, 2, 16, 10000.0, h.device)
+    block.attend(h, cos, sin, None)
+    assert seen == [{torch.bfloat16}]
+    assert attn_mod.attention_report() == {"engine.models.dit:DiTBlock.attend": "sdpa"}
+
+
+def test_report_names_each_site_and_reason(no_cuda, monkeypatch, caplog):
+    monkeypatch.setattr(attn_mod, "_used", {})
+    q = torch.randn(1, 1, 4, 8)
+    with caplog.at_level("INFO", logger="geoforge.attention"):
+        attention(q, q, q, site="a")
+        attention(q, q, q, mask=frame_causal_mask(2, 2), site="b")
+        attention(q, q, q, site="a")
+    assert attn_mod.attention_report() == {"a": "sdpa", "b": "sdpa"}
+    assert sum("attention a: sdpa" in r.getMessage() for r in caplog.records) == 1  # logged once per site

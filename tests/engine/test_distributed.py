@@ -1,0 +1,30 @@
+"""engine/distributed.py: on CUDA each rank selects its device before the process group exists (issue 16
+item 4). NCCL binds a rank's communicator to the current device when the group is created; a rank that
+calls ``set_device`` afterwards has its first collectives on cuda:0 with every other rank. A CPU cannot run
+NCCL, so the order of the calls is recorded with CUDA and DeepSpeed stubbed out."""
+from __future__ import annotations
+
+import sys
+import types
+
+import torch
+
+import engine.distributed as distributed
+
+
+def test_set_device_comes_before_the_process_group(monkeypatch):
+    calls = []
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    fake_ds = types.SimpleNamespace(init_distributed=lambda dist_backend, **kw: calls.append(("init", dist_backend)))
+    monkeypatch.setitem(sys.modules, "deepspeed", fake_ds)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
+    world = distributed.init_world("auto")
+    assert calls == [("set_device", 1), ("init", "nccl")]
+    assert world.device == torch.device("cuda", 1) and world.rank == 1 and world.size == 2
