@@ -22,7 +22,7 @@ if __package__ in (None, ""):   # run as a script: engine/ must not shadow top-l
 
 import torch
 
-from engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from engine.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint, resume_checkpoint, save_checkpoint
 from engine.config import ConfigError, Recipe, load_recipe
 from engine.data.builder import build_loader
 from engine.distributed import (World, any_rank, broadcast_object, deepspeed_config, init_world, mean_over_ranks,
@@ -83,11 +83,7 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> di
              f"attention: {attention_backend()} | fused kernels: {recipe.backend} | run dir: {run_dir}")
 
     step, consumed, skipped, bad_clips = 0, 0, 0, 0
-    checkpoint = None
-    if resume == "auto":
-        checkpoint = latest_checkpoint(run_dir)
-    elif resume:
-        checkpoint = Path(resume)
+    checkpoint = resume_checkpoint(run_dir, resume, world, warn=lambda m: log.info(f"warning: {m}"))   # verified
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, engine, world, ema)
         step, consumed, skipped = state["step"], state["consumed_micro_batches"], state["skipped_nonfinite"]
@@ -181,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 summary = run_pipeline(recipe, run_dir, world, stage=args.stage)
             else:
                 summary = train(recipe, run_dir, args.resume, world)
-        except NonFiniteLossError as err:
+        except (NonFiniteLossError, CheckpointError, CheckpointWriteError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
         if world.is_main:

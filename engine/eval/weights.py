@@ -46,7 +46,10 @@ def resolve_weights(source: str | os.PathLike) -> Path:
 
 def load_state_dict(source: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A flat ``{name: tensor}`` state dict on CPU from ``source`` (see the module docstring)."""
+    from engine.checkpoint import verify_file
+
     path = resolve_weights(source)
+    verify_file(path)   # a file of a GeoForge checkpoint must match its manifest (names the file if not)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

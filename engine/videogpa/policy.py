@@ -150,6 +150,9 @@ def load_dit_weights(dit: nn.Module, checkpoint: str | Path, use_ema: bool = Tru
     if not path.is_file():
         raise FileNotFoundError(f"videogpa.policy.checkpoint: no weights at {path} (give a checkpoints/step_N "
                                 f"directory or a .safetensors file)")
+    from engine.checkpoint import verify_file
+
+    verify_file(path)   # against the checkpoint's manifest: names a truncated or damaged file
     state = load_file(str(path))
     if any(k.startswith("dit.") for k in state):
         state = {k[len("dit."):]: v for k, v in state.items() if k.startswith("dit.")}

@@ -254,7 +254,7 @@ def run_train_stage(recipe, run_dir: Path, world, policy: VideoPolicy, show_prog
     """The ``train`` stage (see the module docstring). Returns the summary written to ``final/COMPLETE``."""
     import deepspeed
 
-    from engine.checkpoint import latest_checkpoint
+    from engine.checkpoint import newest_verified_checkpoint
     from engine.data.sampler import ResumableBatchSampler
     from engine.distributed import deepspeed_config, mean_over_ranks
     from engine.run_dir import RunLog
@@ -285,7 +285,7 @@ def run_train_stage(recipe, run_dir: Path, world, policy: VideoPolicy, show_prog
     steps = recipe.schedule.steps
     runlog = RunLog(stage_dir, world, total_steps=steps)
     step, consumed = 0, 0
-    checkpoint = latest_checkpoint(stage_dir)
+    checkpoint = newest_verified_checkpoint(stage_dir, world, warn=lambda m: runlog.info(f"warning: {m}"))
     if checkpoint is not None:
         load_path, _ = engine.load_checkpoint(str(checkpoint), tag="deepspeed", load_module_strict=False)
         if load_path is None:
