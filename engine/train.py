@@ -34,6 +34,7 @@ from engine.models.dit import VideoDiT
 from engine.models.teacher import build_teacher
 from engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
 from engine.run_dir import RunLog, resolve_run_dir, write_resolved_recipe
+from engine.run_lock import RunDirLocked, acquire_run_lock
 from engine.samples import write_sample_video
 
 
@@ -165,9 +166,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --stage {args.stage}: recipe {recipe.name!r} has no videogpa section", file=sys.stderr)
         return 2
     world = init_world(recipe.device, args.local_rank)
+    lock = None
     try:
         set_attention_backend(recipe.attention)
         run_dir = broadcast_object(resolve_run_dir(recipe, args.run_dir, args.resume) if world.is_main else None)
+        try:   # one writer per run directory (engine/run_lock.py); released in `finally`
+            lock = acquire_run_lock(run_dir, world)
+        except RunDirLocked as err:
+            if world.is_main:
+                print(f"error: {err}", file=sys.stderr)
+            return 1
         if world.is_main:
             write_resolved_recipe(recipe, run_dir)
         try:
@@ -183,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         if world.is_main:
             print(summary["text"])
     finally:
+        if lock is not None:
+            lock.release()
         shutdown()
     return 0
 
