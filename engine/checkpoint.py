@@ -232,12 +232,22 @@ def resume_checkpoint(run_dir: Path, resume: str | None, world: World | None = N
     return path
 
 
+def _is_write_error(err: BaseException) -> bool:
+    """An I/O failure of a writer: OSError (ENOSPC, EIO, EFBIG ...), safetensors' SafetensorError, or the
+    RuntimeError torch.save raises when its stream writer fails (it does not chain the OSError)."""
+    if isinstance(err, OSError) or type(err).__name__ == "SafetensorError":
+        return True
+    return isinstance(err, RuntimeError) and bool(_TORCH_WRITE_ERROR.search(str(err)))
+
+
+_TORCH_WRITE_ERROR = re.compile(r"inline_container|PytorchStreamWriter|file write failed")
+
+
 @contextmanager
 def atomic_checkpoint_dir(run_dir: Path, step: int, world: World, keep: int = 0) -> Iterator[Path]:
     """Yield ``checkpoints/.tmp-step_N`` to write into; on exit hash its files into ``MANIFEST.json``, mark
     it COMPLETE, rename it to ``step_N`` and keep only the newest ``keep`` complete checkpoints (0 keeps
-    all). Collective: every rank enters. A failing write (OSError, or the RuntimeError torch.save turns
-    one into) removes the temporary directory and raises :class:`CheckpointWriteError` naming the path;
+    all). Collective: every rank enters. A failing write (see :func:`_is_write_error`) removes the temporary directory and raises :class:`CheckpointWriteError` naming the path;
     earlier checkpoints are untouched (pruning happens only after a successful rename)."""
     root = Path(run_dir) / "checkpoints"
     tmp = root / f".tmp-step_{step}"
@@ -257,8 +267,8 @@ def atomic_checkpoint_dir(run_dir: Path, step: int, world: World, keep: int = 0)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
-    except (OSError, RuntimeError) as err:
-        if isinstance(err, CheckpointWriteError):
+    except Exception as err:
+        if isinstance(err, CheckpointWriteError) or not _is_write_error(err):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
         intact = ", ".join(p.name for p in checkpoint_dirs(run_dir)) or "none"

@@ -33,6 +33,7 @@ from engine.models.attention import attention_backend, set_attention_backend
 from engine.models.dit import VideoDiT
 from engine.models.teacher import build_teacher
 from engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
+from engine.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption, active as active_preemption
 from engine.run_dir import RunLog, resolve_run_dir, write_resolved_recipe
 from engine.run_lock import RunDirLocked, acquire_run_lock
 from engine.samples import write_sample_video
@@ -94,6 +95,7 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> di
     elif resume == "auto":
         log.info(f"--resume auto: no complete checkpoint in {run_dir}, starting from scratch")
 
+    preempt = active_preemption()   # installed by main() before the DataLoader forks (engine/preemption.py)
     loader = build_loader(recipe, world, start=consumed)
     batches = iter(loader)
     accum = recipe.distributed.grad_accum
@@ -141,11 +143,14 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> di
         log.step(step, parts, lr=engine.get_lr()[0], skipped_nonfinite=skipped, skipped_clips=bad_clips,
                  every=recipe.logging.every)
         last = step == recipe.schedule.steps
-        if step % recipe.logging.checkpoint_every == 0 or last:
-            save_checkpoint(run_dir, step, engine, world, recipe.distributed.zero_stage,
-                            {"step": step, "consumed_micro_batches": consumed, "skipped_nonfinite": skipped,
-                             "skipped_clips": bad_clips},
-                            ema=ema, keep=recipe.logging.keep_checkpoints)
+        stop = preempt.agreed() and not last   # preemption hook: SIGTERM/SIGUSR1 on any rank -> save, exit 75
+        if step % recipe.logging.checkpoint_every == 0 or last or stop:
+            saved = save_checkpoint(run_dir, step, engine, world, recipe.distributed.zero_stage,
+                                    {"step": step, "consumed_micro_batches": consumed, "skipped_nonfinite": skipped,
+                                     "skipped_clips": bad_clips},
+                                    ema=ema, keep=recipe.logging.keep_checkpoints)
+        if stop:
+            raise Preempted(step, saved, preempt.signal_name)
         if val_batch is not None and step % recipe.logging.validate_every == 0:
             result = validate(engine.module.dit, val_batch, recipe, step)   # every rank: ZeRO-3 forwards
             log.validation(result, step)
@@ -167,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     world = init_world(recipe.device, args.local_rank)
     lock = None
+    preempt = Preemption().install()   # SIGTERM / SIGUSR1: finish the step, checkpoint, exit 75
     try:
         set_attention_backend(recipe.attention)
         run_dir = broadcast_object(resolve_run_dir(recipe, args.run_dir, args.resume) if world.is_main else None)
@@ -188,11 +194,15 @@ def main(argv: list[str] | None = None) -> int:
         except (NonFiniteLossError, CheckpointError, CheckpointWriteError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
+        except Preempted as err:   # every rank: the checkpoint is complete
+            print(f"rank {world.rank}: {err}", file=sys.stderr, flush=True)
+            return PREEMPTED_EXIT_CODE
         if world.is_main:
             print(summary["text"])
     finally:
         if lock is not None:
             lock.release()
+        preempt.uninstall()
         shutdown()
     return 0
 

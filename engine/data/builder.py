@@ -46,4 +46,15 @@ def build_loader(recipe: Recipe, world: World, start: int = 0) -> torch.utils.da
     return torch.utils.data.DataLoader(EpochIndexed(dataset), batch_sampler=sampler, num_workers=workers,
                                        pin_memory=world.device.type == "cuda",
                                        persistent_workers=workers > 0,
-                                       prefetch_factor=4 if workers > 0 else None)
+                                       prefetch_factor=4 if workers > 0 else None,
+                                       worker_init_fn=ignore_stop_signals if workers > 0 else None)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM / SIGUSR1: a cluster signals the whole process group, and the
+    trainer (engine/preemption.py) finishes its step and checkpoints before exiting; torch's worker
+    handler would otherwise die on SIGTERM and fail the step. The workers still exit with the trainer."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)

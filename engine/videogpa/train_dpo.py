@@ -33,7 +33,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from engine import preemption
 from engine.objectives.dpo import dpo_loss
+from engine.preemption import Preempted
 from engine.videogpa.generate import load_condition
 from engine.videogpa.io import atomic_write_text, read_jsonl, read_marker, write_marker
 from engine.videogpa.lora import add_lora, adapters_disabled, frozen_copy, parameter_bytes, save_adapter
@@ -309,6 +311,7 @@ def run_train_stage(recipe, run_dir: Path, world, policy: VideoPolicy, show_prog
                                     world.size, world.rank, seed=recipe.seed, start=consumed)
     batches = iter(sampler)
     accum = recipe.distributed.grad_accum
+    preempt = preemption.active()
     began = time.perf_counter()
     runlog.start_progress(step)
     while step < steps:
@@ -333,10 +336,14 @@ def run_train_stage(recipe, run_dir: Path, world, policy: VideoPolicy, show_prog
         parts = mean_over_ranks(sums)
         runlog.step(step, parts, lr=engine.get_lr()[0], step_seconds=time.perf_counter() - t_step,
                     every=recipe.logging.every)
-        if step % recipe.logging.checkpoint_every == 0 and step < steps:
+        stop = preempt.agreed() and step < steps   # preemption hook (engine/preemption.py): save, exit 75
+        if (step % recipe.logging.checkpoint_every == 0 and step < steps) or stop:
             _save_state(stage_dir, step, engine, module, world, recipe.distributed.zero_stage,
                         {"step": step, "consumed_micro_batches": consumed}, recipe.logging.keep_checkpoints,
                         vg.lora.enabled)
+        if stop:
+            raise Preempted(step, stage_dir / "checkpoints" / f"step_{step}", preempt.signal_name,
+                            "videogpa train stage")
     train_seconds = time.perf_counter() - began
     finish = runlog.finish(train_seconds)
     after = _reduce_accuracy(implicit_accuracy(engine.module, policy, dataset, mine_eval, vg.dpo.eval_draws,
