@@ -26,11 +26,12 @@ from engine.checkpoint import CheckpointError, CheckpointWriteError, load_checkp
 from engine.config import ConfigError, Recipe, load_recipe
 from engine.data.builder import build_loader
 from engine.distributed import (World, any_rank, broadcast_object, deepspeed_config, init_world, mean_over_ranks,
-                                shutdown)
+                                parallel_layout, shutdown)
 from engine.ema import ShardedEMA
 from engine.eval.validate import validate, validation_batch
 from engine.models.attention import attention_backend, set_attention_backend
 from engine.models.dit import VideoDiT
+from engine.models.sequence_parallel import SequenceParallel, set_sequence_parallel
 from engine.models.teacher import build_teacher
 from engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
 from engine.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption, active as active_preemption
@@ -74,13 +75,17 @@ def build_engine(recipe: Recipe, world: World, teacher_dims: dict[str, int] | No
 
 
 def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> dict:
+    layout = parallel_layout(world, recipe.distributed.sequence_parallel)   # DP x SP (Ulysses) groups
+    set_sequence_parallel(SequenceParallel(layout.sp_group, layout.sp_size, layout.sp_rank)
+                          if layout.sp_size > 1 else None)
     teacher = build_teacher(recipe, world.device)   # frozen GF teacher (or its cache): outside the engine
     engine = build_engine(recipe, world, None if teacher is None else teacher.dims)
     ema = ShardedEMA(engine.module, recipe.ema.decay, world.rank, world.size) if recipe.ema.enabled else None
     log = RunLog(run_dir, world, total_steps=recipe.schedule.steps)
     trained = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
     d = recipe.distributed
-    log.info(f"GeoForge {recipe.name}: {world.size} rank(s) on {world.device.type} | DeepSpeed ZeRO-{d.zero_stage}"
+    log.info(f"GeoForge {recipe.name}: {world.size} rank(s) on {world.device.type} ({layout.describe()}) | "
+             f"DeepSpeed ZeRO-{d.zero_stage}"
              f"{' bf16' if d.bf16 else ' fp32'} | {trained / 1e6:.2f}M trained parameters | "
              f"attention: {attention_backend()} | fused kernels: {recipe.backend} | run dir: {run_dir}")
 
@@ -96,7 +101,7 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> di
         log.info(f"--resume auto: no complete checkpoint in {run_dir}, starting from scratch")
 
     preempt = active_preemption()   # installed by main() before the DataLoader forks (engine/preemption.py)
-    loader = build_loader(recipe, world, start=consumed)
+    loader = build_loader(recipe, world, start=consumed, data_parallel=(layout.dp_rank, layout.dp_size))
     batches = iter(loader)
     accum = recipe.distributed.grad_accum
     in_a_row = 0
@@ -139,7 +144,7 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> di
         if ema is not None:
             ema.update()
         parts = mean_over_ranks({**{k: v / accum for k, v in parts_sum.items()}, "skipped_clips": bad_here})
-        bad_clips += round(parts.pop("skipped_clips") * world.size)   # all ranks' bad clips, the same on each
+        bad_clips += round(parts.pop("skipped_clips") * layout.dp_size)   # all DP groups' bad clips, same on each
         log.step(step, parts, lr=engine.get_lr()[0], skipped_nonfinite=skipped, skipped_clips=bad_clips,
                  every=recipe.logging.every)
         last = step == recipe.schedule.steps
@@ -171,6 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --stage {args.stage}: recipe {recipe.name!r} has no videogpa section", file=sys.stderr)
         return 2
     world = init_world(recipe.device, args.local_rank)
+    sp = recipe.distributed.sequence_parallel
+    if world.size % sp:   # the one recipe check that needs the world size
+        if world.is_main:
+            print(f"error: distributed.sequence_parallel: {sp} does not divide the world of {world.size} ranks "
+                  f"(launch a multiple of {sp} processes)", file=sys.stderr)
+        shutdown()
+        return 2
     lock = None
     preempt = Preemption().install()   # SIGTERM / SIGUSR1: finish the step, checkpoint, exit 75
     try:

@@ -37,11 +37,15 @@ def clip_names(recipe: Recipe) -> list[str]:
     return [clip.name for clip in find_clips(data.root, data.split, on_error=data.on_error)[1]]
 
 
-def build_loader(recipe: Recipe, world: World, start: int = 0) -> torch.utils.data.DataLoader:
-    """An endless loader of this rank's micro-batches, starting after ``start`` consumed micro-batches."""
+def build_loader(recipe: Recipe, world: World, start: int = 0,
+                 data_parallel: tuple[int, int] | None = None) -> torch.utils.data.DataLoader:
+    """An endless loader of this rank's micro-batches, starting after ``start`` consumed micro-batches.
+    ``data_parallel = (dp_rank, dp_size)`` when ranks share clips (sequence parallelism); default
+    ``(world.rank, world.size)``."""
     dataset = build_dataset(recipe, world)
+    dp_rank, dp_size = data_parallel or (world.rank, world.size)
     sampler = ResumableBatchSampler(len(dataset), recipe.data.batch_size, recipe.distributed.grad_accum,
-                                    world.size, world.rank, seed=recipe.seed, start=start)
+                                    dp_size, dp_rank, seed=recipe.seed, start=start)
     workers = recipe.data.num_workers
     return torch.utils.data.DataLoader(EpochIndexed(dataset), batch_sampler=sampler, num_workers=workers,
                                        pin_memory=world.device.type == "cuda",
