@@ -116,8 +116,11 @@ class DistributedConfig:
     bf16: bool = False
     grad_accum: int = 1                   # micro-batches per optimizer step
     activation_checkpointing: bool = False
+    sequence_parallel: int = 1            # ranks that split each clip's tokens (DeepSpeed-Ulysses); DP = world / this
 
     def validate(self) -> None:
+        if self.sequence_parallel < 1:
+            raise ConfigError(f"distributed.sequence_parallel: must be >= 1, got {self.sequence_parallel}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"distributed.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.grad_accum < 1:
@@ -198,6 +201,29 @@ class Recipe:
             check_gf_recipe(self)
         except ValueError as err:
             raise ConfigError(str(err)) from err
+        self._check_sequence_parallel()
+
+    def _check_sequence_parallel(self) -> None:
+        """distributed.sequence_parallel N: heads and tokens split evenly over N ranks (the world size is
+        checked at start-up, :func:`engine.distributed.sequence_parallel_groups`)."""
+        n = self.distributed.sequence_parallel
+        if n == 1:
+            return
+        key = f"distributed.sequence_parallel: {n}"
+        if self.videogpa is not None:
+            raise ConfigError(f"{key}: VideoGPA recipes (DPO policies) do not support sequence parallelism yet; "
+                              f"use 1")
+        model = self.model.resolved()
+        if model.num_heads % n:
+            raise ConfigError(f"{key} does not divide model.num_heads={model.num_heads} (Ulysses splits the heads)")
+        grid = self.data.resolution // model.patch_size
+        tokens = (self.data.frames // model.temporal_patch_size) * grid * grid
+        if tokens % n:
+            raise ConfigError(f"{key} does not divide the {tokens} tokens of a clip (data.frames, data.resolution, "
+                              f"model.patch_size)")
+        if self.gf.enabled and self.gf.aligned_frames(self.data.frames) != self.data.frames:
+            raise ConfigError(f"gf.teacher_frames: {self.gf.teacher_frames} aligns part of the clip; with {key} "
+                              f"the alignment is computed per token shard and needs every frame (0)")
 
 
 # A pixel-space model predicting velocity (or noise) must carry a full-dimensional patch of it through its

@@ -18,7 +18,7 @@ import torch
 from engine.checkpoint import save_module_weights
 from engine.config import Recipe
 from engine.data.builder import build_loader
-from engine.distributed import World
+from engine.distributed import ParallelLayout, World
 from engine.eval.validate import validate, validation_batch, write_sample_video
 from engine.models.dit import VideoDiT
 from engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
@@ -30,8 +30,11 @@ class DiffusionTask(Task):
     use_ema = True
     counters = ("skipped_clips",)   # bad clips the dataset passed over (data.on_error: skip)
 
-    def __init__(self, recipe: Recipe, world: World):
+    def __init__(self, recipe: Recipe, world: World, layout: ParallelLayout | None = None):
         self.recipe, self.world = recipe, world
+        # ranks of one sequence-parallel group share clips: the loader splits them over the DP groups
+        self.data_parallel = (layout.dp_rank, layout.dp_size) if layout is not None else None
+        self.count_clips = layout is None or layout.sp_rank == 0   # a shared clip's bad files counted once
         self.teacher = (build_teacher(recipe.teacher, recipe.data, world.device, seed=recipe.seed)
                         if recipe.gf.enabled else None)   # frozen GF teacher (or its cache), or None
         torch.manual_seed(recipe.seed)   # identical initial weights on every rank
@@ -44,13 +47,14 @@ class DiffusionTask(Task):
         return list(self.module.dit.blocks)
 
     def micro_batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
-        return iter(build_loader(self.recipe.data, self.world, self.recipe.seed,
-                                self.recipe.distributed.grad_accum, start=start))
+        return iter(build_loader(self.recipe.data, self.world, self.recipe.seed, self.recipe.distributed.grad_accum,
+                                 start=start, data_parallel=self.data_parallel))
 
     def prepare(self, raw: dict[str, torch.Tensor], step: int, timer) -> MicroBatch:
         r, device = self.recipe, self.world.device
         batch = {k: v.to(device, non_blocking=True) for k, v in raw.items() if torch.is_tensor(v)}
-        counts = {"skipped_clips": int(raw["skipped_clips"].sum())} if "skipped_clips" in raw else {}
+        counts = ({"skipped_clips": int(raw["skipped_clips"].sum())}
+                  if "skipped_clips" in raw and self.count_clips else {})
         noise = sample_noise(r.objective, r.model.cond_dropout, raw["frames"].shape, raw["index"], r.seed, step)
         noise = {k: v.to(device, non_blocking=True) for k, v in noise.items()}
         timer.mark("data")

@@ -87,6 +87,38 @@ def deepspeed_config(recipe) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Data x sequence parallelism: ``dp_size`` groups of ``sp_size`` consecutive ranks; the ranks of a
+    sequence-parallel group (``sp_group``, None when sp_size is 1) read the same clips."""
+
+    dp_rank: int
+    dp_size: int
+    sp_rank: int
+    sp_size: int
+    sp_group: object = None
+
+    def describe(self) -> str:
+        return f"DP {self.dp_size} x SP {self.sp_size}"
+
+
+def parallel_layout(world: World, sequence_parallel: int = 1) -> ParallelLayout:
+    """Collective (every rank creates every group): the layout of ``distributed.sequence_parallel`` ranks
+    per clip. Raises ValueError naming the key if the world size is not a multiple."""
+    n = sequence_parallel
+    if n < 1 or world.size % n:
+        raise ValueError(f"distributed.sequence_parallel: {n} does not divide the world of {world.size} ranks "
+                         f"(launch a multiple of {n} processes)")
+    group = None
+    if n > 1:
+        for first in range(0, world.size, n):   # new_group is collective over the whole world
+            g = dist.new_group(list(range(first, first + n)))
+            if first <= world.rank < first + n:
+                group = g
+    return ParallelLayout(dp_rank=world.rank // n, dp_size=world.size // n, sp_rank=world.rank % n, sp_size=n,
+                          sp_group=group)
+
+
 def broadcast_object(obj, src: int = 0):
     """``obj`` of rank ``src`` on every rank."""
     box = [obj]

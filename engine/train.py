@@ -21,11 +21,15 @@ if __package__ in (None, ""):   # run as a script: engine/ must not shadow top-l
     sys.path[:] = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolve().parent]
 
 
+from engine.checkpoint import CheckpointError, CheckpointWriteError
 from engine.config import ConfigError, Recipe, load_recipe
 from engine.diffusion_task import DiffusionTask
-from engine.distributed import World, broadcast_object, init_world, shutdown
+from engine.distributed import World, broadcast_object, init_world, parallel_layout, shutdown
 from engine.models.attention import attention_backend, set_attention_backend
+from engine.models.sequence_parallel import SequenceParallel, set_sequence_parallel
+from engine.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption
 from engine.run_dir import resolve_run_dir, write_resolved_recipe
+from engine.run_lock import RunDirLocked, acquire_run_lock
 from engine.trainer import NonFiniteLossError, Trainer
 
 
@@ -44,9 +48,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> dict:
     """Diffusion training (flow matching, + Geometry Forcing when ``gf.enabled``) through the one trainer."""
-    trainer = Trainer(recipe, DiffusionTask(recipe, world), run_dir, world)
+    layout = parallel_layout(world, recipe.distributed.sequence_parallel)   # DP x SP (Ulysses) groups
+    set_sequence_parallel(SequenceParallel(layout.sp_group, layout.sp_size, layout.sp_rank)
+                          if layout.sp_size > 1 else None)
+    trainer = Trainer(recipe, DiffusionTask(recipe, world, layout), run_dir, world)
     d = recipe.distributed
-    trainer.log.info(f"GeoForge {recipe.name}: {world.size} rank(s) on {world.device.type} | DeepSpeed "
+    trainer.log.info(f"GeoForge {recipe.name}: {world.size} rank(s) on {world.device.type} ({layout.describe()}) | "
+                     f"DeepSpeed "
                      f"ZeRO-{d.zero_stage}{' bf16' if d.bf16 else ' fp32'} | "
                      f"{trainer.trained_parameters / 1e6:.2f}M trained parameters | attention: "
                      f"{attention_backend()} | fused kernels: {recipe.backend} | run dir: {run_dir}")
@@ -65,9 +73,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --stage {args.stage}: recipe {recipe.name!r} has no videogpa section", file=sys.stderr)
         return 2
     world = init_world(recipe.device, args.local_rank)
+    sp = recipe.distributed.sequence_parallel
+    if world.size % sp:   # the one recipe check that needs the world size
+        if world.is_main:
+            print(f"error: distributed.sequence_parallel: {sp} does not divide the world of {world.size} ranks "
+                  f"(launch a multiple of {sp} processes)", file=sys.stderr)
+        shutdown()
+        return 2
+    lock = None
+    preempt = Preemption().install()   # SIGTERM / SIGUSR1: finish the step, checkpoint, exit 75
     try:
         set_attention_backend(recipe.attention)
         run_dir = broadcast_object(resolve_run_dir(recipe, args.run_dir, args.resume) if world.is_main else None)
+        try:   # one writer per run directory (engine/run_lock.py); released in `finally`
+            lock = acquire_run_lock(run_dir, world)
+        except RunDirLocked as err:
+            if world.is_main:
+                print(f"error: {err}", file=sys.stderr)
+            return 1
         if world.is_main:
             write_resolved_recipe(recipe, run_dir)
         try:
@@ -77,12 +100,18 @@ def main(argv: list[str] | None = None) -> int:
                 summary = run_pipeline(recipe, run_dir, world, stage=args.stage)
             else:
                 summary = train(recipe, run_dir, args.resume, world)
-        except NonFiniteLossError as err:
+        except (NonFiniteLossError, CheckpointError, CheckpointWriteError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
+        except Preempted as err:   # every rank: the checkpoint is complete
+            print(f"rank {world.rank}: {err}", file=sys.stderr, flush=True)
+            return PREEMPTED_EXIT_CODE
         if world.is_main:
             print(summary["text"])
     finally:
+        if lock is not None:
+            lock.release()
+        preempt.uninstall()
         shutdown()
     return 0
 

@@ -19,6 +19,8 @@ step (validation, sample videos). The :class:`Trainer` owns *how*, once for ever
   each rank's RNG, the task's exported weights, the EMA and ``trainer_state.json``; **resume**
   (:meth:`Trainer.resume`) restores all of it and the data position, so a resumed run reproduces the
   uninterrupted one;
+- **preemption**: SIGTERM / SIGUSR1 (``engine.preemption``) finish the current step on every rank, write a
+  complete checkpoint and raise :class:`engine.preemption.Preempted` (``engine/train.py`` exits 75);
 - **log**: ``metrics.jsonl``, tensorboard and the progress bar through :class:`engine.run_dir.RunLog`.
 
 Phases of a micro-step can be timed from outside (``profiling/bench_train.py``) by passing ``timer``: an
@@ -37,7 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from engine.checkpoint import atomic_checkpoint_dir, latest_checkpoint, load_checkpoint, write_checkpoint_files
+from engine import preemption
+from engine.checkpoint import atomic_checkpoint_dir, load_checkpoint, resume_checkpoint, write_checkpoint_files
 from engine.config import Recipe
 from engine.distributed import World, any_rank, deepspeed_config, mean_over_ranks, sum_over_ranks
 from engine.ema import ShardedEMA
@@ -135,8 +138,10 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------- resume
     def resume(self, resume: str | None) -> Path | None:
-        """Restore from ``resume`` ('auto': the newest complete checkpoint of the run, if any; or a path)."""
-        checkpoint = latest_checkpoint(self.run_dir) if resume == "auto" else (Path(resume) if resume else None)
+        """Restore from ``resume``: 'auto' = the newest complete checkpoint of the run that verifies against its
+        manifest (damaged newer ones are named in a warning and skipped), or a path, which must verify."""
+        checkpoint = resume_checkpoint(self.run_dir, resume, self.world,
+                                       warn=lambda m: self.log.info(f"warning: {m}"))
         if checkpoint is None:
             if resume == "auto":
                 self.log.info(f"--resume auto: no complete checkpoint in {self.run_dir}, starting from scratch")
@@ -222,6 +227,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train from the current step to ``schedule.steps``; returns the run summary (``text`` + last values)."""
         steps, logging = self.recipe.schedule.steps, self.recipe.logging
+        preempt = preemption.active()   # installed by engine/train.py before the DataLoader forks
         began = time.perf_counter()
         self.log.start_progress(self.step)
         reported = False
@@ -233,8 +239,11 @@ class Trainer:
                                                                 sorted(attention_report().items())) or "none called"))
             self.log.step(self.step, parts, lr=self.engine.get_lr()[0], **self.counts, every=logging.every)
             last = self.step == steps
-            if self.step % logging.checkpoint_every == 0 or last:
-                self.save()
+            stop = preempt.agreed() and not last   # SIGTERM / SIGUSR1 on any rank: checkpoint, exit 75
+            if self.step % logging.checkpoint_every == 0 or last or stop:
+                saved = self.save()
+            if stop:
+                raise preemption.Preempted(self.step, saved, preempt.signal_name, f"training in {self.run_dir}")
             self.task.after_step(self, self.step, last)
         return self.log.finish(time.perf_counter() - began)
 

@@ -65,8 +65,12 @@ def resolve_weights(source: str | os.PathLike, local_files_only: bool = False) -
 
 def read_state_dict(file: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The flat ``{name: tensor}`` state dict (on CPU) of a local ``.safetensors`` file or weights-only
-    torch pickle; ValueError naming the file for anything else."""
+    torch pickle; ValueError naming the file for anything else. A file of a GeoForge checkpoint is first
+    checked against the checkpoint's manifest (``CheckpointError`` naming it if truncated or damaged)."""
+    from engine.checkpoint import verify_file
+
     path = Path(file)
+    verify_file(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

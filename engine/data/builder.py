@@ -36,15 +36,28 @@ def clip_names(data: DataConfig) -> list[str]:
     return [clip.name for clip in find_clips(data.root, data.split, on_error=data.on_error)[1]]
 
 
-def build_loader(data: DataConfig, world: World, seed: int, grad_accum: int = 1,
-                 start: int = 0) -> torch.utils.data.DataLoader:
+def build_loader(data: DataConfig, world: World, seed: int, grad_accum: int = 1, start: int = 0,
+                 data_parallel: tuple[int, int] | None = None) -> torch.utils.data.DataLoader:
     """An endless loader of this rank's micro-batches (``grad_accum`` per optimizer step), starting after
-    ``start`` consumed micro-batches."""
+    ``start`` consumed micro-batches. ``data_parallel = (dp_rank, dp_size)`` when ranks share clips
+    (sequence parallelism); default ``(world.rank, world.size)``."""
     dataset = build_dataset(data, world, seed)
-    sampler = ResumableBatchSampler(len(dataset), data.batch_size, grad_accum, world.size, world.rank, seed=seed,
+    dp_rank, dp_size = data_parallel or (world.rank, world.size)
+    sampler = ResumableBatchSampler(len(dataset), data.batch_size, grad_accum, dp_size, dp_rank, seed=seed,
                                     start=start)
     workers = data.num_workers
     return torch.utils.data.DataLoader(EpochIndexed(dataset), batch_sampler=sampler, num_workers=workers,
                                        pin_memory=world.device.type == "cuda",
                                        persistent_workers=workers > 0,
-                                       prefetch_factor=4 if workers > 0 else None)
+                                       prefetch_factor=4 if workers > 0 else None,
+                                       worker_init_fn=ignore_stop_signals if workers > 0 else None)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM / SIGUSR1: a cluster signals the whole process group, and the
+    trainer (engine/preemption.py) finishes its step and checkpoints before exiting; torch's worker
+    handler would otherwise die on SIGTERM and fail the step. The workers still exit with the trainer."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)

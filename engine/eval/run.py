@@ -163,23 +163,36 @@ def log(text: str) -> None:
 
 # ------------------------------------------------------------------------------------------- model
 def resolve_checkpoint(path: str | Path, weights: str) -> Path:
-    """The safetensors file behind ``path``: a file, ``step_N/{ema,model}.safetensors`` or a run's newest."""
-    from engine.checkpoint import latest_checkpoint
+    """The safetensors file behind ``path``: a file, ``step_N/{ema,model}.safetensors`` or a run's newest
+    checkpoint whose file verifies (newer damaged ones are named in a warning). A file of a checkpoint
+    must match the checkpoint's manifest (``engine.checkpoint.verify_file``; CheckpointError naming it)."""
+    from engine.checkpoint import CheckpointError, checkpoint_dirs, verify_file
 
     path = Path(path)
     if path.is_file():
+        verify_file(path)
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if (path / "checkpoints").is_dir():
-        newest = latest_checkpoint(path)
-        if newest is None:
+        candidates = list(reversed(checkpoint_dirs(path)))
+        if not candidates:
             raise FileNotFoundError(f"run directory {path} has no complete checkpoint in {path / 'checkpoints'}")
-        path = newest
+        for candidate in candidates:
+            try:
+                verify_file(candidate / f"{weights}.safetensors")
+            except CheckpointError as err:
+                log(f"warning: {err}; trying the previous checkpoint")
+                continue
+            path = candidate
+            break
+        else:
+            raise CheckpointError(f"run directory {path}: no checkpoint has a {weights}.safetensors that verifies")
     file = path / f"{weights}.safetensors"
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found (--weights {weights}); the directory holds "
                                 f"{sorted(p.name for p in path.iterdir())}")
+    verify_file(file)
     return file
 
 
@@ -554,12 +567,13 @@ def run(opts: EvalOptions, networks: Networks | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine.checkpoint import CheckpointError
     from engine.config import ConfigError
 
     opts = parse_args(argv)
     try:
         run(opts)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, FileNotFoundError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

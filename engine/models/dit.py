@@ -30,6 +30,7 @@ from einops import rearrange
 from engine.models.attention import attention, frame_causal_mask
 from engine.models.conditioning import CAMERA_KINDS, ActionEmbedding, CameraEmbedding, NoiseLevelEmbedding
 from engine.models.rope import apply_rope, rope_axis_dims, rope_tables
+from engine.models.sequence_parallel import ShardedFeatures, gather_tokens, sequence_parallel, ulysses_attention
 
 # size -> (hidden_dim, depth, num_heads)
 DIT_PRESETS: dict[str, tuple[int, int, int]] = {
@@ -132,17 +133,18 @@ class DiTBlock(nn.Module):
         self.ada = nn.Linear(hidden, 6 * hidden)
 
     def attend(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               mask: torch.Tensor | None) -> torch.Tensor:
+               mask: torch.Tensor | None, sp=None) -> torch.Tensor:
         b, frames, s, _ = h.shape
         q, k, v = rearrange(self.qkv(h), "b t s (three n d) -> three b n (t s) d", three=3, n=self.heads)
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
-        out = rearrange(attention(q, k, v, mask), "b n (t s) d -> b t s (n d)", t=frames)
+        out = attention(q, k, v, mask) if sp is None else ulysses_attention(q, k, v, mask, sp)   # SP: all-to-all
+        out = rearrange(out, "b n (t s) d -> b t s (n d)", t=frames)
         return self.proj(out)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
+                mask: torch.Tensor | None, sp=None) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
-        x = x + gate1 * self.attend(_modulate(self.norm1(x), shift1, scale1), cos, sin, mask)
+        x = x + gate1 * self.attend(_modulate(self.norm1(x), shift1, scale1), cos, sin, mask, sp)
         return x + gate2 * self.mlp(_modulate(self.norm2(x), shift2, scale2))
 
 
@@ -252,8 +254,12 @@ class VideoDiT(nn.Module):
         grid = (frames // tp, height // p, width // p)
 
         dtype = self.patch_embed.weight.dtype
-        tokens = self.patch_embed(rearrange(x.to(dtype), "b (t pt) c (h ph) (w pw) -> b t (h w) (pt ph pw c)",
-                                            pt=tp, ph=p, pw=p))
+        patches = rearrange(x.to(dtype), "b (t pt) c (h ph) (w pw) -> b t (h w) (pt ph pw c)", pt=tp, ph=p, pw=p)
+        sp = sequence_parallel() if self.training else None   # sampling / validation: whole clips
+        if sp is not None:
+            return self._forward_sequence_parallel(patches, t, grid, wanted, sp, intrinsics=intrinsics,
+                                                   extrinsics=extrinsics, actions=actions, drop_cond=drop_cond, x=x)
+        tokens = self.patch_embed(patches)
         cond = self.noise_embed(t)[:, :, None]
         extra = self._extra_condition(x, intrinsics, extrinsics, actions, drop_cond)
         if extra is not None:
@@ -270,6 +276,46 @@ class VideoDiT(nn.Module):
                 features[index] = tokens.unflatten(2, grid[1:])
         out = rearrange(self.final(tokens, c), "b t (h w) (pt ph pw c) -> b (t pt) c (h ph) (w pw)",
                         h=grid[1], pt=tp, ph=p, pw=p)
+        return (out, features) if wanted else out
+
+    def _forward_sequence_parallel(self, patches: torch.Tensor, t: torch.Tensor, grid: tuple[int, int, int],
+                                   wanted: set[int], sp, *, x: torch.Tensor, intrinsics, extrinsics, actions,
+                                   drop_cond):
+        """``forward`` on this rank's token slice (``engine.models.sequence_parallel``): same result, the
+        output all-gathered, block features returned as :class:`ShardedFeatures`."""
+        cfg = self.cfg
+        b, frames_tok, s, _ = patches.shape
+        start, stop = sp.token_range(frames_tok * s)
+        tokens = self.patch_embed(patches.flatten(1, 2)[:, start:stop])   # [B, L/N, D]
+        cond = self.noise_embed(t)[:, :, None]
+        extra = self._extra_condition(x, intrinsics, extrinsics, actions, drop_cond)
+        if extra is not None:
+            cond = cond + extra
+        c = nn.functional.silu(cond)   # [B, T', 1 or S, D]
+        if start % s == 0 and stop % s == 0:   # whole token frames: keep [B, T'/N, S, D], c per frame broadcasts
+            f0, f1 = start // s, stop // s
+            tokens, c = tokens.unflatten(1, (f1 - f0, s)), c[:, f0:f1]
+        else:   # [B, 1, L/N, D] with c per token
+            tokens = tokens[:, None]
+            c = (c[:, torch.arange(start, stop, device=c.device) // s, 0] if c.shape[2] == 1
+                 else c.flatten(1, 2)[:, start:stop])[:, None]
+        cos, sin = rope_tables(*grid, cfg.hidden_dim // cfg.num_heads, cfg.rope_theta, x.device)
+        cos, sin = cos[start:stop], sin[start:stop]
+        mask = (_cached_frame_causal_mask(grid[0], grid[1] * grid[2], x.device)
+                if cfg.attention == "frame_causal" else None)
+        features = {}
+        use_ckpt = cfg.activation_checkpointing and torch.is_grad_enabled()
+        for index, block in enumerate(self.blocks, start=1):
+            if use_ckpt:
+                tokens = checkpoint(block, tokens, c, cos, sin, mask, sp, use_reentrant=False)
+            else:
+                tokens = block(tokens, c, cos, sin, mask, sp)
+            if index in wanted:
+                features[index] = ShardedFeatures(tokens.reshape(b, stop - start, -1), grid, start, stop)
+        local = self.final(tokens, c).reshape(b, stop - start, -1)
+        full = gather_tokens(local, sp).unflatten(1, (frames_tok, s))
+        p, tp = cfg.patch_size, cfg.temporal_patch_size
+        out = rearrange(full, "b t (h w) (pt ph pw c) -> b (t pt) c (h ph) (w pw)", h=grid[1], pt=tp, ph=p, pw=p)
         return (out, features) if wanted else out
 
 

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.teacher.spec import BATCH_PREFIX, DINO_KEY
+from engine.models.sequence_parallel import ShardedFeatures
 from kernels.align import GeometryAlignment
 
 LOSS_SETS = ("both", "angular", "scale")
@@ -184,7 +185,11 @@ class _Term(nn.Module):
 
     def forward(self, feats: torch.Tensor, batch: Mapping[str, torch.Tensor], temporal_patch: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(weighted loss, mean angular, mean scale) of DiT features ``[B, T', H', W', D]``."""
+        """(weighted loss, mean angular, mean scale) of DiT features ``[B, T', H', W', D]``, or under sequence
+        parallelism of this rank's token slice (:class:`ShardedFeatures`, the teacher features sliced the same
+        way; the means are over the slice's tokens, see ``engine.models.sequence_parallel``)."""
+        if isinstance(feats, ShardedFeatures):
+            return self._forward_shard(feats, batch, temporal_patch)
         grid_hw = tuple(feats.shape[2:4])
         angular, scale = [], []
         for k in self.keys:
@@ -197,6 +202,22 @@ class _Term(nn.Module):
             if aligned > feats.shape[1]:
                 raise ValueError(f"GF: teacher features span {aligned} DiT token frames, the DiT has {feats.shape[1]}")
             x = feats[:, :aligned].reshape(-1, feats.shape[-1])
+            out = self.align[k](x, y.reshape(-1, y.shape[-1]).to(x.device))
+            angular.append(out["angular"].float())
+            scale.append(out["scale"].float())
+        ang, sc = torch.stack(angular).mean(), torch.stack(scale).mean()
+        return self.weights[0] * ang + self.weights[1] * sc, ang, sc
+
+    def _forward_shard(self, feats: ShardedFeatures, batch: Mapping[str, torch.Tensor], temporal_patch: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = feats.tokens.reshape(-1, feats.tokens.shape[-1])
+        angular, scale = [], []
+        for k in self.keys:
+            y = teacher_to_dit_grid(batch[BATCH_PREFIX + k], feats.grid[1:], temporal_patch)
+            if tuple(y.shape[1:4]) != tuple(feats.grid):
+                raise ValueError(f"GF with sequence parallelism: teacher features cover {tuple(y.shape[1:4])} tokens, "
+                                 f"the DiT {feats.grid} (gf.teacher_frames must be 0)")
+            y = feats.local(y)
             out = self.align[k](x, y.reshape(-1, y.shape[-1]).to(x.device))
             angular.append(out["angular"].float())
             scale.append(out["scale"].float())

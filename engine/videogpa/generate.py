@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from engine import preemption
+from engine.preemption import Preempted
 from engine.atomic import atomic_dir, atomic_write_text
 from engine.videogpa.io import read_jsonl, read_marker, write_marker
 from engine.videogpa.policy import Condition, VideoPolicy, seed_for
@@ -136,11 +138,18 @@ def run_generate_stage(recipe, run_dir: Path, world, policy: VideoPolicy, show_p
     root.mkdir(parents=True, exist_ok=True)
     mine = [(i, c) for i, c in enumerate(inputs) if i % world.size == world.rank and not (root / c.key).is_dir()]
     began = time.perf_counter()
+    preempt = preemption.active()
     for i, cond in tqdm(mine, desc="generate", unit="input", disable=not (show_progress and world.is_main),
                         dynamic_ncols=True):
+        if preempt.requested():   # preemption hook: keep the finished inputs, stop before the next
+            break
         with atomic_dir(root / cond.key) as tmp:
             generate_input(policy, cond, i, cfg, tmp)
     seconds = time.perf_counter() - began
+    if preempt.agreed():   # collective: every rank stops (the unsignalled ones after their share)
+        kept = sum(1 for c in inputs if (root / c.key).is_dir())
+        raise Preempted(None, None, preempt.signal_name,
+                        f"videogpa generate stage ({kept} of {len(inputs)} inputs kept in {root})")
     barrier()
     info = {"inputs": len(inputs), "candidates": cfg.candidates, "generated_now": len(mine), "seconds": seconds}
     if world.is_main:

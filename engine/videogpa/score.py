@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from engine import preemption
+from engine.preemption import Preempted
 from engine.atomic import atomic_write_text
 from engine.distributed import resolve_device
 from engine.videogpa.io import AppendLog, atomic_write_jsonl
@@ -196,7 +198,8 @@ def score_items(scorer: ConsistencyScorer, items: Sequence[dict[str, Any]], prog
                 root: Path | None = None, show_progress: bool = True, desc: str = "score") -> list[dict[str, Any]]:
     """Score ``items`` (dicts with ``video`` = a path, relative to ``root`` when given, plus fields copied
     into the row) not yet in ``progress``; every finished row is appended to ``progress`` at once, so a
-    killed run continues where it stopped. Returns the rows of ``items`` (old and new)."""
+    killed run continues where it stopped. Returns the rows of ``items`` (old and new); a preemption
+    signal (``engine.preemption``) stops it after the current video, returning the rows scored so far."""
     from tqdm import tqdm
 
     done = {row["video"]: row for row in progress.repair()}
@@ -204,7 +207,10 @@ def score_items(scorer: ConsistencyScorer, items: Sequence[dict[str, Any]], prog
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, unit="video", dynamic_ncols=True,
                disable=not show_progress)
     try:
+        preempt = preemption.active()
         for item in todo:
+            if preempt.requested():   # preemption hook: the rows so far are in ``progress``
+                break
             path = Path(item["video"]) if root is None else Path(root) / item["video"]
             try:
                 scored = scorer.score_video(path)
@@ -217,7 +223,7 @@ def score_items(scorer: ConsistencyScorer, items: Sequence[dict[str, Any]], prog
             bar.set_postfix(score=f"{row['score']:.4f}", refresh=False)
     finally:
         bar.close()
-    return [done[it["video"]] for it in items]
+    return [done[it["video"]] for it in items if it["video"] in done]
 
 
 def summary(rows: Sequence[dict[str, Any]], timer: StageTimer, seconds: float, scored_now: int) -> dict[str, Any]:
@@ -274,6 +280,10 @@ def run_score_stage(recipe, run_dir: Path, world, show_progress: bool = True) ->
     score_items(scorer, mine, progress, root=run_dir, show_progress=show_progress and world.is_main)
     seconds = time.perf_counter() - began
     scored_now = sum(1 for it in mine if it["video"] not in before)
+    if preemption.active().agreed():   # collective: every rank stops; finished rows stay in the partial files
+        raise Preempted(None, None, preemption.active().signal_name,
+                        f"videogpa score stage ({len(progress.rows())} of {len(mine)} videos of rank {world.rank} "
+                        f"kept in {progress.path})")
     barrier()
     info: dict[str, Any] = {}
     if world.is_main:
@@ -352,8 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     before = {r["video"] for r in progress.rows()}
     items = [{"video": str(v)} for v in videos]
     began = time.perf_counter()
-    rows = score_items(scorer, items, progress, show_progress=not args.no_progress)
+    with preemption.Preemption() as preempt:   # SIGTERM / SIGUSR1: keep the finished rows, exit 75
+        rows = score_items(scorer, items, progress, show_progress=not args.no_progress)
     seconds = time.perf_counter() - began
+    if preempt.requested():
+        print(f"preempted by {preempt.signal_name}: {len(rows)} of {len(items)} videos scored, kept in "
+              f"{progress.path}; run the same command again to continue", file=sys.stderr)
+        return preemption.PREEMPTED_EXIT_CODE
     atomic_write_jsonl(args.out, rows)
     progress.path.unlink(missing_ok=True)
     info = summary(rows, scorer.timer, seconds, sum(1 for it in items if it["video"] not in before))
