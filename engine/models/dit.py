@@ -304,12 +304,8 @@ class VideoDiT(nn.Module):
         mask = (_cached_frame_causal_mask(grid[0], grid[1] * grid[2], x.device)
                 if cfg.attention == "frame_causal" else None)
         features = {}
-        use_ckpt = cfg.activation_checkpointing and torch.is_grad_enabled()
         for index, block in enumerate(self.blocks, start=1):
-            if use_ckpt:
-                tokens = checkpoint(block, tokens, c, cos, sin, mask, sp, use_reentrant=False)
-            else:
-                tokens = block(tokens, c, cos, sin, mask, sp)
+            tokens = block(tokens, c, cos, sin, mask, sp)
             if index in wanted:
                 features[index] = ShardedFeatures(tokens.reshape(b, stop - start, -1), grid, start, stop)
         local = self.final(tokens, c).reshape(b, stop - start, -1)

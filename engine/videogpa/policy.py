@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from engine import pixels
+from engine.models.checkpointing import enable_activation_checkpointing
 from engine.objectives.flow_matching import FlowMatchingConfig, add_noise, sample_t, velocity_target
 from engine.objectives.prediction import velocity_from_output
 from engine.sampling import sample_clip
@@ -97,7 +98,7 @@ class DiTPolicy(VideoPolicy):
         self.camera = cfg.camera != "none"
 
     def enable_activation_checkpointing(self) -> None:
-        self.network.cfg.activation_checkpointing = True
+        enable_activation_checkpointing(self.network.blocks)
 
     def batch_condition(self, conds: list[Condition]) -> dict[str, Tensor]:
         out = {"first_frame": torch.stack([c.first_frame for c in conds]).to(self.device)}
