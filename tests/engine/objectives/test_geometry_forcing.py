@@ -275,7 +275,8 @@ def test_dino_term_and_official_weights(tmp_path):
 def test_dino_weights_of_another_variant_are_refused(tmp_path):
     vit = DinoVisionTransformer(**{**TINY_DINO, "embed_dim": 48, "num_heads": 2})
     torch.save(vit.state_dict(), tmp_path / "w.pth")
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    misfit = r"teacher\.dino\.pretrained .*w\.pth do not fit dinov2_vits14_reg: wrong shape keys"
+    with pytest.raises(ValueError, match=misfit):
         build_dino(DinoConfig(pretrained=str(tmp_path / "w.pth"), variant="dinov2_vits14_reg", config=TINY_DINO))
 
 
