@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from engine.config import Recipe
+from engine.data.decode import installed
 from engine.data.minecraft import MinecraftClips, find_minecraft_clips
 from engine.data.re10k import Re10KClips, find_clips
 from engine.data.sampler import EpochIndexed, ResumableBatchSampler
@@ -37,11 +38,29 @@ def clip_names(recipe: Recipe) -> list[str]:
     return [clip.name for clip in find_clips(data.root, data.split, on_error=data.on_error)[1]]
 
 
-def build_loader(recipe: Recipe, world: World, start: int = 0) -> torch.utils.data.DataLoader:
-    """An endless loader of this rank's micro-batches, starting after ``start`` consumed micro-batches."""
+def uses_dali(recipe: Recipe, world: World) -> bool:
+    """Whether training batches are decoded by NVDEC in a DALI pipeline of the main process
+    (``engine.data.dali_loader``): ``data.decode_backend`` ``dali`` or ``auto`` on a CUDA device with DALI
+    installed. On CPU the DataLoader stays (PyAV, or DALI's CPU decoder for ``dali``, in its workers)."""
+    backend = recipe.data.decode_backend
+    if world.device.type != "cuda" or backend not in ("dali", "auto"):
+        return False
+    if backend == "dali" and not installed("dali"):
+        raise ValueError("data.decode_backend: dali, but DALI is not installed (pip install nvidia-dali-cuda120)")
+    return installed("dali")
+
+
+def build_loader(recipe: Recipe, world: World, start: int = 0):
+    """An endless loader of this rank's micro-batches, starting after ``start`` consumed micro-batches: a
+    DataLoader (PyAV / torchcodec in its workers), or on a GPU with DALI the main-process NVDEC loader (same
+    plan, order and bad-file handling; ``uses_dali``)."""
     dataset = build_dataset(recipe, world)
     sampler = ResumableBatchSampler(len(dataset), recipe.data.batch_size, recipe.distributed.grad_accum,
                                     world.size, world.rank, seed=recipe.seed, start=start)
+    if uses_dali(recipe, world):
+        from engine.data.dali_loader import PlannedLoader
+
+        return PlannedLoader(dataset, sampler, prefetch=4, device=world.device)
     workers = recipe.data.num_workers
     return torch.utils.data.DataLoader(EpochIndexed(dataset), batch_sampler=sampler, num_workers=workers,
                                        pin_memory=world.device.type == "cuda",
