@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from engine.config import DataConfig
+from engine.data.decode import installed
 from engine.data.minecraft import MinecraftClips, find_minecraft_clips
 from engine.data.re10k import Re10KClips, find_clips
 from engine.data.sampler import EpochIndexed, ResumableBatchSampler
@@ -36,15 +37,33 @@ def clip_names(data: DataConfig) -> list[str]:
     return [clip.name for clip in find_clips(data.root, data.split, on_error=data.on_error)[1]]
 
 
+def uses_dali(data: DataConfig, world: World) -> bool:
+    """Whether training batches are decoded by NVDEC in a DALI pipeline of the main process
+    (``engine.data.dali_loader``): ``data.decode_backend`` ``dali`` or ``auto`` on a CUDA device with DALI
+    installed. On CPU the DataLoader stays (PyAV, or DALI's CPU decoder for ``dali``, in its workers)."""
+    backend = data.decode_backend
+    if world.device.type != "cuda" or backend not in ("dali", "auto"):
+        return False
+    if backend == "dali" and not installed("dali"):
+        raise ValueError("data.decode_backend: dali, but DALI is not installed (pip install nvidia-dali-cuda120)")
+    return installed("dali")
+
+
 def build_loader(data: DataConfig, world: World, seed: int, grad_accum: int = 1, start: int = 0,
-                 data_parallel: tuple[int, int] | None = None) -> torch.utils.data.DataLoader:
+                 data_parallel: tuple[int, int] | None = None):
     """An endless loader of this rank's micro-batches (``grad_accum`` per optimizer step), starting after
-    ``start`` consumed micro-batches. ``data_parallel = (dp_rank, dp_size)`` when ranks share clips
-    (sequence parallelism); default ``(world.rank, world.size)``."""
+    ``start`` consumed micro-batches: a DataLoader (PyAV / torchcodec in its workers), or on a GPU with DALI
+    the main-process NVDEC loader (same plan, order and bad-file handling; :func:`uses_dali`).
+    ``data_parallel = (dp_rank, dp_size)`` when ranks share clips (sequence parallelism); default
+    ``(world.rank, world.size)``."""
     dataset = build_dataset(data, world, seed)
     dp_rank, dp_size = data_parallel or (world.rank, world.size)
     sampler = ResumableBatchSampler(len(dataset), data.batch_size, grad_accum, dp_size, dp_rank, seed=seed,
                                     start=start)
+    if uses_dali(data, world):
+        from engine.data.dali_loader import PlannedLoader
+
+        return PlannedLoader(dataset, sampler, prefetch=4, device=world.device)
     workers = data.num_workers
     return torch.utils.data.DataLoader(EpochIndexed(dataset), batch_sampler=sampler, num_workers=workers,
                                        pin_memory=world.device.type == "cuda",

@@ -182,7 +182,9 @@ class MinecraftClips(Dataset):
             raise IndexError(f"index {index} out of range for {len(self.clips)} clips")
         return self._skip.fetch(index, self._sample)
 
-    def _sample(self, index: int) -> dict:
+    def plan(self, index: int) -> dict:
+        """Sample ``index`` without its pixels: actions, cameras, the window from ``(seed, epoch, index)``;
+        ``DataError`` for a bad archive or a clip too short (a probe, no decoding). See ``Re10KClips.plan``."""
         video, npz = self.clips[index]
         data = _load_npz(npz, self.cameras)
         count = probe(video).frames
@@ -198,20 +200,34 @@ class MinecraftClips(Dataset):
         rng = np.random.default_rng([self.seed, 0 if self.fixed_windows else self.epoch, index])
         start = int(rng.integers(0, count - self.span + 1))
         indices = [start + i * self.frame_skip for i in range(self.num_frames)]
-        images = decode_clip(video, indices, backend=self.decode_backend, device=self.decode_device)
+        return {"index": index, "video": video, "data": data, "start": start, "frame_indices": indices,
+                "flip": False}
+
+    def check_decodable(self, plan: dict) -> bool:
+        return True
+
+    def from_frames(self, plan: dict, images: torch.Tensor) -> dict:
+        """The sample of ``plan`` from its decoded frames uint8 [T, H, W, 3] (CPU or CUDA)."""
+        data, indices, start = plan["data"], plan["frame_indices"], plan["start"]
         transform = ResizeCrop(tuple(images.shape[1:3]), self.resolution)
         sample = dict(
             frames=transform.frames(images, "nearest-exact").float().div_(255.0),
             actions=stack_actions(data["actions"], start, self.num_frames, self.frame_skip, self.mask_first),
-            index=torch.tensor(index, dtype=torch.int64),
+            index=torch.tensor(plan["index"], dtype=torch.int64),
             frame_indices=torch.tensor(indices, dtype=torch.int64),
-            clip=video.stem,
+            clip=plan["video"].stem,
         )
         if self.cameras:
             k = pixel_intrinsics(torch.from_numpy(data["intrinsics"][indices]).double(), *transform.size)
             sample["intrinsics"] = transform.intrinsics(k).float()
             sample["extrinsics"] = relative_extrinsics(torch.from_numpy(data["w2c"][indices]).double()).float()
         return sample
+
+    def _sample(self, index: int) -> dict:
+        plan = self.plan(index)
+        images = decode_clip(plan["video"], plan["frame_indices"], backend=self.decode_backend,
+                             device=self.decode_device)
+        return self.from_frames(plan, images)
 
 
 # ----------------------------------------------------------------------------- synthetic sets

@@ -332,10 +332,13 @@ class Re10KClips(Dataset):
             if len({im.shape for im in images}) > 1:
                 raise DataError(f"{clip.video}: images of different sizes {sorted({im.shape for im in images})}", clip.video)
             return torch.from_numpy(np.stack(images))
+        self._check_video(clip, count)
+        return decode_clip(clip.video, indices, backend=self.decode_backend, device=self.decode_device)
+
+    def _check_video(self, clip: Clip, count: int) -> None:
         frames = probe(clip.video).frames
         if frames != count:
             raise DataError(f"{clip.video}: {frames} frames but {count} camera rows in {clip.cameras}", clip.video)
-        return decode_clip(clip.video, indices, backend=self.decode_backend, device=self.decode_device)
 
     def _depth(self, clip: Clip, indices: list[int], count: int, size: tuple[int, int]) -> torch.Tensor:
         try:
@@ -356,13 +359,17 @@ class Re10KClips(Dataset):
 
     def _load(self, clip: Clip, intrinsics: torch.Tensor, w2c: torch.Tensor, indices: list[int]) -> _Loaded:
         """Frames ``indices`` of ``clip`` resized and cropped, with all its cameras in output pixels."""
-        images = self._frames(clip, indices, intrinsics.shape[0])
+        return self._from_images(clip, intrinsics, w2c, indices, self._frames(clip, indices, intrinsics.shape[0]))
+
+    def _from_images(self, clip: Clip, intrinsics: torch.Tensor, w2c: torch.Tensor, indices: list[int],
+                     images: torch.Tensor) -> _Loaded:
+        """``_Loaded`` from decoded uint8 [N, H, W, 3] images (CPU, or CUDA from NVDEC: resized there)."""
         transform = ResizeCrop(tuple(images.shape[1:3]), self.resolution)
         frames = transform.frames(images)
         depth = None
         if self.load_depth and clip.depth is not None:
             raw = self._depth(clip, indices, intrinsics.shape[0], transform.size)
-            depth = transform.images(raw[:, None], "nearest-exact")[:, 0]
+            depth = transform.images(raw[:, None], "nearest-exact")[:, 0].to(frames.device)
         k = transform.intrinsics(pixel_intrinsics(intrinsics, *transform.size))
         return _Loaded(frames, k, w2c, depth)
 
@@ -376,7 +383,13 @@ class Re10KClips(Dataset):
         """Clips found bad so far in this process (index -> the error), in ``skip`` mode."""
         return self._skip.bad
 
-    def _sample(self, index: int) -> dict:
+    def plan(self, index: int) -> dict:
+        """Everything sample ``index`` is made of except its pixels: the clip, its cameras (all rows), the
+        window (``frame_indices``) and the flip, from ``(seed, epoch, index)`` only. Raises ``DataError`` for a
+        bad camera file, a clip too short, or a video whose frame count differs from its camera rows (a probe,
+        no decoding). ``from_frames(plan, images)`` finishes the sample from the decoded frames; ``_sample``
+        is the two with this dataset's decoder, the DALI loader (``engine.data.dali_loader``) the two with
+        NVDEC in between, so both paths share the plan."""
         clip, loaded = self.clips[index], self._cache.get(index)
         if loaded is None:
             intrinsics, w2c = self._cameras(clip)
@@ -387,19 +400,44 @@ class Re10KClips(Dataset):
                     f"frame_skip={self.frame_skip} needs {self.span}", clip.cameras
                 )
         else:
-            self._cache.move_to_end(index)
-            count = loaded.w2c.shape[0]
+            intrinsics, w2c, count = None, loaded.w2c, loaded.w2c.shape[0]
         rng = np.random.default_rng([self.seed, 0 if self.fixed_windows else self.epoch, index])
         start = int(rng.integers(0, count - self.span + 1))
         flip = bool(rng.random() < self.hflip_prob)
         indices = [start + i * self.frame_skip for i in range(self.num_frames)]
-        positions = indices  # where the sampled frames lie in loaded.frames
-        if loaded is None and self.cache_clips:
-            loaded = self._cache[index] = self._load(clip, intrinsics, w2c, list(range(count)))
+        return {"index": index, "clip": clip, "video": clip.video, "count": count, "intrinsics": intrinsics,
+                "w2c": w2c, "frame_indices": indices, "flip": flip}
+
+    def check_decodable(self, plan: dict) -> bool:
+        """Whether ``plan``'s frames come from a video file (checked: its frame count); False for an image
+        folder, which the DALI loader leaves to ``_frames``."""
+        if plan["video"].is_dir():
+            return False
+        self._check_video(plan["clip"], plan["count"])
+        return True
+
+    def from_frames(self, plan: dict, images: torch.Tensor) -> dict:
+        """The sample of ``plan`` from its decoded frames uint8 [T, H, W, 3] (CPU or CUDA)."""
+        loaded = self._from_images(plan["clip"], plan["intrinsics"], plan["w2c"], plan["frame_indices"], images)
+        return self._finish(plan, loaded, list(range(self.num_frames)))
+
+    def _sample(self, index: int) -> dict:
+        plan = self.plan(index)
+        clip, count, indices, loaded = plan["clip"], plan["count"], plan["frame_indices"], self._cache.get(index)
+        if loaded is not None:
+            self._cache.move_to_end(index)
+            return self._finish(plan, loaded, indices)
+        if self.cache_clips:
+            loaded = self._cache[index] = self._load(clip, plan["intrinsics"], plan["w2c"], list(range(count)))
             while len(self._cache) > self.cache_clips:
                 self._cache.popitem(last=False)
-        elif loaded is None:
-            loaded, positions = self._load(clip, intrinsics, w2c, indices), list(range(self.num_frames))
+            return self._finish(plan, loaded, indices)
+        return self.from_frames(plan, self._frames(clip, indices, count))
+
+    def _finish(self, plan: dict, loaded: _Loaded, positions: list[int]) -> dict:
+        """The sample dict: frames ``positions`` of ``loaded`` (where the plan's frames lie in it), cameras of
+        the plan's frames, the flip applied to all of them."""
+        index, indices, flip = plan["index"], plan["frame_indices"], plan["flip"]
         frames = loaded.frames[positions].float().div_(255.0)
         k = loaded.intrinsics[indices].to(torch.float32)
         ext = relative_extrinsics(loaded.w2c[indices]).to(torch.float32)
@@ -416,7 +454,7 @@ class Re10KClips(Dataset):
             index=torch.tensor(index, dtype=torch.int64),
             frame_indices=torch.tensor(indices, dtype=torch.int64),
             flip=torch.tensor(flip),
-            clip=clip.name,
+            clip=plan["clip"].name,
         )
         if depth is not None:
             sample["depth"] = depth
