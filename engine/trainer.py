@@ -243,7 +243,7 @@ class Trainer:
             if self.step % logging.checkpoint_every == 0 or last or stop:
                 saved = self.save()
             if stop:
-                raise preemption.Preempted(self.step, saved, preempt.signal_name, f"training in {self.run_dir}")
+                raise preemption.Preempted(self.step, saved, preempt.signal_name)
             self.task.after_step(self, self.step, last)
         return self.log.finish(time.perf_counter() - began)
 
