@@ -29,7 +29,9 @@ CUDA ``max_memory_allocated`` during a step; CPU: the torch profiler's c10 alloc
 untimed step (``profiling/_harness.cpu_peak_bytes``). Rows are appended to ``profiling/results/train.csv``.
 
 **--model** is analytic (no run): FLOPs per optimizer step and GPU, the step time at an assumed model
-FLOP utilisation, and the memory per GPU, with every assumption printed (see :func:`flops_model`).
+FLOP utilisation, and the memory per GPU, with every assumption printed (see :func:`flops_model`); then a
+table of per-GPU activation memory, all-to-all traffic and step time with sequence parallelism (``--sp``
+sizes, :func:`sp_model`; for VideoGPA recipes with a diffusers policy, of the policy's transformer).
 """
 from __future__ import annotations
 
@@ -60,6 +62,15 @@ PHASES = ("data", "teacher", "dit_fwd", "align", "backward", "optimizer")
 RESULTS = ROOT / "profiling" / "results"
 # dense bf16 tensor-core peak (TFLOP/s) and memory (GiB) per GPU kind
 GPUS = {"h100": (989.0, 80.0), "h200": (989.0, 141.0), "a100": (312.0, 80.0)}
+LINK_GBS = {"h100": 450.0, "h200": 450.0, "a100": 300.0}   # NVLink GB/s per GPU and direction (all-to-all)
+# Diffusers policies' transformers (published configs): parameters, width, depth, heads, VAE compression
+# (time, space), patch (t, h, w), text tokens joined to the video tokens in self-attention (CogVideoX).
+POLICY_ARCH = {
+    "cogvideox_i2v": {"params": 5.57e9, "dim": 3072, "depth": 42, "heads": 48, "vae": (4, 8), "patch": (1, 2, 2),
+                      "joint_text": 226},
+    "wan_ti2v": {"params": 5.0e9, "dim": 3072, "depth": 30, "heads": 24, "vae": (4, 16), "patch": (1, 2, 2),
+                 "joint_text": 0},
+}
 
 
 # ----------------------------------------------------------------------------- measured steps
@@ -394,7 +405,85 @@ def flops_model(recipe: Recipe, gpus: int, gpu: str, mfu: float) -> dict[str, fl
             "global_batch": micro * n}
 
 
-def print_model(recipe_arg: str, overrides: list[str], gpus: int, gpu: str, mfu: float) -> dict[str, float]:
+def sp_model(recipe: Recipe, gpus: int, gpu: str, mfu: float, sp: int) -> dict[str, float]:
+    """Per-GPU activation memory, all-to-all traffic and step time of one optimizer step with ``sp``-way
+    sequence parallelism (DeepSpeed-Ulysses, ``distributed.sequence_parallel``) at a fixed micro-batch
+    per data-parallel group, so the global batch is gpus / sp x micro. Assumptions (printed):
+
+    - a GPU holds L / sp tokens of each clip: the DiT's (or policy transformer's) FLOPs, activations and the
+      GF alignment divide by sp (Ulysses attention: full sequence, heads / sp); the GF teacher runs whole
+      clips on every rank of a group (not divided), as do weights and optimizer states (ZeRO shards them
+      over all gpus, unchanged by sp);
+    - all-to-all per block and pass: q, k, v and the attention output, each L / sp x D bf16 elements,
+      (sp - 1) / sp of them leave the GPU; passes: forward, backward (2x), recompute with checkpointing;
+      time = bytes / NVLink bandwidth (``LINK_GBS``), not overlapped; 1 for sp = 1;
+    - VideoGPA DPO (diffusers policy): per pair, policy forward + backward on winner and loser and a reference
+      forward on both (adapters off); bf16 frozen weights 2P (ZeRO-3 shards them), LoRA states negligible;
+      activations as for the DiT (34 L D bytes per block working set, block inputs kept with checkpointing).
+    """
+    dist_cfg = recipe.distributed
+    ckpt = dist_cfg.activation_checkpointing
+    n = max(1, gpus)
+    vg = recipe.videogpa
+    if vg is not None and vg.policy.kind in POLICY_ARCH:
+        a = POLICY_ARCH[vg.policy.kind]
+        g = vg.generate
+        (tc, sc), (pt, ph, pw) = a["vae"], a["patch"]
+        tokens = ((g.frames - 1) // tc + 1) // pt * (g.height // sc // ph) * (g.width // sc // pw) + a["joint_text"]
+        dim, depth, heads, params = a["dim"], a["depth"], a["heads"], a["params"]
+        clips_train, clips_ref = 2 * recipe.data.batch_size, 2 * recipe.data.batch_size
+        fwd = depth * vit_block_flops(dim, tokens, tokens)
+        flops = dist_cfg.grad_accum * (clips_train * (4 if ckpt else 3) * fwd + clips_ref * fwd) / sp
+        states = 2 * params / (n if dist_cfg.zero_stage == 3 else 1)
+        teacher_s, name = 0.0, vg.policy.kind
+    else:
+        r = flops_model(recipe, gpus, gpu, mfu)
+        m = recipe.model.resolved()
+        tokens, dim, depth, heads = r["tokens_per_clip"], m.hidden_dim, m.depth, m.num_heads
+        clips_train = recipe.data.batch_size
+        peak = GPUS[gpu][0] * 1e12 * mfu
+        teacher_s = r["teacher_tflop"] * 1e12 / peak   # already per optimizer step
+        flops = (r["dit_tflop"] + r["align_tflop"]) * 1e12 / sp
+        states = r["states_gib"] * 2 ** 30 + r["teacher_gib"] * 2 ** 30
+        name = "DiT"
+    local = tokens / sp
+    block_io = depth * local * dim * 2
+    a2a_buffers = 8 * local * dim * 2 if sp > 1 else 0   # q, k, v, out: send + receive, one block at a time
+    acts = clips_train * ((block_io + 34 * local * dim + a2a_buffers) if ckpt else depth * 34 * local * dim)
+    passes = 4 if ckpt else 3
+    a2a = dist_cfg.grad_accum * clips_train * depth * passes * 4 * local * dim * 2 * (sp - 1) / sp
+    a2a_s = a2a / (LINK_GBS[gpu] * 1e9)
+    compute_s = flops / (GPUS[gpu][0] * 1e12 * mfu) + teacher_s
+    return {"sp": sp, "dp": n // sp, "name": name, "tokens": tokens, "heads": heads, "tokens_per_gpu": local,
+            "acts_gib": acts / 2 ** 30, "memory_gib": (acts + states) / 2 ** 30, "a2a_gb": a2a / 1e9,
+            "a2a_s": a2a_s, "step_s": compute_s + a2a_s, "global_batch": recipe.data.batch_size
+            * dist_cfg.grad_accum * n // sp}
+
+
+def print_sp_table(recipe: Recipe, gpus: int, gpu: str, mfu: float, sps: list[int]) -> list[dict[str, float]]:
+    rows = []
+    for sp in sps:
+        r = sp_model(recipe, gpus, gpu, mfu, sp)
+        if gpus % sp or r["heads"] % sp:
+            continue
+        rows.append(r)
+    if not rows:
+        return rows
+    first = rows[0]
+    print(f"sequence parallelism (DeepSpeed-Ulysses), {first['name']}: {first['tokens']:.0f} tokens/clip, "
+          f"{first['heads']} heads, {gpus} x {gpu.upper()}, micro-batch {recipe.data.batch_size} per DP group")
+    print(f"  {'DP x SP':>8} {'tokens/GPU':>11} {'acts GiB/GPU':>13} {'total GiB/GPU':>14} {'a2a GB/GPU':>11} "
+          f"{'a2a s':>7} {'step s':>8} {'global batch':>13}")
+    for r in rows:
+        print(f"  {r['dp']:>3} x {r['sp']:<3} {r['tokens_per_gpu']:>11.0f} {r['acts_gib']:>13.2f} "
+              f"{r['memory_gib']:>14.1f} {r['a2a_gb']:>11.1f} {r['a2a_s']:>7.2f} {r['step_s']:>8.2f} "
+              f"{r['global_batch']:>13}")
+    print("  sp assumptions: " + " ".join((sp_model.__doc__ or "").split("Assumptions (printed):")[1].split()))
+    return rows
+
+
+def print_model(recipe_arg: str, overrides: list[str], gpus: int, gpu: str, mfu: float,
+                sps: list[int] | None = None) -> dict[str, float]:
     recipe = load_recipe(recipe_arg, overrides)
     r = flops_model(recipe, gpus, gpu, mfu)
     base = flops_model(load_recipe(recipe_arg, [*overrides, "gf.enabled=false", "gf.dino=null", "teacher.dino=null",
@@ -411,6 +500,7 @@ def print_model(recipe_arg: str, overrides: list[str], gpus: int, gpu: str, mfu:
           f"{r['states_gib']:.1f}, activations {r['acts_gib']:.1f}, teacher {r['teacher_gib']:.1f}")
     print("  assumptions: " + " ".join((flops_model.__doc__ or "").split("Assumptions (printed by ``--model``):")[1]
                                       .split()))
+    print_sp_table(recipe, gpus, gpu, mfu, sps or [1, 2, 4, 8])
     return r
 
 
@@ -520,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", type=int, default=8)
     p.add_argument("--gpu", choices=sorted(GPUS), default="h100")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOP utilisation for --model")
+    p.add_argument("--sp", default="1,2,4,8", help="--model: sequence-parallel sizes of the SP table")
     p.add_argument("--curves", nargs=2, metavar=("GF_RUN", "BASE_RUN"), help="plot two runs' loss curves")
     p.add_argument("--dump-batch", default=None, metavar="PATH", help="save one batch's GF inputs and losses")
     args = p.parse_args(argv)
@@ -528,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     if args.model:
-        print_model(args.recipe, args.overrides, args.gpus, args.gpu, args.mfu)
+        print_model(args.recipe, args.overrides, args.gpus, args.gpu, args.mfu, [int(v) for v in args.sp.split(",")])
         return 0
     recipe = load_recipe(args.recipe, args.overrides)
     if args.dump_batch:

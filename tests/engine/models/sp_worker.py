@@ -1,0 +1,83 @@
+"""Worker of test_sequence_parallel (run under torchrun, 2 CPU ranks, gloo): one VideoDiffusionLoss (DiT +
+GF head, fake teacher features) evaluated on whole clips (sequence parallelism off) and on token slices
+(on, 2 ranks); prints the largest relative differences of the loss parts and of the gradients (the
+slices' gradients summed over the group / 2: what DeepSpeed's average over the ranks applies)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from engine.models.dit import DiTConfig, VideoDiT
+from engine.models.sequence_parallel import SequenceParallel, set_sequence_parallel
+from engine.objectives.flow_matching import FlowMatchingConfig
+from engine.objectives.geometry_forcing import BATCH_PREFIX, GFConfig, vggt_key
+from engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
+
+
+def main() -> None:
+    case = json.loads(sys.argv[1])
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    rank, n = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    frames, res, patch = case["frames"], case["resolution"], case["patch"]
+    cfg = DiTConfig(hidden_dim=64, depth=3, num_heads=4, patch_size=patch, camera=case.get("camera", "none"),
+                    camera_freqs=2, attention=case.get("attention", "full"),
+                    activation_checkpointing=case.get("ckpt", False))
+    gf = GFConfig(enabled=True, dit_block=2, teacher_layers=[0, 1], projector_hidden=32, scale_hidden=16,
+                  angular_weight=0.5, scale_weight=0.05)
+    dims = {vggt_key(0): 24, vggt_key(1): 24}
+    module = VideoDiffusionLoss(VideoDiT(cfg), FlowMatchingConfig(context_frames=1), gf, dims, "reference")
+    for p in module.parameters():   # zero-initialised layers would hide gradient paths
+        torch.nn.init.normal_(p, std=0.05)
+    module.train()
+    b = 2
+    g = torch.Generator().manual_seed(1)
+    batch = {"frames": torch.rand(b, frames, 3, res, res, generator=g), "index": torch.arange(b),
+             **{BATCH_PREFIX + k: torch.randn(b, frames, 3, 3, 24, generator=g) for k in dims}}
+    if cfg.camera != "none":
+        batch["intrinsics"] = torch.tensor([[60.0, 0, res / 2], [0, 60.0, res / 2], [0, 0, 1]]).expand(b, frames, 3, 3)
+        ext = torch.eye(3, 4).repeat(b, frames, 1, 1)
+        ext[..., 2, 3] = torch.arange(frames, dtype=torch.float32)
+        batch["extrinsics"] = ext
+    noise = sample_noise(FlowMatchingConfig(context_frames=1), 0.0, batch["frames"].shape, batch["index"], 0, 3)
+
+    def run():
+        module.zero_grad()
+        out = module(batch, noise)
+        out["loss"].backward()
+        return ({k: float(v) for k, v in out.items()},
+                {k: p.grad.detach().clone() for k, p in module.named_parameters() if p.grad is not None})
+
+    set_sequence_parallel(None)
+    full_parts, full_grads = run()
+    set_sequence_parallel(SequenceParallel(dist.new_group(list(range(n))), n, rank))
+    parts, grads = run()
+    # what the logs see: the mean over the ranks; what the optimizer sees: DeepSpeed's mean of the gradients
+    keys = sorted(parts)
+    t = torch.tensor([parts[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    mean_parts = dict(zip(keys, (t / n).tolist()))
+    part_err = max(abs(mean_parts[k] - full_parts[k]) / max(abs(full_parts[k]), 1e-12) for k in keys)
+    grad_err, worst = 0.0, ""
+    for k, g_full in full_grads.items():
+        g_sp = grads[k].clone()
+        dist.all_reduce(g_sp)
+        err = float((g_sp / n - g_full).norm() / g_full.norm().clamp_min(1e-30))
+        if err > grad_err:
+            grad_err, worst = err, k
+    missing = sorted(set(full_grads) - set(grads))
+    if rank == 0:
+        print("RESULT " + json.dumps({"part_err": part_err, "grad_err": grad_err, "worst": worst, "missing": missing,
+                                      "parts": full_parts, "params": len(full_grads)}), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
