@@ -143,12 +143,13 @@ class LoggingConfig:
     max_nonfinite: int = 5                # consecutive non-finite losses that stop the run
     validate_every: int = 0               # steps between validations (PSNR/SSIM of samples, tensorboard); 0 = off
     validate_videos: int = 4              # clips sampled per validation
+    report_videos: int = 4                # clips per split in the end-of-run report.md (engine/eval/run_report.py); 0 = none
 
     def validate(self) -> None:
         for name in ("every", "checkpoint_every", "sample_steps", "max_nonfinite", "validate_videos"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"logging.{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("keep_checkpoints", "sample_every", "validate_every"):
+        for name in ("keep_checkpoints", "sample_every", "validate_every", "report_videos"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"logging.{name}: must be >= 0, got {getattr(self, name)}")
 

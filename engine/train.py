@@ -28,6 +28,7 @@ from engine.data.builder import build_loader
 from engine.distributed import (World, any_rank, broadcast_object, deepspeed_config, init_world, mean_over_ranks,
                                 shutdown)
 from engine.ema import ShardedEMA
+from engine.eval.run_report import write_run_report
 from engine.eval.validate import validate, validation_batch
 from engine.models.attention import attention_backend, set_attention_backend
 from engine.models.dit import VideoDiT
@@ -156,7 +157,9 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> di
         if (recipe.logging.sample_every and step % recipe.logging.sample_every == 0) or last:
             path = write_sample_video(engine.module.dit, batch, recipe, run_dir, step, world)
             log.info(f"sample video: {path}")
-    return log.finish(time.perf_counter() - started)
+    summary = log.finish(time.perf_counter() - started)
+    write_run_report(recipe, run_dir, world)   # report.md: loss curves, frame strips, PSNR/SSIM vs trivial baselines
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
