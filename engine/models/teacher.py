@@ -200,12 +200,17 @@ class LiveTeacher:
 
 
 def build_teacher(recipe: Any, device: torch.device | str = "cpu"):
-    """The recipe's teacher: None (GF off), the cache reader (``gf.teacher_cache``) or a LiveTeacher.
+    """The recipe's teacher: None (GF off), the oracle (``gf.teacher.kind: oracle``), the cache reader
+    (``gf.teacher_cache``) or a LiveTeacher.
 
     Both return ``{"teacher.<key>": [B, Tt, h, w, C]}`` for a batch and expose ``dims`` (channels per key)."""
     gf: GFConfig = recipe.gf
     if not gf.enabled:
         return None
+    if gf.teacher.kind == "oracle":
+        from engine.models.oracle_teacher import OracleTeacher
+
+        return OracleTeacher(gf, device)
     if gf.teacher_cache:
         from engine.data.cache_teacher import TeacherCache
 

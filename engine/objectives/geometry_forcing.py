@@ -60,18 +60,23 @@ DINO_KEY = "dino"
 class TeacherSource:
     """Where the VGGT teacher comes from: pretrained weights, or a random init from a config.
 
+    ``kind: oracle`` replaces VGGT by features of the data's true depth and cameras (synthetic data only).
     ``pretrained``: a hub id (``facebook/VGGT-1B``), a local directory or weights file; None builds a
     random VGGT from ``config`` (``engine/models/vggt/config.py`` format) with ``init_seed`` - tiny CPU
     recipes and tests. With ``pretrained`` set, ``config`` (if given) overrides the checkpoint's.
     """
 
+    kind: Literal["vggt", "oracle"] = "vggt"   # oracle: features of the true geometry (engine/models/oracle_teacher.py)
     pretrained: str | None = "facebook/VGGT-1B"
     config: dict[str, Any] | None = None
     init_seed: int = 0
     local_files_only: bool = False
+    oracle_freqs: int = 4                       # oracle: Fourier frequencies of the world coordinates and log depth
 
     def validate(self) -> None:
-        if self.pretrained is None and self.config is None:
+        if self.oracle_freqs < 0:
+            raise ValueError(f"gf.teacher.oracle_freqs: must be >= 0, got {self.oracle_freqs}")
+        if self.kind == "vggt" and self.pretrained is None and self.config is None:
             raise ValueError("gf.teacher: give pretrained (hub id or local path) or config (random init)")
 
 
@@ -188,6 +193,9 @@ def check_gf_recipe(recipe: Any) -> None:
     for key, block in blocks:
         if not 1 <= block <= depth:
             raise ValueError(f"{key}: {block} is not a block of the DiT (1-based, model depth {depth})")
+    if gf.teacher.kind == "oracle" and (recipe.data.kind != "synthetic" or gf.teacher_cache or gf.dino is not None):
+        raise ValueError("gf.teacher.kind: oracle reads the true depth and cameras of synthetic clips: it needs "
+                         "data.kind: synthetic and no gf.teacher_cache / gf.dino")
     frames, tp = recipe.data.frames, recipe.model.temporal_patch_size
     if gf.teacher_frames > frames:
         raise ValueError(f"gf.teacher_frames: {gf.teacher_frames} > data.frames={frames}")
