@@ -148,12 +148,13 @@ class LoggingConfig:
     max_nonfinite: int = 5                # consecutive non-finite losses that stop the run
     validate_every: int = 0               # steps between validations (PSNR/SSIM of samples, tensorboard); 0 = off
     validate_videos: int = 4              # clips sampled per validation
+    report_videos: int = 4                # clips per split in the end-of-run report.md (engine/eval/run_report.py); 0 = none
 
     def validate(self) -> None:
         for name in ("every", "checkpoint_every", "sample_steps", "max_nonfinite", "validate_videos"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"logging.{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("keep_checkpoints", "sample_every", "validate_every"):
+        for name in ("keep_checkpoints", "sample_every", "validate_every", "report_videos"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"logging.{name}: must be >= 0, got {getattr(self, name)}")
 
@@ -221,8 +222,8 @@ class Recipe:
         if tokens % n:
             raise ConfigError(f"{key} does not divide the {tokens} tokens of a clip (data.frames, data.resolution, "
                               f"model.patch_size)")
-        if self.gf.enabled and self.gf.aligned_frames(self.data.frames) != self.data.frames:
-            raise ConfigError(f"gf.teacher_frames: {self.gf.teacher_frames} aligns part of the clip; with {key} "
+        if self.gf.enabled and self.teacher.aligned_frames(self.data.frames) != self.data.frames:
+            raise ConfigError(f"teacher.frames: {self.teacher.frames} aligns part of the clip; with {key} "
                               f"the alignment is computed per token shard and needs every frame (0)")
 
 

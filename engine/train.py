@@ -25,6 +25,7 @@ from engine.checkpoint import CheckpointError, CheckpointWriteError
 from engine.config import ConfigError, Recipe, load_recipe
 from engine.diffusion_task import DiffusionTask
 from engine.distributed import World, broadcast_object, init_world, parallel_layout, shutdown
+from engine.eval.run_report import write_run_report
 from engine.models.attention import attention_backend, set_attention_backend
 from engine.models.sequence_parallel import SequenceParallel, set_sequence_parallel
 from engine.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption
@@ -59,7 +60,9 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> di
                      f"{trainer.trained_parameters / 1e6:.2f}M trained parameters | attention: "
                      f"{attention_backend()} | fused kernels: {recipe.backend} | run dir: {run_dir}")
     trainer.resume(resume)
-    return trainer.fit()
+    summary = trainer.fit()
+    write_run_report(recipe, run_dir, world)   # report.md: loss curves, frame strips, PSNR/SSIM vs trivial baselines
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -139,6 +139,9 @@ def check_gf_recipe(recipe: Any) -> None:
     for key, block in blocks:
         if not 1 <= block <= depth:
             raise ValueError(f"{key}: {block} is not a block of the DiT (1-based, model depth {depth})")
+    if teacher.kind == "oracle" and (recipe.data.kind != "synthetic" or teacher.cache or teacher.dino is not None):
+        raise ValueError("teacher.kind: oracle reads the true depth and cameras of synthetic clips: it needs "
+                         "data.kind: synthetic and no teacher.cache / teacher.dino")
     frames, tp = recipe.data.frames, recipe.model.temporal_patch_size
     if teacher.frames > frames:
         raise ValueError(f"teacher.frames: {teacher.frames} > data.frames={frames}")
@@ -216,7 +219,7 @@ class _Term(nn.Module):
             y = teacher_to_dit_grid(batch[BATCH_PREFIX + k], feats.grid[1:], temporal_patch)
             if tuple(y.shape[1:4]) != tuple(feats.grid):
                 raise ValueError(f"GF with sequence parallelism: teacher features cover {tuple(y.shape[1:4])} tokens, "
-                                 f"the DiT {feats.grid} (gf.teacher_frames must be 0)")
+                                 f"the DiT {feats.grid} (teacher.frames must be 0)")
             y = feats.local(y)
             out = self.align[k](x, y.reshape(-1, y.shape[-1]).to(x.device))
             angular.append(out["angular"].float())

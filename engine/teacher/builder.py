@@ -1,4 +1,5 @@
-"""One builder of the GF teacher from the recipe's ``teacher`` section: live, or read from its cache."""
+"""One builder of the GF teacher from the recipe's ``teacher`` section: live, read from its cache, or the
+oracle of synthetic data."""
 from __future__ import annotations
 
 from typing import Any
@@ -6,18 +7,21 @@ from typing import Any
 import torch
 
 from engine.teacher.live import LiveTeacher
+from engine.teacher.oracle import OracleTeacher
 from engine.teacher.reader import TeacherCache
 from engine.teacher.spec import TeacherConfig
 
 
 def build_teacher(teacher: TeacherConfig, data: Any = None, device: torch.device | str = "cpu", *,
-                  seed: int | None = None) -> LiveTeacher | TeacherCache:
-    """The cache reader (``teacher.cache`` set) or a :class:`LiveTeacher`.
+                  seed: int | None = None) -> LiveTeacher | TeacherCache | OracleTeacher:
+    """The oracle (``teacher.kind: oracle``), the cache reader (``teacher.cache`` set) or a :class:`LiveTeacher`.
 
     Both return ``{"teacher.<key>": [B, Tt, h, w, C]}`` for a batch and expose ``dims`` (channels per
     key). A cache is checked against the windows the data pipeline draws, so it needs the recipe's
     ``data`` section and ``seed``; the live teacher needs neither. Whether GF runs at all (``gf.enabled``)
     is the caller's decision."""
+    if teacher.kind == "oracle":
+        return OracleTeacher(teacher, device)
     if teacher.cache:
         if data is None or seed is None:
             raise ValueError("build_teacher: teacher.cache is set; pass the recipe's data section and seed, which "

@@ -29,7 +29,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 PATCH = 14                      # VGGT / DINOv2 patch size: teacher resolutions are multiples of it
 BATCH_PREFIX = "teacher."       # batch keys of teacher features: "teacher.vggt_L4", "teacher.dino"
@@ -97,9 +97,13 @@ class TeacherConfig:
     """The recipe's ``teacher`` section (module docstring): the frozen teachers GF aligns with.
 
     Ablation switches: ``layers``, ``resolution``, ``frames``. ``cache``: a directory written by
-    ``python -m engine.teacher.cache`` whose features replace the live teacher.
+    ``python -m engine.teacher.cache`` whose features replace the live teacher. ``kind: oracle`` replaces
+    VGGT by features of the data's true depth and cameras (``engine.teacher.oracle``; synthetic data only),
+    to test the alignment mechanism itself; ``oracle_freqs`` sets its Fourier frequencies.
     """
 
+    kind: Literal["vggt", "oracle"] = "vggt"
+    oracle_freqs: int = 4
     vggt: TeacherSource = field(default_factory=TeacherSource)
     layers: list[int] = field(default_factory=lambda: [4, 11, 17, 23])   # 0-based aggregator outputs
     resolution: int = 518                                                # input width (multiple of 14)
@@ -116,6 +120,8 @@ class TeacherConfig:
             raise ValueError(f"teacher.resolution: must be a positive multiple of {PATCH}, got {self.resolution}")
         if self.frames < 0:
             raise ValueError(f"teacher.frames: must be >= 0 (0 = all frames), got {self.frames}")
+        if self.oracle_freqs < 0:
+            raise ValueError(f"teacher.oracle_freqs: must be >= 0, got {self.oracle_freqs}")
 
     def feature_keys(self) -> list[str]:
         """The feature keys this teacher provides (VGGT layers in order, then DINO)."""

@@ -116,8 +116,8 @@ def test_bad_tokens_and_partial_gf_fail_at_load():
     # 2 heads split over 2, but 3 frames x (24 / 8)^2 = 27 tokens do not
     with pytest.raises(ConfigError, match=r"does not divide the 27 tokens of a clip \(data.frames"):
         load_recipe("dfot_tiny", ["distributed.sequence_parallel=2", "data.frames=3", "data.resolution=24"])
-    with pytest.raises(ConfigError, match="gf.teacher_frames: 4 aligns part of the clip"):
-        load_recipe("gf_tiny", ["distributed.sequence_parallel=2", "gf.teacher_frames=4"])
+    with pytest.raises(ConfigError, match="teacher.frames: 4 aligns part of the clip"):
+        load_recipe("gf_tiny", ["distributed.sequence_parallel=2", "teacher.frames=4"])
     with pytest.raises(ConfigError, match="distributed.sequence_parallel: 2: VideoGPA recipes"):
         load_recipe("videogpa_tiny", ["distributed.sequence_parallel=2"])
 

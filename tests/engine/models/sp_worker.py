@@ -11,10 +11,12 @@ import sys
 import torch
 import torch.distributed as dist
 
+from engine.models.checkpointing import enable_activation_checkpointing
 from engine.models.dit import DiTConfig, VideoDiT
 from engine.models.sequence_parallel import SequenceParallel, set_sequence_parallel
 from engine.objectives.flow_matching import FlowMatchingConfig
-from engine.objectives.geometry_forcing import BATCH_PREFIX, GFConfig, vggt_key
+from engine.objectives.geometry_forcing import GFConfig
+from engine.teacher.spec import BATCH_PREFIX, vggt_key
 from engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
 
 
@@ -28,12 +30,13 @@ def main() -> None:
     torch.manual_seed(0)
     frames, res, patch = case["frames"], case["resolution"], case["patch"]
     cfg = DiTConfig(hidden_dim=64, depth=3, num_heads=4, patch_size=patch, camera=case.get("camera", "none"),
-                    camera_freqs=2, attention=case.get("attention", "full"),
-                    activation_checkpointing=case.get("ckpt", False))
-    gf = GFConfig(enabled=True, dit_block=2, teacher_layers=[0, 1], projector_hidden=32, scale_hidden=16,
-                  angular_weight=0.5, scale_weight=0.05)
+                    camera_freqs=2, attention=case.get("attention", "full"))
+    gf = GFConfig(enabled=True, dit_block=2, projector_hidden=32, scale_hidden=16, angular_weight=0.5,
+                  scale_weight=0.05)
     dims = {vggt_key(0): 24, vggt_key(1): 24}
     module = VideoDiffusionLoss(VideoDiT(cfg), FlowMatchingConfig(context_frames=1), gf, dims, "reference")
+    if case.get("ckpt", False):
+        enable_activation_checkpointing(module.dit.blocks)
     for p in module.parameters():   # zero-initialised layers would hide gradient paths
         torch.nn.init.normal_(p, std=0.05)
     module.train()
