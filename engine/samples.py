@@ -1,12 +1,14 @@
 """Sample videos written during training: the model's generation beside the clip it was conditioned on."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from engine.config import Recipe
 from engine.distributed import World
+from engine.objectives.dfot_diffusion import DiscreteSchedule, ddim_sample
 from engine.objectives.flow_matching import euler_sample
 from engine.data.video_io import encode_video
 
@@ -25,8 +27,16 @@ def write_sample_video(dit: torch.nn.Module, batch: dict[str, torch.Tensor], rec
     cond = {k: batch[k][:1].to(dtype) for k in ("intrinsics", "extrinsics", "actions") if k in batch}
     context = max(1, recipe.objective.context_frames)
     g = torch.Generator(device="cpu").manual_seed(recipe.seed + step)
-    sample = euler_sample(dit, x0.shape, recipe.logging.sample_steps, cond, generator=g,
-                          context=x0[:, :context])
+    if recipe.model.arch == "uvit3d":   # DFoT's diffusion: DDIM on its discrete schedule, data mean/std space
+        schedule = DiscreteSchedule(replace(recipe.dfot, sampling_timesteps=min(recipe.logging.sample_steps,
+                                                                                 recipe.dfot.timesteps)))
+        cams = {k: v for k, v in cond.items() if k != "actions"}
+        x = ddim_sample(lambda xt, n: dit(xt, n, **cams), frames.shape, schedule,
+                        context=recipe.dfot.normalize(frames[:, :context]), generator=g, device=frames.device)
+        sample = recipe.dfot.unnormalize(x) * 2 - 1
+    else:
+        sample = euler_sample(dit, x0.shape, recipe.logging.sample_steps, cond, generator=g,
+                              context=x0[:, :context])
     dit.train(was_training)
     path = Path(run_dir) / "samples" / f"step_{step}.mp4"
     if world.is_main:

@@ -30,7 +30,8 @@ from engine.distributed import (World, any_rank, broadcast_object, deepspeed_con
 from engine.ema import ShardedEMA
 from engine.eval.validate import validate, validation_batch
 from engine.models.attention import attention_backend, set_attention_backend
-from engine.models.dit import VideoDiT
+from engine.eval.weights import load_backbone_weights
+from engine.models.arch import build_model
 from engine.models.teacher import build_teacher
 from engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
 from engine.run_dir import RunLog, resolve_run_dir, write_resolved_recipe
@@ -61,7 +62,13 @@ def build_engine(recipe: Recipe, world: World, teacher_dims: dict[str, int] | No
     torch.manual_seed(recipe.seed)   # identical initial weights on every rank
     model_cfg = recipe.model
     model_cfg.activation_checkpointing = recipe.distributed.activation_checkpointing
-    module = VideoDiffusionLoss(VideoDiT(model_cfg), recipe.objective, recipe.gf, teacher_dims, recipe.backend)
+    backbone = build_model(model_cfg)   # model.arch: the video DiT or DFoT's U-ViT3D
+    if model_cfg.pretrained:
+        chosen = load_backbone_weights(model_cfg.pretrained, backbone, model_cfg.pretrained_weights)
+        if world.is_main:
+            print(f"model.pretrained: loaded {model_cfg.pretrained} ({chosen})")
+    dfot = recipe.dfot if model_cfg.arch == "uvit3d" else None   # U-ViT3D: DFoT's continuous diffusion
+    module = VideoDiffusionLoss(backbone, recipe.objective, recipe.gf, teacher_dims, recipe.backend, dfot)
     params = [p for p in module.parameters() if p.requires_grad]
     opt = recipe.optimizer
     optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay, eps=opt.eps)

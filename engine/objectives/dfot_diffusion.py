@@ -14,6 +14,9 @@ Training (DFoT ``ContinuousDiffusion.forward`` with ``CosineNoiseSchedule``), pe
   per element; DFoT averages over every element of the batch, with frames outside the loss (context)
   counted as zeros (``_reweight_loss``). Context frames here: ``t = 0`` and weight 0.
 
+Data: frames in [0, 1] are normalised per channel, ``(x - data_mean) / data_std`` (RealEstate10K's
+statistics by default, as the released models expect), not mapped to [-1, 1].
+
 Sampling (DFoT ``DiscreteDiffusion`` buffers, ``cosine_simple_diffusion`` beta schedule, 1000 steps): the
 discrete logSNR ``-2 log tan(t_min + s (t_max - t_min)) + 2 log(0.125)`` at ``s = linspace(0, 1, 1000)``
 (float64) -> ``alphas_cumprod`` -> betas clipped to [1e-9, 1] -> re-accumulated, stored as float32
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -44,8 +47,24 @@ class DFoTDiffusionConfig:
     timesteps: int = 1000           # discrete schedule of the sampler
     sampling_timesteps: int = 50    # DDIM steps
     ddim_eta: float = 0.0
+    data_mean: list[float] = field(default_factory=lambda: [0.577, 0.517, 0.461])   # RE10K, frames in [0, 1]
+    data_std: list[float] = field(default_factory=lambda: [0.249, 0.249, 0.268])
+
+    def normalize(self, frames: torch.Tensor) -> torch.Tensor:
+        """Frames ``[..., C, H, W]`` in [0, 1] -> the model's space ``(x - mean) / std`` (DFoT's ``_normalize_x``)."""
+        mean, std = (torch.tensor(v, device=frames.device, dtype=frames.dtype)[:, None, None]
+                     for v in (self.data_mean, self.data_std))
+        return (frames - mean) / std
+
+    def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = (torch.tensor(v, device=x.device, dtype=x.dtype)[:, None, None]
+                     for v in (self.data_mean, self.data_std))
+        return x * std + mean
 
     def validate(self) -> DFoTDiffusionConfig:
+        if len(self.data_mean) != len(self.data_std) or not all(s > 0 for s in self.data_std):
+            raise ValueError(f"dfot.data_std: one positive value per channel of dfot.data_mean, got "
+                             f"{self.data_mean} / {self.data_std}")
         if self.shift <= 0:
             raise ValueError(f"dfot.shift: must be > 0, got {self.shift}")
         if not self.logsnr_min < self.logsnr_max:

@@ -183,7 +183,8 @@ def check_gf_recipe(recipe: Any) -> None:
         if gf.teacher_cache or gf.dino is not None:
             raise ValueError("gf.enabled: false, but gf.teacher_cache / gf.dino are set; enable gf or drop them")
         return
-    depth = recipe.model.resolved().depth
+    model = recipe.model
+    depth = model.feature_count if hasattr(model, "feature_count") else model.resolved().depth
     blocks = [("gf.dit_block", gf.dit_block)] + ([("gf.dino.dit_block", gf.dino.dit_block)] if gf.dino else [])
     for key, block in blocks:
         if not 1 <= block <= depth:
