@@ -30,7 +30,8 @@ def write_sample_video(dit: torch.nn.Module, batch: dict[str, torch.Tensor], rec
     if recipe.model.arch == "uvit3d":   # DFoT's diffusion: DDIM on its discrete schedule, data mean/std space
         schedule = DiscreteSchedule(replace(recipe.dfot, sampling_timesteps=min(recipe.logging.sample_steps,
                                                                                  recipe.dfot.timesteps)))
-        cams = {k: v for k, v in cond.items() if k != "actions"}
+        cams = ({"poses16": batch["poses16"][:1].float()} if "poses16" in batch   # DFoT's raw poses (re10k data)
+                else {k: v for k, v in cond.items() if k != "actions"})
         x = ddim_sample(lambda xt, n: dit(xt, n, **cams), frames.shape, schedule,
                         context=recipe.dfot.normalize(frames[:, :context]), generator=g, device=frames.device)
         sample = recipe.dfot.unnormalize(x) * 2 - 1

@@ -82,9 +82,11 @@ class VideoDiffusionLoss(nn.Module):
         cond = self.condition(batch, dtype)
         cond["drop_cond"] = noise["drop_cond"]
         blocks = self.gf.dit_blocks if self.gf is not None else ()
-        if self.dfot is not None:
+        if self.dfot is not None:   # U-ViT3D: DFoT's raw poses16 when the data has them (re10k), else the cameras
             x0 = self.dfot.normalize(batch["frames"].to(dtype))
             cond = {k: v for k, v in cond.items() if k != "actions"}
+            if "poses16" in batch:
+                cond = {"poses16": batch["poses16"].float(), "drop_cond": cond["drop_cond"]}
             return dfot_diffusion_loss(self.dit, x0, self.dfot, cond=cond, noise=noise, return_features=blocks)
         x0 = batch["frames"].to(dtype) * 2 - 1
         return flow_matching_loss(self.dit, x0, self.objective, cond=cond, noise=noise, return_features=blocks)
