@@ -12,7 +12,9 @@ VGGT sees each clip's frames as one multi-view sequence, resized bilinearly (ant
 shrinking) to width ``gf.teacher_resolution`` and the height of the frame's aspect ratio, both
 multiples of 14 (:func:`teacher_size`; square frames -> square inputs). Output per requested
 aggregator layer: patch tokens only (the ``patch_start_idx`` camera/register tokens dropped) on their
-``H/14 x W/14`` grid, ``[B, Tt, h, w, 2C]`` float32. DINOv2 sees each frame alone (bicubic resize to
+``H/14 x W/14`` grid, ``[B, Tt, h, w, 2C]`` float32; with ``gf.alignment_form: as_released`` instead GF's
+published target ``vggt_released [B, Tt, L, S, S]`` (all tokens of each layer resized as an image,
+``engine.objectives.gf_released``). DINOv2 sees each frame alone (bicubic resize to
 ``gf.dino.resolution``, ImageNet normalisation) and returns the LayerNorm-ed patch tokens of block
 ``gf.dino.layer``.
 """
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from engine.models.vggt import VGGT, DINOV2_VARIANTS, DinoVisionTransformer, patch_token_grid, resize_for_vggt
 from engine.models.vggt.checkpoint import read_state_dict
 from engine.objectives.geometry_forcing import BATCH_PREFIX, DINO_KEY, PATCH, DinoConfig, GFConfig, TeacherSource, vggt_key
+from engine.objectives.gf_released import RELEASED_KEY, released_target
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -163,7 +166,9 @@ class LiveTeacher:
             if not -depth <= layer < depth:
                 raise ValueError(f"gf.teacher_layers: {layer} is not an output of the {depth}-layer VGGT aggregator")
         width = 2 * self.vggt.aggregator.camera_token.shape[-1]
-        self.dims = {vggt_key(layer): width for layer in gf.teacher_layers}
+        self.released = gf.alignment_form == "as_released"
+        self.dims = ({RELEASED_KEY: len(gf.teacher_layers)} if self.released
+                     else {vggt_key(layer): width for layer in gf.teacher_layers})
         if self.dino is not None:
             self.dims[DINO_KEY] = self.dino.embed_dim
 
@@ -179,10 +184,13 @@ class LiveTeacher:
         images = resize_for_vggt(frames, size)
         # inference mode inside; the clones below are ordinary tensors a loss may save for backward
         tokens = self.vggt.aggregator_features(images, gf.teacher_layers)
-        grid = self.vggt.patch_grid(size)
-        start = self.vggt.patch_start_idx
-        out = {vggt_key(layer): patch_token_grid(tokens[layer], start, grid).float().clone(
-            memory_format=torch.contiguous_format) for layer in gf.teacher_layers}
+        if self.released:   # GF's published target: all tokens of each layer resized as an image, stacked
+            out = {RELEASED_KEY: released_target([tokens[layer] for layer in gf.teacher_layers], gf.released_size)}
+        else:
+            grid = self.vggt.patch_grid(size)
+            start = self.vggt.patch_start_idx
+            out = {vggt_key(layer): patch_token_grid(tokens[layer], start, grid).float().clone(
+                memory_format=torch.contiguous_format) for layer in gf.teacher_layers}
         if self.dino is not None:
             d = gf.dino
             dsize = teacher_size(height, width, d.resolution)

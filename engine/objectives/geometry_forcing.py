@@ -22,6 +22,11 @@ original code's token/channel mixing):
   ``gf.angular_weight * L_ang + gf.scale_weight * L_scale`` (defaults 0.5 / 0.05) to flow matching.
   Those weights are also the ``loss_weights`` of every ``GeometryAlignment``, so its fused single
   pass (gradients made during the forward) is used.
+- **as released** (``gf.alignment_form: as_released``): GF's published form instead of the per-token one
+  (``engine.objectives.gf_released``: all tokens of the ``teacher_layers`` resized as images to
+  ``released_size``, stacked as channels; ConvProjector; plane-normalised angular sum; scale head), so both
+  can be trained side by side; ``angular_weight`` / ``scale_weight`` are GF's ``alignment_coeff`` and
+  ``alignment_coeff * unormalize_lambda``.
 - **REPA term (optional, "GF + REPA").** A DINOv2 teacher (``gf.dino``), its own DiT block, projector
   and weights; the same grid mapping.
 
@@ -41,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.objectives.gf_released import RELEASED_KEY, ReleasedAlignment
 from kernels.align import GeometryAlignment
 
 PATCH = 14                      # VGGT / DINOv2 patch size: teacher resolutions are multiples of it
@@ -141,6 +147,9 @@ class GFConfig:
     chunk_size: int | None = None                       # tokens per chunk of the fused alignment
     teacher_cache: str | None = None
     dino: DinoConfig | None = None
+    alignment_form: Literal["per_token", "as_released"] = "per_token"   # as_released: GF's published code
+    released_size: int = 512                            # as_released: the S x S plane every layer is resized to
+    released_mid_channels: int = 128                    # as_released: ConvProjector / scale-head width
 
     def validate(self) -> None:
         if self.dit_block < 1:
@@ -158,6 +167,9 @@ class GFConfig:
         for name in ("projector_hidden", "scale_hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"gf.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.released_size < 1 or self.released_mid_channels < 1:
+            raise ValueError(f"gf.released_size / gf.released_mid_channels: must be >= 1, got "
+                             f"{self.released_size} / {self.released_mid_channels}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"gf.chunk_size: must be >= 1, got {self.chunk_size}")
 
@@ -168,7 +180,8 @@ class GFConfig:
 
     def feature_keys(self) -> list[str]:
         """Teacher feature keys this recipe aligns (VGGT layers, then DINO)."""
-        return [vggt_key(layer) for layer in self.teacher_layers] + ([DINO_KEY] if self.dino else [])
+        vggt = [RELEASED_KEY] if self.alignment_form == "as_released" else [vggt_key(l) for l in self.teacher_layers]
+        return vggt + ([DINO_KEY] if self.dino else [])
 
     def aligned_frames(self, frames: int) -> int:
         return self.teacher_frames or frames
@@ -183,6 +196,9 @@ def check_gf_recipe(recipe: Any) -> None:
         if gf.teacher_cache or gf.dino is not None:
             raise ValueError("gf.enabled: false, but gf.teacher_cache / gf.dino are set; enable gf or drop them")
         return
+    if gf.alignment_form == "as_released" and gf.teacher_cache:
+        raise ValueError("gf.teacher_cache: the teacher cache holds per-token features; gf.alignment_form "
+                         "as_released needs the live teacher (drop gf.teacher_cache)")
     model = recipe.model
     depth = model.feature_count if hasattr(model, "feature_count") else model.resolved().depth
     blocks = [("gf.dit_block", gf.dit_block)] + ([("gf.dino.dit_block", gf.dino.dit_block)] if gf.dino else [])
@@ -255,6 +271,28 @@ class _Term(nn.Module):
         return self.weights[0] * ang + self.weights[1] * sc, ang, sc
 
 
+class _ReleasedTerm(nn.Module):
+    """GF's published alignment (``engine.objectives.gf_released``): one ConvProjector for the stacked layers."""
+
+    def __init__(self, gf: GFConfig, dims: Mapping[str, int], in_dim: int):
+        super().__init__()
+        self.weights = gf.weights()
+        self.align = ReleasedAlignment(in_dim, dims[RELEASED_KEY], gf.released_size, gf.released_mid_channels)
+
+    def forward(self, feats: torch.Tensor, batch: Mapping[str, torch.Tensor], temporal_patch: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        name = BATCH_PREFIX + RELEASED_KEY
+        if name not in batch:
+            raise KeyError(f"GF as_released: the batch has no {name!r} (keys: {sorted(batch)})")
+        if temporal_patch != 1:
+            raise ValueError("gf.alignment_form as_released: needs one token frame per frame (temporal_patch_size 1)")
+        y = batch[name]
+        aligned = y.shape[1]
+        latent = feats[:, :aligned].permute(0, 1, 4, 2, 3).flatten(0, 1)   # [B T', C, h, w]
+        ang, sc = self.align(latent, y.flatten(0, 1).to(latent.device))
+        return self.weights[0] * ang + self.weights[1] * sc, ang.float(), sc.float()
+
+
 class GeometryForcingHead(nn.Module):
     """The trained part of GF: projectors + scale heads (one per teacher layer, one for DINO).
 
@@ -272,8 +310,11 @@ class GeometryForcingHead(nn.Module):
             raise ValueError(f"GF: no teacher feature size for {missing} (teacher provides {sorted(dims)})")
         self.dit_block = gf.dit_block
         self.temporal_patch = temporal_patch
-        self.vggt = _Term([vggt_key(layer) for layer in gf.teacher_layers], dims, hidden_dim, gf.projector_hidden,
-                          gf.scale_hidden, gf.weights(), backend, gf.chunk_size)
+        if gf.alignment_form == "as_released":
+            self.vggt = _ReleasedTerm(gf, dims, hidden_dim)
+        else:
+            self.vggt = _Term([vggt_key(layer) for layer in gf.teacher_layers], dims, hidden_dim,
+                              gf.projector_hidden, gf.scale_hidden, gf.weights(), backend, gf.chunk_size)
         self.dino = None
         self.dino_block = None
         if gf.dino is not None:

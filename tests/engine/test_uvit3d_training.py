@@ -62,3 +62,22 @@ def test_uvit3d_tiny_trains_from_a_lightning_checkpoint(tmp_path):
         torch.testing.assert_close(state["dit." + k], expected, rtol=0, atol=1e-6, msg=k)
     assert any(k.startswith("gf.vggt.align.") for k in state)
     assert (run / "samples" / "step_2.mp4").stat().st_size > 0
+
+
+def test_uvit3d_tiny_trains_with_the_released_alignment_form(tmp_path):
+    """``gf.alignment_form: as_released`` (GF's published loss) trains on the same tiny setup; its parts are logged."""
+    run = tmp_path / "run"
+    args = [sys.executable, "engine/train.py", "--recipe", "uvit3d_tiny", "--run-dir", str(run)]
+    for o in [*TINY, f"data.root={tmp_path / 'data'}", "optimizer.lr=1e-3", "gf.alignment_form=as_released",
+              "gf.released_size=16", "gf.released_mid_channels=16", "gf.angular_weight=0.1", "gf.scale_weight=0.1"]:
+        args += ["--set", o]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    assert len(rows) == 2
+    for r in rows:   # plane-normalised angular: |L_ang| <= frames / S^2 per layer-mean; total = fm + 0.1 (ang + scale)
+        assert abs(r["gf_angular"]) <= 2 * 4 / 16 ** 2 + 1e-6
+        assert abs(r["loss"] - (r["fm"] + 0.1 * (r["gf_angular"] + r["gf_scale"]))) < 1e-5
+    state = load_file(str(latest_checkpoint(run) / "model.safetensors"))
+    assert "gf.vggt.align.projector.channel_reducer.weight" in state

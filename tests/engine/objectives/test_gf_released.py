@@ -27,3 +27,15 @@ def test_released_alignment_matches_the_official_loss():
     torch.testing.assert_close(ang + 1.0 * scale, t["out.loss_total"], rtol=1e-5, atol=1e-7)
     # the angular term is a sum over the 6 frames of -(1/S^2) mean cos per plane: tiny, negative when aligned
     assert -6 / 64 <= ang.item() <= 6 / 64
+
+
+def test_as_released_config_keys_and_cache_refusal():
+    import pytest
+
+    from engine.config import ConfigError, load_recipe
+    r = load_recipe("uvit3d_tiny", ["gf.alignment_form=as_released"])
+    assert r.gf.feature_keys() == ["vggt_released"]
+    with pytest.raises(ConfigError, match="gf.teacher_cache"):
+        load_recipe("uvit3d_tiny", ["gf.alignment_form=as_released", "gf.teacher_cache=somewhere"])
+    with pytest.raises(ConfigError, match="gf.alignment_form"):
+        load_recipe("uvit3d_tiny", ["gf.alignment_form=released"])
