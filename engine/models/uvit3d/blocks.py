@@ -2,7 +2,8 @@
 
 Layouts: convolutional blocks take ``x [N, C, H, W]`` (N = batch x frames) and a per-pixel embedding
 ``emb [N, E, H, W]``; transformer blocks take tokens ``x [B, L, C]`` (L = T x H x W, time slowest) and
-``emb [B, L, E]``, plus the RoPE tables ``(cos, sin) [L, head_dim / 2]``.
+``emb [B, L, E]``, plus the RoPE tables ``(cos, sin) [L, head_dim / 2]``. Either may instead get the level's
+:class:`~engine.models.uvit3d.folded.FoldedEmb` (the same embedding, never materialised).
 
 - ``ResBlock``: GroupNorm(32) -> SiLU -> conv3x3; ``(scale, shift)`` = 1x1 conv of emb;
   ``GroupNorm(h) (1 + scale) + shift`` -> SiLU -> conv3x3; residual.
@@ -22,6 +23,7 @@ from torch import nn
 
 from engine.models.attention import attention
 from engine.models.rope import apply_rope
+from engine.models.uvit3d.folded import FoldedEmb
 
 
 def film(normed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -40,7 +42,8 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)
-        scale, shift = self.emb_layer(emb).chunk(2, dim=1)
+        ss = emb.conv(self.emb_layer) if isinstance(emb, FoldedEmb) else self.emb_layer(emb)
+        scale, shift = ss.chunk(2, dim=1)
         return x + self.out_rest(film(self.out_norm(h), scale, shift))
 
 
@@ -52,8 +55,9 @@ class FiLMRMSNorm(nn.Module):
         self.emb_layer = nn.Linear(emb_dim, 2 * dim)
         self.norm = nn.RMSNorm(dim, eps=1e-6)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.emb_layer(emb).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | FoldedEmb) -> torch.Tensor:
+        ss = emb.tokens(self.emb_layer) if isinstance(emb, FoldedEmb) else self.emb_layer(emb)
+        scale, shift = ss.chunk(2, dim=-1)
         return film(self.norm(x), scale, shift)
 
 

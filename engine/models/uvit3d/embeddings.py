@@ -75,14 +75,22 @@ class PoseEmbedding(nn.Module):
         self.dropout = dropout
         self.patch_embedder = Conv(nn.Conv2d(cond_dim, emb_dim, kernel_size=patch_size, stride=patch_size))
 
+    def drop_mask(self, b: int, device: torch.device, mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The clips whose pose is dropped (bool ``[B]``) or None: ``mask`` if given (seeded by the trainer, or
+        guidance at inference), else a random draw with probability ``dropout`` in training."""
+        if mask is None and self.training and self.dropout > 0:
+            mask = torch.rand(b, device=device) < self.dropout
+        if mask is not None:
+            if mask.shape != (b,):
+                raise ValueError(f"external_cond_mask must be a bool tensor [B] = [{b}], got {tuple(mask.shape)}")
+            mask = mask.to(device=device, dtype=torch.bool)
+        return mask
+
     def forward(self, cond: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``cond [B, T, C, H, W]`` -> ``[B, T, E, H / p, W / p]``; ``mask [B]`` True = drop the clip's pose."""
         b, t = cond.shape[:2]
         emb = self.patch_embedder(cond.flatten(0, 1)).unflatten(0, (b, t))
-        if mask is None and self.training and self.dropout > 0:   # an explicit mask wins (seeded by the trainer)
-            mask = torch.rand(b, device=emb.device) < self.dropout
+        mask = self.drop_mask(b, emb.device, mask)
         if mask is not None:
-            if mask.shape != (b,):
-                raise ValueError(f"external_cond_mask must be a bool tensor [B] = [{b}], got {tuple(mask.shape)}")
-            emb = emb * (~mask.to(device=emb.device, dtype=torch.bool)).to(emb.dtype)[:, None, None, None, None]
+            emb = emb * (~mask).to(emb.dtype)[:, None, None, None, None]
         return emb

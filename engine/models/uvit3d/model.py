@@ -45,16 +45,24 @@ from engine.models.uvit3d.blocks import (Conv, Downsample, ResBlock, Transformer
                                          zero_init_outputs)
 from engine.models.uvit3d.config import UViT3DConfig
 from engine.models.uvit3d.embeddings import NoiseEmbedding, PoseEmbedding
+from engine.models.uvit3d.folded import FoldedEmb, ray_patches
 from engine.models.uvit3d.rays import poses16_from_cameras, ray_condition
 
 
-class UViT3D(nn.Module):
-    """See the module docstring."""
+FOLD_MODES = ("auto", "always", "never")
 
-    def __init__(self, cfg: UViT3DConfig, activation_checkpointing: bool = False):
+
+class UViT3D(nn.Module):
+    """See the module docstring. ``fold_pose``: where the pose patch embedding is folded into the blocks'
+    FiLM layers (``engine.models.uvit3d.folded``): ``auto`` (where it saves work), ``always``, ``never``."""
+
+    def __init__(self, cfg: UViT3DConfig, activation_checkpointing: bool = False, fold_pose: str = "auto"):
         super().__init__()
+        if fold_pose not in FOLD_MODES:
+            raise ValueError(f"fold_pose must be one of {FOLD_MODES}, got {fold_pose!r}")
         self.cfg = cfg = cfg.validate()
         self.activation_checkpointing = activation_checkpointing
+        self.fold_pose = fold_pose
         ch, e, n = cfg.channels, cfg.emb_channels, cfg.num_levels
         self.noise_level_pos_embedding = NoiseEmbedding(cfg.noise_freq_dim, e, cfg.use_fourier_noise_embedding)
         self.external_cond_embedding = PoseEmbedding(cfg.cond_dim, e, cfg.patch_size, cfg.external_cond_dropout)
@@ -105,12 +113,46 @@ class UViT3D(nn.Module):
             return x
         bt, c, h, w = x.shape
         tokens = x.unflatten(0, (-1, frames)).permute(0, 1, 3, 4, 2).flatten(1, 3)      # [B, T h w, C]
-        emb_tokens = emb.unflatten(0, (-1, frames)).permute(0, 1, 3, 4, 2).flatten(1, 3)
+        emb_tokens = (emb if isinstance(emb, FoldedEmb)
+                      else emb.unflatten(0, (-1, frames)).permute(0, 1, 3, 4, 2).flatten(1, 3))
         head_dim = c // cfg.num_heads
         cos, sin = rope_tables(frames, h, w, head_dim, cfg.rope_theta, x.device, dfot_axis_dims(head_dim))
         for blk in blocks:
             tokens = run(blk, tokens, emb_tokens, cos, sin)
         return tokens.unflatten(1, (frames, h, w)).permute(0, 1, 4, 2, 3).flatten(0, 1)
+
+    def _folds(self, level: int, pixels: int) -> bool:
+        """Whether level ``level`` (``pixels`` = B T h w) takes the folded embedding (``engine.models.uvit3d.folded``)."""
+        if self.fold_pose != "auto":
+            return self.fold_pose == "always"
+        k = self.cfg.cond_dim * self.cfg.patch_size ** 2
+        return self.cfg.emb_channels > k and pixels >= 4 * k
+
+    def _level_embeddings(self, noise_levels: torch.Tensor, rays: torch.Tensor, mask: torch.Tensor | None,
+                          hw: tuple[int, int]) -> list[torch.Tensor | FoldedEmb]:
+        """Per level: the conditioning ``[B T, E, h_i, w_i]`` (DFoT: noise + pose, average-pooled by 2^i) or the
+        same as a :class:`FoldedEmb`."""
+        b, frames = noise_levels.shape
+        n = self.cfg.num_levels
+        pose = self.external_cond_embedding
+        mask = pose.drop_mask(b, rays.device, mask)   # drawn once for both forms
+        noise = self.noise_level_pos_embedding(noise_levels)
+        folds = [self._folds(i, b * frames * (hw[0] >> i) * (hw[1] >> i)) for i in range(n)]
+        embs: list = [None] * n
+        if not all(folds):
+            emb = (noise[..., None, None] + pose(rays, mask)).flatten(0, 1)
+            for i in range(n):
+                if not folds[i]:
+                    embs[i] = emb if i == 0 else F.avg_pool2d(emb, kernel_size=2 ** i, stride=2 ** i)
+        if any(folds):
+            r0 = ray_patches(rays.flatten(0, 1), self.cfg.patch_size)
+            keep = None if mask is None else (~mask).to(r0.dtype).repeat_interleave(frames)
+            proj = pose.patch_embedder.proj
+            for i in range(n):
+                if folds[i]:
+                    r = r0 if i == 0 else F.avg_pool2d(r0, kernel_size=2 ** i, stride=2 ** i)
+                    embs[i] = FoldedEmb(noise.flatten(0, 1), r, proj.weight.flatten(1), proj.bias, keep, frames)
+        return embs
 
     def _check(self, x: torch.Tensor, noise_levels: torch.Tensor) -> None:
         cfg = self.cfg
@@ -132,9 +174,7 @@ class UViT3D(nn.Module):
         n = self.cfg.num_levels
         dtype = self.embed_input.proj.weight.dtype
         h = self.embed_input(x.to(dtype).flatten(0, 1))
-        cond = self.external_cond_embedding(external_cond.to(dtype), external_cond_mask)
-        emb = (self.noise_level_pos_embedding(noise_levels)[..., None, None] + cond).flatten(0, 1)
-        embs = [emb] + [F.avg_pool2d(emb, kernel_size=2 ** i, stride=2 ** i) for i in range(1, n)]
+        embs = self._level_embeddings(noise_levels, external_cond.to(dtype), external_cond_mask, h.shape[-2:])
         latents: dict[int, torch.Tensor] = {}
         keep = set(wanted)
         before, after = [], []

@@ -34,9 +34,9 @@ def _constructor(meta):
             "external_cond_dim": 16}
 
 
-def _model(golden, dtype):
+def _model(golden, dtype, fold="auto"):
     tensors, meta = golden
-    model = UViT3D.from_dfot_config(_constructor(meta)).eval()
+    model = UViT3D.from_dfot_config(_constructor(meta), fold_pose=fold).eval()
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(state, strict=True)
     return model.to(dtype)
@@ -57,10 +57,11 @@ def test_config_from_constructor(golden):
     assert cfg.num_feature_maps == 7 and cfg.use_checkpointing == [False, False, False, True]
 
 
+@pytest.mark.parametrize("fold", ["never", "always"])   # pose embedding as DFoT computes it / folded into FiLM
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_forward_and_latents_match_official(golden, dtype):
+def test_forward_and_latents_match_official(golden, dtype, fold):
     tensors, _ = golden
-    model = _model(golden, dtype)
+    model = _model(golden, dtype, fold)
     x, noise, poses = tensors["in.x"], tensors["in.noise_levels"], tensors["in.poses16"]
     rays = ray_condition(poses.to(dtype), x.shape[-1])
     with torch.no_grad():
@@ -100,10 +101,11 @@ def test_ray_condition_matches_official(golden):
     assert rays[:, 1, :45].abs().max() > 0.5   # the second camera has moved
 
 
-def test_pose_dropout_mask_zeroes_the_camera(golden):
+@pytest.mark.parametrize("fold", ["never", "always"])
+def test_pose_dropout_mask_zeroes_the_camera(golden, fold):
     """``external_cond_mask`` (True = drop) zeroes the whole pose embedding of that clip, bias included."""
     tensors, _ = golden
-    model = _model(golden, torch.float32)
+    model = _model(golden, torch.float32, fold)
     x, noise, poses = tensors["in.x"], tensors["in.noise_levels"], tensors["in.poses16"]
     rays = ray_condition(poses, x.shape[-1])
     with torch.no_grad():
