@@ -41,7 +41,8 @@ def sample_noise(cfg: FlowMatchingConfig, cond_dropout: float, x_shape: torch.Si
 
 
 class VideoDiffusionLoss(nn.Module):
-    """Flow matching with diffusion forcing on clean frames in [0, 1] (mapped to [-1, 1])."""
+    """Flow matching (frames in [0, 1] mapped to [-1, 1]) or, with ``dfot``, DFoT's continuous diffusion (frames
+    normalised by its mean / std), with diffusion forcing; the loss part is logged as ``fm`` either way."""
 
     def __init__(self, dit: nn.Module, objective: FlowMatchingConfig, gf: GFConfig | None = None,
                  teacher_dims: dict[str, int] | None = None, backend: str = "auto",
