@@ -5,7 +5,11 @@ A recipe is ``recipes/NAME.yaml`` (``--recipe NAME``) or any YAML file (``--reci
 Unknown keys, wrong types and impossible combinations raise :class:`ConfigError` naming the key,
 before anything is computed. Sections:
 
-- ``model``        the video DiT (:class:`engine.models.dit.DiTConfig`)
+- ``model``        the backbone: ``arch: dit`` (the video DiT, :class:`engine.models.dit.DiTConfig`) or ``uvit3d``
+                   (DFoT's U-ViT3D), optional ``pretrained`` weights (:class:`engine.models.arch.ModelConfig`)
+- ``dfot``         DFoT's continuous diffusion, the objective of ``arch: uvit3d``
+                   (:class:`engine.objectives.dfot_diffusion.DFoTDiffusionConfig`; with it ``objective`` only
+                   supplies the per-frame t draw and the context frames)
 - ``objective``    flow matching with diffusion forcing (:class:`engine.objectives.flow_matching.FlowMatchingConfig`)
 - ``data``         dataset, clip shape, per-rank micro-batch
 - ``optimizer``    AdamW and gradient clipping
@@ -25,7 +29,8 @@ from typing import Any, Literal
 
 import yaml
 
-from engine.models.dit import DiTConfig
+from engine.models.arch import ModelConfig
+from engine.objectives.dfot_diffusion import DFoTDiffusionConfig
 from engine.objectives.flow_matching import FlowMatchingConfig
 from engine.objectives.geometry_forcing import GFConfig, check_gf_recipe
 from engine.schema import ConfigError, build, to_dict
@@ -166,8 +171,9 @@ class Recipe:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     backend: Literal["auto", "triton", "cpu", "reference"] = "auto"   # fused kernels
     attention: Literal["auto", "flash_attn", "xformers", "sdpa"] = "auto"
-    model: DiTConfig = field(default_factory=DiTConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)   # arch dit | uvit3d (engine/models/arch.py)
     objective: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+    dfot: DFoTDiffusionConfig = field(default_factory=DFoTDiffusionConfig)   # model.arch uvit3d: DFoT's diffusion
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -190,6 +196,18 @@ class Recipe:
         if self.objective.context_frames >= self.data.frames:
             raise ConfigError(f"objective.context_frames: {self.objective.context_frames} leaves no frame to "
                               f"denoise in clips of data.frames={self.data.frames}")
+        if self.model.arch == "uvit3d":
+            u = self.model.uvit3d_config()
+            size = u.patch_size * 2 ** (u.num_levels - 1)
+            if self.data.resolution % size:
+                raise ConfigError(f"data.resolution: {self.data.resolution} is not divisible by the U-ViT3D's "
+                                  f"patch_size * 2^(levels - 1) = {size}")
+            if self.logging.validate_every:
+                raise ConfigError("logging.validate_every: periodic validation samples the flow-matching DiT; "
+                                  "with model.arch uvit3d set it to 0 (the end-of-run sample uses DFoT's DDIM)")
+            if u.in_channels != 3 or len(self.dfot.data_mean) != u.in_channels:
+                raise ConfigError(f"model.uvit3d.in_channels / dfot.data_mean: RGB pixels need 3 channels, got "
+                                  f"{u.in_channels} / {len(self.dfot.data_mean)}")
         if self.model.in_channels != 3:
             raise ConfigError(f"model.in_channels: the {self.data.kind} data is RGB pixels (3 channels), "
                               f"got {self.model.in_channels}")
@@ -236,9 +254,12 @@ class Recipe:
 PATCH_WIDTH_FACTOR = 4
 
 
-def check_patch_bottleneck(model: DiTConfig, objective: FlowMatchingConfig) -> None:
+def check_patch_bottleneck(model: ModelConfig, objective: FlowMatchingConfig) -> None:
     """Refuse a pixel-space velocity-predicting DiT whose width is not >= 4x its patch's values (see above),
-    unless ``objective.allow_patch_bottleneck``. Latent models (``model.latent_downsample > 1``) pass."""
+    unless ``objective.allow_patch_bottleneck``. Latent models (``model.latent_downsample > 1``) and DFoT's
+    U-ViT3D (``model.arch: uvit3d``, convolutional levels around its transformer) pass."""
+    if model.arch != "dit":
+        return
     cfg = model.resolved()
     values = cfg.patch_size ** 2 * cfg.temporal_patch_size * cfg.in_channels
     if (objective.prediction == "x0" or objective.allow_patch_bottleneck or cfg.latent_downsample > 1

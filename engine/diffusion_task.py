@@ -1,7 +1,8 @@
-"""Diffusion training as a :class:`engine.trainer.Task`: the video DiT under flow matching, with the
-Geometry Forcing alignment when the recipe turns it on.
+"""Diffusion training as a :class:`engine.trainer.Task`, with the Geometry Forcing alignment when the recipe
+turns it on.
 
-Per micro-batch: this rank's clips from the recipe's data loader (``engine.data``), moved to the device;
+The backbone is the recipe's ``model.arch`` (the video DiT under flow matching, or DFoT's U-ViT3D under
+DFoT's continuous diffusion), optionally started from ``model.pretrained``. Per micro-batch: this rank's clips from the recipe's data loader (``engine.data``), moved to the device;
 per-sample noise drawn from ``(seed, step, clip index)`` (``engine.objectives.video_loss.sample_noise``:
 one rank and N ranks with the same global batch see the same noise); the frozen teacher's features
 added to the batch (live VGGT or its cache; outside the trained module, never a gradient); then the
@@ -20,7 +21,8 @@ from engine.config import Recipe
 from engine.data.builder import build_loader
 from engine.distributed import ParallelLayout, World
 from engine.eval.validate import validate, validation_batch, write_sample_video
-from engine.models.dit import VideoDiT
+from engine.models.arch import build_model, checkpointed_blocks
+from engine.models.uvit3d.checkpoint import load_backbone_weights
 from engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
 from engine.teacher.builder import build_teacher
 from engine.trainer import MicroBatch, Task, Trainer
@@ -35,16 +37,25 @@ class DiffusionTask(Task):
         # ranks of one sequence-parallel group share clips: the loader splits them over the DP groups
         self.data_parallel = (layout.dp_rank, layout.dp_size) if layout is not None else None
         self.count_clips = layout is None or layout.sp_rank == 0   # a shared clip's bad files counted once
-        self.teacher = (build_teacher(recipe.teacher, recipe.data, world.device, seed=recipe.seed)
-                        if recipe.gf.enabled else None)   # frozen GF teacher (or its cache), or None
+        gf = recipe.gf
+        released = gf.released_size if gf.alignment_form == "as_released" else None
+        self.teacher = (build_teacher(recipe.teacher, recipe.data, world.device, seed=recipe.seed,
+                                      released_size=released)
+                        if gf.enabled else None)   # frozen GF teacher (or its cache), or None
         torch.manual_seed(recipe.seed)   # identical initial weights on every rank
+        backbone = build_model(recipe.model)   # model.arch: the video DiT or DFoT's U-ViT3D
+        if recipe.model.pretrained:
+            chosen = load_backbone_weights(recipe.model.pretrained, backbone, recipe.model.pretrained_weights)
+            if world.is_main:
+                print(f"model.pretrained: loaded {recipe.model.pretrained} ({chosen})")
         dims = None if self.teacher is None else self.teacher.dims
-        self.module = VideoDiffusionLoss(VideoDiT(recipe.model), recipe.objective, recipe.gf, dims, recipe.backend)
+        dfot = recipe.dfot if recipe.model.arch == "uvit3d" else None   # the U-ViT3D: DFoT's continuous diffusion
+        self.module = VideoDiffusionLoss(backbone, recipe.objective, gf, dims, recipe.backend, dfot)
         self._val_batch = None
         self._last_batch: dict[str, torch.Tensor] | None = None
 
     def checkpointed_blocks(self) -> list[torch.nn.Module]:
-        return list(self.module.dit.blocks)
+        return checkpointed_blocks(self.module.dit)
 
     def micro_batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
         return iter(build_loader(self.recipe.data, self.world, self.recipe.seed, self.recipe.distributed.grad_accum,

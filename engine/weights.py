@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,6 +64,29 @@ def resolve_weights(source: str | os.PathLike, local_files_only: bool = False) -
     return path
 
 
+def read_torch_file(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU (any structure of tensors and plain containers, e.g. a
+    Lightning checkpoint); anything that needs arbitrary unpickling is refused naming the file, never run."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling refused or corrupt file: say which file, execute nothing
+        raise ValueError(
+            f"weights file {path}: refused - torch.load(weights_only=True) cannot read it ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}). GeoForge never unpickles arbitrary objects. If the "
+            f"file is a checkpoint you trust, extract its tensors elsewhere, e.g. torch.save(torch.load(FILE, "
+            f"weights_only=False)['state_dict'], OUT), and load OUT.") from err
+
+
+def save_safetensors(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """Write ``state`` as safetensors (contiguous CPU tensors), atomically."""
+    from safetensors.torch import save_file
+
+    from engine.atomic import atomic_save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    return atomic_save(path, lambda tmp: save_file(tensors, str(tmp)))
+
+
 def read_state_dict(file: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The flat ``{name: tensor}`` state dict (on CPU) of a local ``.safetensors`` file or weights-only
     torch pickle; ValueError naming the file for anything else. A file of a GeoForge checkpoint is first
@@ -76,11 +100,7 @@ def read_state_dict(file: str | os.PathLike) -> dict[str, torch.Tensor]:
 
         state = load_file(str(path), device="cpu")
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # unpickling refused or corrupt file: say which file
-            raise ValueError(f"weights file {path}: cannot be read as a plain state dict with "
-                             f"torch.load(weights_only=True) ({err})") from err
+        state = read_torch_file(path)
     if not isinstance(state, Mapping) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise ValueError(f"weights file {path}: expected a plain state dict (a flat {{name: tensor}} mapping), "
@@ -144,5 +164,6 @@ def _describe(what: str, keys: Iterable[str]) -> list[str]:
     return [f"{what} keys: {shown}"]
 
 
-__all__ = ["HF_PREFIX", "OPTIONAL_SUFFIXES", "hub_file", "resolve_weights", "read_state_dict", "load_state_dict",
+__all__ = ["HF_PREFIX", "OPTIONAL_SUFFIXES", "hub_file", "resolve_weights", "read_torch_file", "read_state_dict",
+           "load_state_dict", "save_safetensors",
            "strip_prefix", "rename_keys", "check_state_dict", "load_into"]

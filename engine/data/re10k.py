@@ -228,6 +228,7 @@ class _Loaded:
     intrinsics: torch.Tensor
     w2c: torch.Tensor
     depth: torch.Tensor | None
+    normalised: torch.Tensor | None = None   # the camera files' fx fy cx cy [T, 4], unchanged (DFoT's poses16)
 
 
 class Re10KClips(Dataset):
@@ -260,8 +261,10 @@ class Re10KClips(Dataset):
     ``__getitem__`` returns dict(frames float32 [T, 3, R, R] in [0, 1], intrinsics float32 [T, 3, 3] in
     output pixels, extrinsics float32 [T, 3, 4] camera-from-world relative to frame 0 (frame 0 is
     [I|0]), index int64 [] (of the clip actually returned), frame_indices int64 [T], clip str,
-    skipped_clips int64 [] (bad clips passed over to produce it, 0 unless ``on_error="skip"``), and depth
-    float32 [T, R, R] when the clip has a depth file).
+    skipped_clips int64 [] (bad clips passed over to produce it, 0 unless ``on_error="skip"``), depth
+    float32 [T, R, R] when the clip has a depth file, and poses16 float32 [T, 16]: DFoT's raw condition, the
+    camera file's normalised fx fy cx cy *as written* (for the uncropped frame, as DFoT feeds its released
+    models) + the 12 numbers of ``extrinsics`` (flipped like DFoT's hflip when flipped)).
     """
 
     def __init__(
@@ -371,7 +374,7 @@ class Re10KClips(Dataset):
             raw = self._depth(clip, indices, intrinsics.shape[0], transform.size)
             depth = transform.images(raw[:, None], "nearest-exact")[:, 0].to(frames.device)
         k = transform.intrinsics(pixel_intrinsics(intrinsics, *transform.size))
-        return _Loaded(frames, k, w2c, depth)
+        return _Loaded(frames, k, w2c, depth, intrinsics)
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self.clips):
@@ -458,4 +461,6 @@ class Re10KClips(Dataset):
         )
         if depth is not None:
             sample["depth"] = depth
+        if loaded.normalised is not None:   # DFoT's condition: file intrinsics as they are (not the crop's) + w2c
+            sample["poses16"] = torch.cat([loaded.normalised[indices].to(torch.float32), ext.flatten(-2)], dim=-1)
         return sample

@@ -16,13 +16,14 @@ the generated frames: ``val/psnr`` and ``val/ssim`` (mean over frames and videos
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from engine import pixels
 from engine.eval.image_metrics import psnr, ssim
+from engine.objectives.dfot_diffusion import DiscreteSchedule, ddim_sample
 from engine.objectives.prediction import velocity_model
 from engine.sampling import COND_KEYS, SamplerConfig, generate, sample_clip
 
@@ -39,8 +40,6 @@ class ValidationResult:
 
 def validation_batch(recipe, num_videos: int, world=None) -> dict[str, torch.Tensor]:
     """The first ``num_videos`` clips of the recipe's dataset as one batch (fixed start frames, no flips)."""
-    from dataclasses import replace
-
     from engine.data.builder import build_dataset
     from engine.distributed import World
 
@@ -125,8 +124,17 @@ def write_sample_video(dit: torch.nn.Module, batch: dict[str, torch.Tensor], rec
     cond = {k: batch[k][:1].float() for k in COND_KEYS if k in batch}
     context = max(1, recipe.objective.context_frames)
     g = torch.Generator(device="cpu").manual_seed(recipe.seed + step)
-    sample = sample_clip(velocity_model(dit, recipe.objective), x0.shape, recipe.logging.sample_steps, cond,
-                         generator=g, context=x0[:, :context])
+    if recipe.model.arch == "uvit3d":   # DFoT's diffusion: DDIM on its discrete schedule, data mean/std space
+        schedule = DiscreteSchedule(replace(recipe.dfot, sampling_timesteps=min(recipe.logging.sample_steps,
+                                                                                 recipe.dfot.timesteps)))
+        cams = ({"poses16": batch["poses16"][:1].float()} if "poses16" in batch   # DFoT's raw poses (re10k data)
+                else {k: v for k, v in cond.items() if k != "actions"})
+        x = ddim_sample(lambda xt, n: dit(xt, n, **cams), frames.shape, schedule,
+                        context=recipe.dfot.normalize(frames[:, :context]), generator=g, device=frames.device)
+        sample = pixels.to_signed(recipe.dfot.unnormalize(x))
+    else:
+        sample = sample_clip(velocity_model(dit, recipe.objective), x0.shape, recipe.logging.sample_steps, cond,
+                             generator=g, context=x0[:, :context])
     path = Path(run_dir) / "samples" / f"step_{step}.mp4"
     if world.is_main:
         result = ValidationResult({}, pixels.to_unit(sample.float()).cpu(), frames.float().cpu(), context)

@@ -22,6 +22,11 @@ original code's token/channel mixing):
   ``gf.angular_weight * L_ang + gf.scale_weight * L_scale`` (defaults 0.5 / 0.05) to flow matching.
   Those weights are also the ``loss_weights`` of every ``GeometryAlignment``, so its fused single
   pass (gradients made during the forward) is used.
+- **as released** (``gf.alignment_form: as_released``): GF's published form instead of the per-token one
+  (``engine.objectives.gf_released``: all tokens of the ``teacher.layers`` resized as images to
+  ``released_size``, stacked as channels; ConvProjector; plane-normalised angular sum; scale head), so both
+  can be trained side by side; ``angular_weight`` / ``scale_weight`` are GF's ``alignment_coeff`` and
+  ``alignment_coeff * unormalize_lambda``.
 - **REPA term (optional, "GF + REPA").** A DINOv2 teacher (``teacher.dino``) with its own DiT block,
   projector and weights (``gf.dino``); the same grid mapping.
 
@@ -43,6 +48,7 @@ from torch import nn
 
 from engine.teacher.spec import BATCH_PREFIX, DINO_KEY
 from engine.models.sequence_parallel import ShardedFeatures
+from engine.objectives.gf_released import RELEASED_KEY, ReleasedAlignment
 from kernels.align import GeometryAlignment
 
 LOSS_SETS = ("both", "angular", "scale")
@@ -104,6 +110,9 @@ class GFConfig:
     scale_hidden: int = 512
     chunk_size: int | None = None                       # tokens per chunk of the fused alignment
     dino: DinoTermConfig | None = None                  # the REPA term (its teacher: teacher.dino)
+    alignment_form: Literal["per_token", "as_released"] = "per_token"   # as_released: GF's published code
+    released_size: int = 512                            # as_released: the S x S plane every layer is resized to
+    released_mid_channels: int = 128                    # as_released: ConvProjector / scale-head width
 
     def validate(self) -> None:
         if self.dit_block < 1:
@@ -112,6 +121,9 @@ class GFConfig:
         for name in ("projector_hidden", "scale_hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"gf.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.released_size < 1 or self.released_mid_channels < 1:
+            raise ValueError(f"gf.released_size / gf.released_mid_channels: must be >= 1, got "
+                             f"{self.released_size} / {self.released_mid_channels}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"gf.chunk_size: must be >= 1, got {self.chunk_size}")
 
@@ -134,7 +146,11 @@ def check_gf_recipe(recipe: Any) -> None:
         given, missing = ("gf.dino", "teacher.dino") if teacher.dino is None else ("teacher.dino", "gf.dino")
         raise ValueError(f"{missing}: {given} is set, so the REPA term needs {missing} too (the DINOv2 teacher "
                          f"in teacher.dino, its alignment in gf.dino), or drop {given}")
-    depth = recipe.model.resolved().depth
+    if gf.alignment_form == "as_released" and teacher.cache:
+        raise ValueError("teacher.cache: the teacher cache holds per-token features; gf.alignment_form "
+                         "as_released needs the live teacher (drop teacher.cache)")
+    model = recipe.model
+    depth = model.feature_count if hasattr(model, "feature_count") else model.resolved().depth
     blocks = [("gf.dit_block", gf.dit_block)] + ([("gf.dino.dit_block", gf.dino.dit_block)] if gf.dino else [])
     for key, block in blocks:
         if not 1 <= block <= depth:
@@ -228,6 +244,28 @@ class _Term(nn.Module):
         return self.weights[0] * ang + self.weights[1] * sc, ang, sc
 
 
+class _ReleasedTerm(nn.Module):
+    """GF's published alignment (``engine.objectives.gf_released``): one ConvProjector for the stacked layers."""
+
+    def __init__(self, gf: GFConfig, dims: Mapping[str, int], in_dim: int):
+        super().__init__()
+        self.weights = gf.weights()
+        self.align = ReleasedAlignment(in_dim, dims[RELEASED_KEY], gf.released_size, gf.released_mid_channels)
+
+    def forward(self, feats: torch.Tensor, batch: Mapping[str, torch.Tensor], temporal_patch: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        name = BATCH_PREFIX + RELEASED_KEY
+        if name not in batch:
+            raise KeyError(f"GF as_released: the batch has no {name!r} (keys: {sorted(batch)})")
+        if temporal_patch != 1:
+            raise ValueError("gf.alignment_form as_released: needs one token frame per frame (temporal_patch_size 1)")
+        y = batch[name]
+        aligned = y.shape[1]
+        latent = feats[:, :aligned].permute(0, 1, 4, 2, 3).flatten(0, 1)   # [B T', C, h, w]
+        ang, sc = self.align(latent, y.flatten(0, 1).to(latent.device))
+        return self.weights[0] * ang + self.weights[1] * sc, ang.float(), sc.float()
+
+
 class GeometryForcingHead(nn.Module):
     """The trained part of GF: projectors + scale heads (one per teacher layer, one for DINO).
 
@@ -250,8 +288,11 @@ class GeometryForcingHead(nn.Module):
                              f"teacher.dino and gf.dino, or neither")
         self.dit_block = gf.dit_block
         self.temporal_patch = temporal_patch
-        self.vggt = _Term(vggt_keys, dims, hidden_dim, gf.projector_hidden,
-                          gf.scale_hidden, gf.weights(), backend, gf.chunk_size)
+        if gf.alignment_form == "as_released":
+            self.vggt = _ReleasedTerm(gf, dims, hidden_dim)
+        else:
+            self.vggt = _Term(vggt_keys, dims, hidden_dim, gf.projector_hidden, gf.scale_hidden, gf.weights(),
+                              backend, gf.chunk_size)
         self.dino = None
         self.dino_block = None
         if gf.dino is not None:

@@ -1,4 +1,4 @@
-"""The module DeepSpeed trains: the video DiT plus every trainable head of the objective.
+"""The module DeepSpeed trains: the backbone (video DiT or DFoT's U-ViT3D) plus every trainable head of the objective.
 
 ``VideoDiffusionLoss.forward(batch, noise)`` returns the loss parts of one micro-batch. The noise
 (per-frame times ``t``, Gaussian ``eps``, classifier-free ``drop_cond``) is drawn outside, per sample,
@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from engine import pixels
-from engine.models.dit import VideoDiT
+from engine.models.arch import feature_channels
+from engine.objectives.dfot_diffusion import DFoTDiffusionConfig, dfot_diffusion_loss
 from engine.objectives.flow_matching import FlowMatchingConfig, draw_noise, flow_matching_loss
 from engine.objectives.geometry_forcing import GeometryForcingHead, GFConfig
 
@@ -41,20 +42,27 @@ def sample_noise(cfg: FlowMatchingConfig, cond_dropout: float, x_shape: torch.Si
 
 
 class VideoDiffusionLoss(nn.Module):
-    """Flow matching with diffusion forcing on clean frames in [0, 1] (mapped to [-1, 1])."""
+    """Flow matching (frames in [0, 1] mapped to [-1, 1]) or, with ``dfot``, DFoT's continuous diffusion (frames
+    normalised by its mean / std), with diffusion forcing; the loss part is logged as ``fm`` either way."""
 
-    def __init__(self, dit: VideoDiT, objective: FlowMatchingConfig, gf: GFConfig | None = None,
-                 teacher_dims: dict[str, int] | None = None, backend: str = "auto"):
-        """``gf`` (enabled) adds the GF head; ``teacher_dims``: channels per teacher feature key (the
-        teacher's or the cache's ``dims``); ``backend``: the fused alignment kernels' backend."""
+    def __init__(self, dit: nn.Module, objective: FlowMatchingConfig, gf: GFConfig | None = None,
+                 teacher_dims: dict[str, int] | None = None, backend: str = "auto",
+                 dfot: DFoTDiffusionConfig | None = None):
+        """``dit``: the backbone (VideoDiT, or DFoT's UViT3D); ``gf`` (enabled) adds the GF head;
+        ``teacher_dims``: channels per teacher feature key (the teacher's or the cache's ``dims``);
+        ``backend``: the fused alignment kernels' backend; ``dfot``: train with DFoT's continuous diffusion
+        instead of flow matching (frames normalised by its data mean / std; ``objective`` then supplies the
+        per-frame t and the context frames)."""
         super().__init__()
         self.dit = dit
         self.objective = objective
+        self.dfot = dfot
         self.gf = None
         if gf is not None and gf.enabled:
             if teacher_dims is None:
                 raise ValueError("VideoDiffusionLoss: gf is enabled but no teacher_dims were given")
-            self.gf = GeometryForcingHead(gf, teacher_dims, dit.cfg.hidden_dim, dit.cfg.temporal_patch_size, backend)
+            self.gf = GeometryForcingHead(gf, teacher_dims, feature_channels(dit, gf.dit_block),
+                                          getattr(dit.cfg, "temporal_patch_size", 1), backend)
 
     def condition(self, batch: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The conditioning inputs in float32 whatever the model's dtype (``dtype`` is ignored): a bf16 camera
@@ -75,8 +83,14 @@ class VideoDiffusionLoss(nn.Module):
         """The flow-matching part alone (``flow_matching_loss``'s dict, with the DiT features the GF head
         reads in ``features``); ``forward`` adds the GF head on top. Separate for profiling."""
         dtype = next(self.dit.parameters()).dtype
-        x0 = pixels.to_signed(batch["frames"].to(dtype))
         cond = self.condition(batch, dtype)
         cond["drop_cond"] = noise["drop_cond"]
         blocks = self.gf.dit_blocks if self.gf is not None else ()
+        if self.dfot is not None:   # U-ViT3D: DFoT's raw poses16 when the data has them (re10k), else the cameras
+            x0 = self.dfot.normalize(batch["frames"].to(dtype))
+            cond = {k: v for k, v in cond.items() if k != "actions"}
+            if "poses16" in batch:
+                cond = {"poses16": batch["poses16"].float(), "drop_cond": cond["drop_cond"]}
+            return dfot_diffusion_loss(self.dit, x0, self.dfot, cond=cond, noise=noise, return_features=blocks)
+        x0 = pixels.to_signed(batch["frames"].to(dtype))
         return flow_matching_loss(self.dit, x0, self.objective, cond=cond, noise=noise, return_features=blocks)

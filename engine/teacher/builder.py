@@ -13,13 +13,14 @@ from engine.teacher.spec import TeacherConfig
 
 
 def build_teacher(teacher: TeacherConfig, data: Any = None, device: torch.device | str = "cpu", *,
-                  seed: int | None = None) -> LiveTeacher | TeacherCache | OracleTeacher:
+                  seed: int | None = None, released_size: int | None = None) -> LiveTeacher | TeacherCache | OracleTeacher:
     """The oracle (``teacher.kind: oracle``), the cache reader (``teacher.cache`` set) or a :class:`LiveTeacher`.
 
     Both return ``{"teacher.<key>": [B, Tt, h, w, C]}`` for a batch and expose ``dims`` (channels per
     key). A cache is checked against the windows the data pipeline draws, so it needs the recipe's
     ``data`` section and ``seed``; the live teacher needs neither. Whether GF runs at all (``gf.enabled``)
-    is the caller's decision."""
+    is the caller's decision; ``released_size`` asks the live teacher for GF's published target
+    (``gf.alignment_form: as_released``)."""
     if teacher.kind == "oracle":
         return OracleTeacher(teacher, device)
     if teacher.cache:
@@ -27,7 +28,7 @@ def build_teacher(teacher: TeacherConfig, data: Any = None, device: torch.device
             raise ValueError("build_teacher: teacher.cache is set; pass the recipe's data section and seed, which "
                              "the cached windows depend on")
         return TeacherCache(teacher.cache, teacher, data, seed, device)
-    return LiveTeacher(teacher, device)
+    return LiveTeacher(teacher, device, released_size)
 
 
 __all__ = ["build_teacher"]

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.models.vggt import VGGT, DINOV2_VARIANTS, DinoVisionTransformer, patch_token_grid, resize_for_vggt
+from engine.objectives.gf_released import RELEASED_KEY, released_target
 from engine.weights import load_into, read_state_dict
 from engine.teacher.spec import BATCH_PREFIX, DINO_KEY, PATCH, DinoConfig, TeacherConfig, TeacherSource, teacher_size, vggt_key
 
@@ -110,8 +111,12 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
 class LiveTeacher:
     """Frozen VGGT (+ DINOv2) computing GF targets from a batch's clean frames. Not an nn.Module."""
 
-    def __init__(self, teacher: TeacherConfig, device: torch.device | str = "cpu"):
+    def __init__(self, teacher: TeacherConfig, device: torch.device | str = "cpu", released_size: int | None = None):
+        """``released_size``: produce GF's published target instead (``gf.alignment_form: as_released``):
+        ``vggt_released [B, Tt, L, S, S]``, all tokens of each layer resized as an S x S image
+        (``engine.objectives.gf_released``)."""
         self.cfg = teacher
+        self.released_size = released_size
         self.device = torch.device(device)
         self.vggt = build_vggt(teacher.vggt, self.device)
         self.dino = build_dino(teacher.dino, self.device) if teacher.dino is not None else None
@@ -120,7 +125,8 @@ class LiveTeacher:
             if not -depth <= layer < depth:
                 raise ValueError(f"teacher.layers: {layer} is not an output of the {depth}-layer VGGT aggregator")
         width = 2 * self.vggt.aggregator.camera_token.shape[-1]
-        self.dims = {vggt_key(layer): width for layer in teacher.layers}
+        self.dims = ({RELEASED_KEY: len(teacher.layers)} if released_size is not None
+                     else {vggt_key(layer): width for layer in teacher.layers})
         if self.dino is not None:
             self.dims[DINO_KEY] = self.dino.embed_dim
 
@@ -136,10 +142,13 @@ class LiveTeacher:
         images = resize_for_vggt(frames, size)
         # inference mode inside; the clones below are ordinary tensors a loss may save for backward
         tokens = self.vggt.aggregator_features(images, cfg.layers)
-        grid = self.vggt.patch_grid(size)
-        start = self.vggt.patch_start_idx
-        out = {vggt_key(layer): patch_token_grid(tokens[layer], start, grid).float().clone(
-            memory_format=torch.contiguous_format) for layer in cfg.layers}
+        if self.released_size is not None:   # GF's published target: every layer's tokens as an image, stacked
+            out = {RELEASED_KEY: released_target([tokens[layer] for layer in cfg.layers], self.released_size)}
+        else:
+            grid = self.vggt.patch_grid(size)
+            start = self.vggt.patch_start_idx
+            out = {vggt_key(layer): patch_token_grid(tokens[layer], start, grid).float().clone(
+                memory_format=torch.contiguous_format) for layer in cfg.layers}
         if self.dino is not None:
             d = cfg.dino
             dsize = teacher_size(height, width, d.resolution)

@@ -1,0 +1,81 @@
+"""The recipe's ``model`` section: which backbone (``arch``), its config, and pretrained weights to start from.
+
+- ``arch: dit`` (default): GeoForge's video DiT; the DiT fields of this section (:class:`DiTConfig`) apply.
+- ``arch: uvit3d``: DFoT's U-ViT3D (:mod:`engine.models.uvit3d`), configured by ``model.uvit3d`` (DFoT's field
+  names; omitted = the released RealEstate10K model). It is trained with DFoT's continuous diffusion
+  (recipe section ``dfot``), the pairing of the released weights. ``model.cond_dropout`` is its pose dropout
+  (the trainer draws it per sample and passes it as the pose mask; the U-ViT's own
+  ``external_cond_dropout`` is then not used). Its feature maps for ``gf.dit_block`` are numbered 1..7 (GF's
+  ``latents_info`` + 1: 3 = the level-2 map GF aligns). The DiT fields other than ``cond_dropout`` are ignored.
+- ``pretrained``: weights to load after building - a DFoT / Geometry Forcing Lightning ``*.ckpt``, a
+  safetensors file or ``hf://OWNER/REPO/FILE`` (``engine.models.uvit3d.checkpoint.load_backbone_weights``);
+  ``pretrained_weights``: ``auto`` (EMA when the file has it, else the raw weights), ``ema`` or ``raw``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from torch import nn
+
+from engine.models.dit import DiTConfig, VideoDiT
+from engine.models.uvit3d import UViT3D, UViT3DConfig
+
+ARCHS = ("dit", "uvit3d")
+
+
+@dataclass
+class ModelConfig(DiTConfig):
+    """The DiT's fields plus ``arch``, ``uvit3d``, ``pretrained``, ``pretrained_weights`` (module docstring)."""
+
+    arch: Literal["dit", "uvit3d"] = "dit"
+    uvit3d: UViT3DConfig | None = None
+    pretrained: str | None = None
+    pretrained_weights: Literal["auto", "ema", "raw"] = "auto"
+
+    def uvit3d_config(self) -> UViT3DConfig:
+        """The U-ViT3D config (DFoT's RealEstate10K one when ``uvit3d`` is omitted)."""
+        return self.uvit3d if self.uvit3d is not None else UViT3DConfig()
+
+    @property
+    def feature_count(self) -> int:
+        """Feature maps ``gf.dit_block`` may name (1-based): DiT blocks, or the U-ViT's per-level maps."""
+        return self.uvit3d_config().num_feature_maps if self.arch == "uvit3d" else self.resolved().depth
+
+    def validate(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.arch == "dit":
+            if self.uvit3d is not None:
+                raise ValueError("uvit3d: set only with arch: uvit3d")
+            return super().validate()
+        try:
+            self.uvit3d_config().validate()
+        except ValueError as err:
+            raise ValueError(f"uvit3d.{err}") from None
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
+        if self.temporal_patch_size != 1:
+            raise ValueError("temporal_patch_size: the U-ViT3D has one token frame per frame (must be 1)")
+        return self
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The backbone of ``cfg.arch`` (weights not loaded; see
+    ``engine.models.uvit3d.checkpoint.load_backbone_weights``)."""
+    if getattr(cfg, "arch", "dit") == "uvit3d":
+        ucfg = replace(cfg.uvit3d_config(), external_cond_dropout=0.0)   # the trainer draws model.cond_dropout
+        return UViT3D(ucfg)
+    return VideoDiT(cfg)
+
+
+def checkpointed_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks of a built backbone that ``distributed.activation_checkpointing`` recomputes."""
+    return model.blocks() if isinstance(model, UViT3D) else list(model.blocks)
+
+
+def feature_channels(model: nn.Module, index: int) -> int:
+    """Channels of feature ``index`` (1-based) of a built backbone: DiT width, or the U-ViT level's."""
+    if isinstance(model, UViT3D):
+        return model.feature_channels(index)
+    return model.cfg.hidden_dim
