@@ -8,6 +8,10 @@ The same loop runs under all three: recipe -> data -> model + objective -> DeepS
 stage, bf16, gradient accumulation and clipping, AdamW, warmup + constant/cosine schedule) -> steps,
 with a sharded EMA, atomic checkpoints (``--resume auto`` continues exactly), tensorboard events,
 ``metrics.jsonl``, a progress bar and a sample video at the end.
+
+Exit codes: 0 done, 1 error (non-finite losses, a damaged checkpoint, a failed checkpoint write, the run
+directory in use), 2 bad recipe or arguments, 75 preempted by SIGTERM / SIGUSR1 with a complete checkpoint
+(``engine/preemption.py``; continue with ``--resume auto``).
 """
 from __future__ import annotations
 
