@@ -10,6 +10,10 @@ The same code runs under all three: recipe (``engine.config``) -> the diffusion 
 AdamW, warmup + constant/cosine schedule; sharded EMA, atomic checkpoints that ``--resume auto``
 continues exactly, tensorboard events, ``metrics.jsonl``, a progress bar) -> a sample video at the end.
 VideoGPA recipes run their stages (``engine.videogpa.pipeline``), whose DPO stage uses the same trainer.
+
+Exit codes: 0 done, 1 error (non-finite losses, a damaged checkpoint, a failed checkpoint write, the run
+directory in use), 2 bad recipe or arguments, 75 preempted by SIGTERM / SIGUSR1 with a complete checkpoint
+(``engine/preemption.py``; continue with ``--resume auto``).
 """
 from __future__ import annotations
 
