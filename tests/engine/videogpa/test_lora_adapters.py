@@ -38,7 +38,8 @@ def outputs(policy, network, x0, cond, noise):
 def test_default_targets_are_the_attention_projections():
     module = build_dpo_module(recipe(), build_dit_policy(recipe()))
     lora_modules = {n.split(".lora_A")[0] for n, _ in module.network.named_parameters() if ".lora_A" in n}
-    assert lora_modules == {f"base_model.model.blocks.{i}.{m}" for i in range(2) for m in ("qkv", "proj")}
+    depth = recipe().model.depth
+    assert lora_modules == {f"base_model.model.blocks.{i}.{m}" for i in range(depth) for m in ("qkv", "proj")}
     assert all(("lora_" in n) == p.requires_grad for n, p in module.network.named_parameters())
 
 
