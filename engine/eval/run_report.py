@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine import pixels
 from engine.eval.baselines import flat_frames, high_frequency_energy, repeated_context
 from engine.eval.image_metrics import psnr, ssim
 from engine.eval.report import atomic_write_bytes, frame_grid, write_png
@@ -98,7 +99,7 @@ def frame_strip(result: ValidationResult, videos: int) -> np.ndarray:
     """uint8 image: per clip its ground-truth row above its sample row (all frames, small ones enlarged)."""
     rows = []
     for gt, sample in zip(result.ground_truth[:videos], result.samples[:videos]):
-        rows += [(video.clamp(0, 1) * 255).round().to(torch.uint8).numpy() for video in (gt, sample)]
+        rows += [pixels.to_uint8(video).cpu().numpy() for video in (gt, sample)]
     return frame_grid(rows, columns=result.samples.shape[1], min_size=64)
 
 

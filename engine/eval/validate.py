@@ -138,7 +138,7 @@ def write_sample_video(dit: torch.nn.Module, batch: dict[str, torch.Tensor], rec
     path = Path(run_dir) / "samples" / f"step_{step}.mp4"
     if world.is_main:
         result = ValidationResult({}, pixels.to_unit(sample.float()).cpu(), frames.float().cpu(), context)
-        rgb = video_grid(result, max_videos=1).numpy()
+        rgb = video_grid(result, max_videos=1).cpu().numpy()
         atomic_save(path, lambda tmp: encode_video(tmp, rgb, fps=8))
     return path
 

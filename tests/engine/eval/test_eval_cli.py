@@ -25,6 +25,7 @@ name: eval_tiny
 seed: 0
 backend: reference
 model: {{size: tiny, hidden_dim: 32, depth: 1, num_heads: 2, patch_size: 8, camera: rays, camera_freqs: 2}}
+objective: {{prediction: x0}}   # a pixel-space DiT with 8x8 patches under width 32: x-prediction (engine.config guard)
 data: {{kind: synthetic, root: {root}, frames: 4, resolution: 32, batch_size: 2, synthetic_clips: 3,
         synthetic_frames: 8}}
 """
