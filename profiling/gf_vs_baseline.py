@@ -92,7 +92,7 @@ def train(args: argparse.Namespace, sets: list[str], run_dir: Path) -> None:
 
 def heldout_batch(recipe, videos: int) -> dict[str, torch.Tensor]:
     held = heldout_recipe(recipe, videos)
-    dataset = build_dataset(replace(held, data=replace(held.data, hflip_prob=0.0)), CPU)
+    dataset = build_dataset(replace(held.data, hflip_prob=0.0), CPU, held.seed)
     items = [dataset[i] for i in range(videos)]
     return {k: torch.stack([it[k] for it in items]) for k in ("frames", "depth", "intrinsics", "extrinsics")}
 

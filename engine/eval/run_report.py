@@ -137,7 +137,7 @@ def write_run_report(recipe, run_dir: Path, world) -> Path | None:
         splits.append(("held-out clips", held, "heldout"))
     summary = {}
     for title, split_recipe, tag in splits:
-        count = min(videos, len(clip_names(split_recipe))) if tag == "training" else videos
+        count = min(videos, len(clip_names(split_recipe.data))) if tag == "training" else videos
         batch = validation_batch(split_recipe, count, world)
         results = {name: validate(dit, batch, recipe, step) for name, dit in dits.items()}
         rows = compare(results)
