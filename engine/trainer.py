@@ -224,27 +224,35 @@ class Trainer:
             write_checkpoint_files(tmp, self.world, state, self.ema)
         return self.run_dir / "checkpoints" / f"step_{self.step}"
 
+    def close(self) -> None:
+        """Release the data stream now: a DataLoader iterator left for interpreter exit would be joined there
+        while its workers ignore SIGTERM (they must survive a preemption signal to the process group)."""
+        self._batches = None
+
     def fit(self) -> dict[str, Any]:
         """Train from the current step to ``schedule.steps``; returns the run summary (``text`` + last values)."""
         steps, logging = self.recipe.schedule.steps, self.recipe.logging
         preempt = preemption.active()   # installed by engine/train.py before the DataLoader forks
         began = time.perf_counter()
         self.log.start_progress(self.step)
-        reported = False
-        while self.step < steps:
-            parts = self.train_step()
-            if not reported:   # after this process's first step: the attention kernel each call site ran
-                reported = True
-                self.log.info("attention kernels: " + ("; ".join(f"{site}: {kernel}" for site, kernel in
-                                                                sorted(attention_report().items())) or "none called"))
-            self.log.step(self.step, parts, lr=self.engine.get_lr()[0], **self.counts, every=logging.every)
-            last = self.step == steps
-            stop = preempt.agreed() and not last   # SIGTERM / SIGUSR1 on any rank: checkpoint, exit 75
-            if self.step % logging.checkpoint_every == 0 or last or stop:
-                saved = self.save()
-            if stop:
-                raise preemption.Preempted(self.step, saved, preempt.signal_name)
-            self.task.after_step(self, self.step, last)
+        try:
+            reported = False
+            while self.step < steps:
+                parts = self.train_step()
+                if not reported:   # after this process's first step: the attention kernel each call site ran
+                    reported = True
+                    kernels = "; ".join(f"{site}: {kernel}" for site, kernel in sorted(attention_report().items()))
+                    self.log.info(f"attention kernels: {kernels or 'none called'}")
+                self.log.step(self.step, parts, lr=self.engine.get_lr()[0], **self.counts, every=logging.every)
+                last = self.step == steps
+                stop = preempt.agreed() and not last   # SIGTERM / SIGUSR1 on any rank: checkpoint, exit 75
+                if self.step % logging.checkpoint_every == 0 or last or stop:
+                    saved = self.save()
+                if stop:
+                    raise preemption.Preempted(self.step, saved, preempt.signal_name)
+                self.task.after_step(self, self.step, last)
+        finally:
+            self.close()
         return self.log.finish(time.perf_counter() - began)
 
 
