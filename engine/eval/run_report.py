@@ -115,6 +115,8 @@ def write_run_report(recipe, run_dir: Path, world) -> Path | None:
     from engine.data.builder import clip_names
     from engine.eval.run import load_dit
 
+    from engine.distributed import World
+
     videos = recipe.logging.report_videos
     checkpoint = latest_checkpoint(Path(run_dir)) if world.is_main and videos else None
     if checkpoint is None:
@@ -122,7 +124,8 @@ def write_run_report(recipe, run_dir: Path, world) -> Path | None:
     run_dir = Path(run_dir)
     step = int(checkpoint.name.split("_")[-1])
     weights = ["ema", "model"] if recipe.ema.enabled else ["model"]
-    dits = {f"model ({'EMA' if w == 'ema' else 'raw'} weights)": load_dit(recipe, checkpoint, w) for w in weights}
+    dits = {f"model ({'EMA' if w == 'ema' else 'raw'} weights)": load_dit(recipe, checkpoint, w, world.device)
+            for w in weights}
     lines = [f"# Run report: {recipe.name}, step {step}", "",
              f"Checkpoint `{checkpoint.relative_to(run_dir)}`. Samples: {max(1, recipe.objective.context_frames)} "
              f"clean context frame(s), {recipe.logging.sample_steps} Euler steps, conditional; metrics over the "
@@ -135,9 +138,10 @@ def write_run_report(recipe, run_dir: Path, world) -> Path | None:
     if held is not None:
         splits.append(("held-out clips", held, "heldout"))
     summary = {}
+    alone = World(rank=0, local_rank=0, size=1, local_size=1, device=torch.device("cpu"))   # the other ranks are done
     for title, split_recipe, tag in splits:
         count = min(videos, len(clip_names(split_recipe))) if tag == "training" else videos
-        batch = validation_batch(split_recipe, count, world)
+        batch = validation_batch(split_recipe, count, alone)
         results = {name: validate(dit, batch, recipe, step) for name, dit in dits.items()}
         rows = compare(results)
         summary[tag] = rows
