@@ -208,7 +208,7 @@ def build_teacher(recipe: Any, device: torch.device | str = "cpu"):
     if not gf.enabled:
         return None
     if gf.teacher.kind == "oracle":
-        from engine.models.oracle_teacher import OracleTeacher
+        from engine.objectives.oracle_teacher import OracleTeacher
 
         return OracleTeacher(gf, device)
     if gf.teacher_cache:

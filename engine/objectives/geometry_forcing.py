@@ -66,7 +66,7 @@ class TeacherSource:
     recipes and tests. With ``pretrained`` set, ``config`` (if given) overrides the checkpoint's.
     """
 
-    kind: Literal["vggt", "oracle"] = "vggt"   # oracle: features of the true geometry (engine/models/oracle_teacher.py)
+    kind: Literal["vggt", "oracle"] = "vggt"   # oracle: features of the true geometry (engine/objectives/oracle_teacher.py)
     pretrained: str | None = "facebook/VGGT-1B"
     config: dict[str, Any] | None = None
     init_seed: int = 0

@@ -8,7 +8,7 @@ import torch
 from engine.config import load_recipe
 from engine.data.re10k import pixel_intrinsics, relative_extrinsics
 from engine.data.synthetic import render_clip
-from engine.models.oracle_teacher import SCENE_SCALE, OracleTeacher, geometry_features, oracle_channels
+from engine.objectives.oracle_teacher import SCENE_SCALE, OracleTeacher, geometry_features, oracle_channels
 from engine.models.teacher import build_teacher
 
 
