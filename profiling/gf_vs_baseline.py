@@ -7,7 +7,7 @@
 For each seed s, ``engine/train.py --recipe RECIPE --set seed=s`` trains the GF variant and the baseline
 (``gf.enabled=false``) into ``OUT/{gf,baseline}_s<s>`` (a finished run is reused; each seed renders its own
 synthetic clips into ``OUT/data_s<s>``, so the seed varies the data, the initial weights and the noise).
-``--teacher oracle`` (default) aligns to :mod:`engine.models.oracle_teacher` (features of the true depth and
+``--teacher oracle`` (default) aligns to :mod:`engine.objectives.oracle_teacher` (features of the true depth and
 cameras, on a teacher grid equal to the DiT's token grid): the mechanism with a teacher that carries
 geometry; ``--teacher recipe`` keeps the recipe's (gf_tiny: a tiny random VGGT, which carries none).
 
