@@ -14,8 +14,8 @@ reads everything from the run directory) writes
 
 Samples are drawn as validation draws them (:func:`engine.eval.validate.validate`: the first
 ``max(1, objective.context_frames)`` frames as clean context, the clip's cameras, ``logging.sample_steps``
-Euler steps, noise from ``recipe.seed``). Held-out clips: for synthetic data the split ``heldout``
-rendered from seed ``recipe.seed + 1`` (the seed ``engine.eval`` renders its ``test`` split from, so its
+Euler steps, noise from ``recipe.seed``). Held-out clips: for synthetic data the split ``heldout_<N>``
+(N = the clips used) rendered from seed ``recipe.seed + 1`` (the seed ``engine.eval`` renders its ``test`` split from, so its
 clip n is the eval's clip n); otherwise the dataset's ``test`` split when it exists.
 """
 from __future__ import annotations
@@ -39,8 +39,8 @@ def heldout_recipe(recipe, videos: int):
     """The recipe reading held-out clips (module docstring), or None when there are none."""
     data = recipe.data
     if data.kind == "synthetic":
-        return replace(recipe, seed=recipe.seed + 1,
-                       data=replace(data, split=HELDOUT_SPLIT, synthetic_clips=videos))
+        return replace(recipe, seed=recipe.seed + 1,   # one split per count: a root's split has one clip count
+                       data=replace(data, split=f"{HELDOUT_SPLIT}_{videos}", synthetic_clips=videos))
     if (Path(data.root) / "test").is_dir():
         return replace(recipe, data=replace(data, split="test"))
     return None
