@@ -51,7 +51,6 @@ from engine.eval.run import load_dit  # noqa: E402
 from engine.eval.run_report import heldout_recipe  # noqa: E402
 from engine.eval.validate import validate  # noqa: E402
 from engine.objectives.flow_matching import draw_noise, flow_matching_loss  # noqa: E402
-from engine.objectives.prediction import velocity_model  # noqa: E402
 
 METRICS = [("fm_train", "flow-matching loss (train, last 10%)", "lower"),
            ("fm_heldout", "flow-matching loss (held-out, fixed noise)", "lower"),

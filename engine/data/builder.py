@@ -20,7 +20,8 @@ def build_dataset(data: DataConfig, world: World, seed: int) -> torch.utils.data
         if world.is_main:   # generated once, atomically, on first use
             ensure_synthetic_dataset(Path(data.root), clips=data.synthetic_clips, frames=data.synthetic_frames,
                                      resolution=data.resolution, seed=seed, split=data.split)
-        barrier()
+        if world.size > 1:   # the ranks of ``world`` wait for it (a one-process World, e.g. the run report, does not)
+            barrier()
     common = dict(split=data.split, num_frames=data.frames, frame_skip=data.frame_skip,
                   resolution=data.resolution, seed=seed, fixed_windows=data.fixed_windows,
                   decode_backend=data.decode_backend, on_error=data.on_error)

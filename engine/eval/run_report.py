@@ -14,8 +14,8 @@ reads everything from the run directory) writes
 
 Samples are drawn as validation draws them (:func:`engine.eval.validate.validate`: the first
 ``max(1, objective.context_frames)`` frames as clean context, the clip's cameras, ``logging.sample_steps``
-Euler steps, noise from ``recipe.seed``). Held-out clips: for synthetic data the split ``heldout``
-rendered from seed ``recipe.seed + 1`` (the seed ``engine.eval`` renders its ``test`` split from, so its
+Euler steps, noise from ``recipe.seed``). Held-out clips: for synthetic data the split ``heldout_<N>``
+(N = the clips used) rendered from seed ``recipe.seed + 1`` (the seed ``engine.eval`` renders its ``test`` split from, so its
 clip n is the eval's clip n); otherwise the dataset's ``test`` split when it exists.
 """
 from __future__ import annotations
@@ -40,8 +40,8 @@ def heldout_recipe(recipe, videos: int):
     """The recipe reading held-out clips (module docstring), or None when there are none."""
     data = recipe.data
     if data.kind == "synthetic":
-        return replace(recipe, seed=recipe.seed + 1,
-                       data=replace(data, split=HELDOUT_SPLIT, synthetic_clips=videos))
+        return replace(recipe, seed=recipe.seed + 1,   # one split per count: a root's split has one clip count
+                       data=replace(data, split=f"{HELDOUT_SPLIT}_{videos}", synthetic_clips=videos))
     if (Path(data.root) / "test").is_dir():
         return replace(recipe, data=replace(data, split="test"))
     return None
@@ -116,6 +116,8 @@ def write_run_report(recipe, run_dir: Path, world) -> Path | None:
     from engine.data.builder import clip_names
     from engine.eval.run import load_dit
 
+    from engine.distributed import World
+
     videos = recipe.logging.report_videos
     checkpoint = latest_checkpoint(Path(run_dir)) if world.is_main and videos else None
     if checkpoint is None:
@@ -123,7 +125,8 @@ def write_run_report(recipe, run_dir: Path, world) -> Path | None:
     run_dir = Path(run_dir)
     step = int(checkpoint.name.split("_")[-1])
     weights = ["ema", "model"] if recipe.ema.enabled else ["model"]
-    dits = {f"model ({'EMA' if w == 'ema' else 'raw'} weights)": load_dit(recipe, checkpoint, w) for w in weights}
+    dits = {f"model ({'EMA' if w == 'ema' else 'raw'} weights)": load_dit(recipe, checkpoint, w, world.device)
+            for w in weights}
     lines = [f"# Run report: {recipe.name}, step {step}", "",
              f"Checkpoint `{checkpoint.relative_to(run_dir)}`. Samples: {max(1, recipe.objective.context_frames)} "
              f"clean context frame(s), {recipe.logging.sample_steps} Euler steps, conditional; metrics over the "
@@ -136,9 +139,10 @@ def write_run_report(recipe, run_dir: Path, world) -> Path | None:
     if held is not None:
         splits.append(("held-out clips", held, "heldout"))
     summary = {}
+    alone = World(rank=0, local_rank=0, size=1, local_size=1, device=torch.device("cpu"))   # the other ranks are done
     for title, split_recipe, tag in splits:
         count = min(videos, len(clip_names(split_recipe.data))) if tag == "training" else videos
-        batch = validation_batch(split_recipe, count, world)
+        batch = validation_batch(split_recipe, count, alone)
         results = {name: validate(dit, batch, recipe, step) for name, dit in dits.items()}
         rows = compare(results)
         summary[tag] = rows
