@@ -115,7 +115,8 @@ def test_bad_heads_fail_at_load(override, message):
 def test_bad_tokens_and_partial_gf_fail_at_load():
     # 2 heads split over 2, but 3 frames x (24 / 8)^2 = 27 tokens do not
     with pytest.raises(ConfigError, match=r"does not divide the 27 tokens of a clip \(data.frames"):
-        load_recipe("dfot_tiny", ["distributed.sequence_parallel=2", "data.frames=3", "data.resolution=24"])
+        load_recipe("dfot_tiny", ["distributed.sequence_parallel=2", "data.frames=3", "data.resolution=24",
+                                  "model.patch_size=8"])
     with pytest.raises(ConfigError, match="teacher.frames: 4 aligns part of the clip"):
         load_recipe("gf_tiny", ["distributed.sequence_parallel=2", "teacher.frames=4"])
     with pytest.raises(ConfigError, match="distributed.sequence_parallel: 2: VideoGPA recipes"):
