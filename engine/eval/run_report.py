@@ -111,7 +111,8 @@ def _table(rows: dict[str, dict[str, float]]) -> list[str]:
 
 def write_run_report(recipe, run_dir: Path, world) -> Path | None:
     """Write ``report.md`` for the newest checkpoint of ``run_dir`` (module docstring); main rank only.
-    Returns its path (None on other ranks, with ``logging.report_videos: 0`` or without a checkpoint)."""
+    Returns its path (None on other ranks, with ``logging.report_videos: 0``, without a checkpoint, or for
+    ``model.arch: uvit3d``, whose DFoT sampling the report's flow-matching samplers do not drive yet)."""
     from engine.checkpoint import latest_checkpoint
     from engine.data.builder import clip_names
     from engine.eval.run import load_dit
@@ -119,6 +120,8 @@ def write_run_report(recipe, run_dir: Path, world) -> Path | None:
     from engine.distributed import World
 
     videos = recipe.logging.report_videos
+    if recipe.model.arch != "dit":
+        return None
     checkpoint = latest_checkpoint(Path(run_dir)) if world.is_main and videos else None
     if checkpoint is None:
         return None

@@ -70,7 +70,7 @@ def test_checkpoint_weights(tmp_path):
     assert load_dit_weights(target, ckpt, use_ema=True).endswith("ema.safetensors")
     policy = build_dit_policy(recipe(f"videogpa.policy.checkpoint={ckpt}"))
     torch.testing.assert_close(policy.network.state_dict()["final.linear.bias"], ema["dit.final.linear.bias"])
-    misfit = r"videogpa\.policy\.checkpoint .* do not fit the recipe's model section: missing keys: blocks\.2"
+    misfit = r"videogpa\.policy\.checkpoint .* do not fit the recipe's model section: unexpected keys: blocks\.3"
     with pytest.raises(ValueError, match=misfit):
         load_dit_weights(build_dit_policy(recipe("model.depth=3")).network, ckpt)
     with pytest.raises(FileNotFoundError, match="videogpa.policy.checkpoint"):
