@@ -55,7 +55,7 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class MicroBatch:
-    """One micro-batch as the task prepared it: the engine's call arguments plus host-side counts."""
+    """One micro-batch as the task prepared it: the engine's call arguments plus host-side counts and metrics."""
 
     args: tuple[Any, ...]
     counts: dict[str, int] = field(default_factory=dict)   # cumulative counters (e.g. skipped_clips)
@@ -63,8 +63,8 @@ class MicroBatch:
 
 
 class Task(ABC):
-    """What the trainer trains. Subclasses: ``engine.objectives.video_loss`` (diffusion + GF) through
-    :class:`engine.tasks.DiffusionTask`, and ``engine.videogpa.dpo_stage.DPOTask``."""
+    """What the trainer trains. Subclasses: :class:`engine.diffusion_task.DiffusionTask` (flow matching or DFoT's
+    diffusion, + GF) and :class:`engine.videogpa.train_dpo.DPOTask` (Diffusion-DPO)."""
 
     module: nn.Module           # what DeepSpeed wraps
     use_ema: bool = False
