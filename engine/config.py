@@ -61,13 +61,13 @@ class DataConfig:
     def validate(self) -> None:
         for name in ("frames", "frame_skip", "resolution", "batch_size", "synthetic_clips", "synthetic_frames"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"data.{name}: must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
+            raise ConfigError(f"num_workers: must be >= 0, got {self.num_workers}")
         if not 0.0 <= self.hflip_prob <= 1.0:
-            raise ConfigError(f"data.hflip_prob: must be in [0, 1], got {self.hflip_prob}")
+            raise ConfigError(f"hflip_prob: must be in [0, 1], got {self.hflip_prob}")
         if self.kind == "synthetic" and self.synthetic_frames < (self.frames - 1) * self.frame_skip + 1:
-            raise ConfigError(f"data.synthetic_frames: {self.synthetic_frames} frames cannot hold a clip of "
+            raise ConfigError(f"synthetic_frames: {self.synthetic_frames} frames cannot hold a clip of "
                               f"data.frames={self.frames} with data.frame_skip={self.frame_skip}")
 
 
@@ -81,11 +81,11 @@ class OptimizerConfig:
 
     def validate(self) -> None:
         if self.lr <= 0:
-            raise ConfigError(f"optimizer.lr: must be > 0, got {self.lr}")
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(f"optimizer.betas: each must be in [0, 1), got {self.betas}")
+            raise ConfigError(f"betas: each must be in [0, 1), got {self.betas}")
         if self.grad_clip < 0:
-            raise ConfigError(f"optimizer.grad_clip: must be >= 0, got {self.grad_clip}")
+            raise ConfigError(f"grad_clip: must be >= 0, got {self.grad_clip}")
 
 
 @dataclass
@@ -97,11 +97,11 @@ class ScheduleConfig:
 
     def validate(self) -> None:
         if self.steps < 1:
-            raise ConfigError(f"schedule.steps: must be >= 1, got {self.steps}")
+            raise ConfigError(f"steps: must be >= 1, got {self.steps}")
         if not 0 <= self.warmup <= self.steps:
-            raise ConfigError(f"schedule.warmup: must be in [0, schedule.steps={self.steps}], got {self.warmup}")
+            raise ConfigError(f"warmup: must be in [0, schedule.steps={self.steps}], got {self.warmup}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"schedule.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+            raise ConfigError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of the base learning rate at optimizer step ``step`` (0-based)."""
@@ -125,11 +125,11 @@ class DistributedConfig:
 
     def validate(self) -> None:
         if self.sequence_parallel < 1:
-            raise ConfigError(f"distributed.sequence_parallel: must be >= 1, got {self.sequence_parallel}")
+            raise ConfigError(f"sequence_parallel: must be >= 1, got {self.sequence_parallel}")
         if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"distributed.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+            raise ConfigError(f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.grad_accum < 1:
-            raise ConfigError(f"distributed.grad_accum: must be >= 1, got {self.grad_accum}")
+            raise ConfigError(f"grad_accum: must be >= 1, got {self.grad_accum}")
 
 
 @dataclass
@@ -140,7 +140,7 @@ class EMAConfig:
 
     def validate(self) -> None:
         if not 0.0 < self.decay < 1.0:
-            raise ConfigError(f"ema.decay: must be in (0, 1), got {self.decay}")
+            raise ConfigError(f"decay: must be in (0, 1), got {self.decay}")
 
 
 @dataclass
@@ -158,10 +158,10 @@ class LoggingConfig:
     def validate(self) -> None:
         for name in ("every", "checkpoint_every", "sample_steps", "max_nonfinite", "validate_videos"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"logging.{name}: must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("keep_checkpoints", "sample_every", "validate_every", "report_videos"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"logging.{name}: must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -216,10 +216,7 @@ class Recipe:
             raise ConfigError(f"model.action_dim: Minecraft clips carry 4 one-hot actions per skipped frame, so "
                               f"data.frame_skip={self.data.frame_skip} needs action_dim={4 * self.data.frame_skip}, "
                               f"got {self.model.action_dim}")
-        try:
-            check_gf_recipe(self)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
+        check_gf_recipe(self)
         self._check_sequence_parallel()
 
     def _check_sequence_parallel(self) -> None:
@@ -351,7 +348,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
         keys, value = parse_override(text)
         _set_nested(data, keys, value, f"--set {text}")
     try:
-        return build(Recipe, data, "recipe")
+        return build(Recipe, data)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from err
 

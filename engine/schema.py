@@ -10,6 +10,14 @@
 - a key that moved to another section fails naming where it went: a dataclass lists such keys in a
   class attribute ``MOVED_KEYS = {"old_key": "section.new_key"}``.
 
+The validate contract (every config dataclass, one way): a dataclass may define ``validate(self) -> None``
+for checks beyond types (ranges, combinations). It raises :class:`ConfigError` whose message starts with
+the offending key *relative to that dataclass* (``"hidden_dim: must be >= 1, got 0"``) and returns
+nothing; ``build`` prefixes the section's path, so the user reads ``model.hidden_dim: must be >= 1, got 0``.
+A dataclass that checks a nested one prefixes the nested key itself (``uvit3d.channels: ...``). Code that
+needs filled-in values (presets, defaults) asks for them explicitly (e.g. ``DiTConfig.resolved()``).
+The top-level dataclass is built at path ``""``, so its checks name full key paths.
+
 ``to_dict(obj)`` is the inverse (for writing the resolved recipe back to YAML).
 """
 from __future__ import annotations
@@ -23,6 +31,11 @@ from typing import Any, Literal, Union
 
 class ConfigError(ValueError):
     """A recipe value is unknown, mistyped or inconsistent. The message names the key."""
+
+
+def key_path(where: str, key: str) -> str:
+    """``where.key`` (just ``key`` at the top level, ``where == ""``)."""
+    return f"{where}.{key}" if where else str(key)
 
 
 def _type_name(tp: Any) -> str:
@@ -69,7 +82,7 @@ def _check(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         vt = args[1] if args else Any
-        return {k: _check(vt, v, f"{where}.{k}") for k, v in value.items()}
+        return {k: _check(vt, v, key_path(where, k)) for k, v in value.items()}
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -84,42 +97,41 @@ def _check(tp: Any, value: Any, where: str) -> Any:
     raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
-def build(cls: type, data: Any, where: str = "recipe") -> Any:
-    """Instantiate dataclass ``cls`` from ``data`` (a dict, or an instance of ``cls``)."""
+def build(cls: type, data: Any, where: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from ``data`` (a dict, or an instance of ``cls``) at key path ``where``
+    (``""``: the top level), then run its ``validate()`` (module docstring)."""
     if isinstance(data, cls):
         return data
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {data!r}")
+        raise ConfigError(f"{where or 'the top level'}: expected a mapping of {cls.__name__} fields, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     moved = getattr(cls, "MOVED_KEYS", {})
     for key in data:
         if key not in fields and key in moved:
-            raise ConfigError(f"{where}.{key}: this key moved to {moved[key]}; give it there")
+            raise ConfigError(f"{key_path(where, key)}: this key moved to {moved[key]}; give it there")
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{where}.{key}: unknown key{hint}; known keys: {', '.join(fields)}")
+            raise ConfigError(f"{key_path(where, key)}: unknown key{hint}; known keys: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _check(hints[name], data[name], f"{where}.{name}")
+            kwargs[name] = _check(hints[name], data[name], key_path(where, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{where}.{name}: required key is missing")
+            raise ConfigError(f"{key_path(where, name)}: required key is missing")
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: {err}") from err
+        raise ConfigError(f"{where or 'the top level'}: {err}") from err
     validate = getattr(obj, "validate", None)
     if callable(validate):
         try:
             validate()
-        except ConfigError:
-            raise
-        except ValueError as err:
-            raise ConfigError(f"{where}: {err}") from err
+        except ConfigError as err:
+            raise ConfigError(key_path(where, str(err))) from err
     return obj
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from engine.models.dit import DiTConfig, VideoDiT
 from engine.models.uvit3d import UViT3D, UViT3DConfig
+from engine.schema import ConfigError
 
 ARCHS = ("dit", "uvit3d")
 
@@ -42,22 +43,24 @@ class ModelConfig(DiTConfig):
         """Feature maps ``gf.dit_block`` may name (1-based): DiT blocks, or the U-ViT's per-level maps."""
         return self.uvit3d_config().num_feature_maps if self.arch == "uvit3d" else self.resolved().depth
 
-    def validate(self):
+    def validate(self) -> None:
+        """Raise ConfigError naming the field (``engine.schema``'s contract): the DiT's checks for ``arch: dit``,
+        the U-ViT3D's (prefixed ``uvit3d.``) and the fields it shares for ``arch: uvit3d``."""
         if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+            raise ConfigError(f"arch: must be one of {ARCHS}, got {self.arch!r}")
         if self.arch == "dit":
             if self.uvit3d is not None:
-                raise ValueError("uvit3d: set only with arch: uvit3d")
-            return super().validate()
+                raise ConfigError("uvit3d: set only with arch: uvit3d")
+            super().validate()
+            return
         try:
             self.uvit3d_config().validate()
-        except ValueError as err:
-            raise ValueError(f"uvit3d.{err}") from None
+        except ConfigError as err:
+            raise ConfigError(f"uvit3d.{err}") from None
         if not 0.0 <= self.cond_dropout < 1.0:
-            raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
+            raise ConfigError(f"cond_dropout: must be in [0, 1), got {self.cond_dropout}")
         if self.temporal_patch_size != 1:
-            raise ValueError("temporal_patch_size: the U-ViT3D has one token frame per frame (must be 1)")
-        return self
+            raise ConfigError("temporal_patch_size: the U-ViT3D has one token frame per frame (must be 1)")
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

@@ -31,6 +31,7 @@ from engine.models.attention import attention, frame_causal_mask
 from engine.models.conditioning import CAMERA_KINDS, ActionEmbedding, CameraEmbedding, NoiseLevelEmbedding
 from engine.models.rope import apply_rope, rope_axis_dims, rope_tables
 from engine.models.sequence_parallel import ShardedFeatures, gather_tokens, sequence_parallel, ulysses_attention
+from engine.schema import ConfigError
 
 # size -> (hidden_dim, depth, num_heads)
 DIT_PRESETS: dict[str, tuple[int, int, int]] = {
@@ -68,40 +69,40 @@ class DiTConfig:
     def resolved(self) -> DiTConfig:
         """A copy with hidden_dim / depth / num_heads filled in from the preset where None."""
         if self.size not in DIT_PRESETS:
-            raise ValueError(f"size must be one of {tuple(DIT_PRESETS)}, got {self.size!r}")
+            raise ConfigError(f"size: must be one of {tuple(DIT_PRESETS)}, got {self.size!r}")
         hidden, depth, heads = DIT_PRESETS[self.size]
         return replace(self, hidden_dim=hidden if self.hidden_dim is None else self.hidden_dim,
                        depth=depth if self.depth is None else self.depth,
                        num_heads=heads if self.num_heads is None else self.num_heads)
 
-    def validate(self) -> DiTConfig:
-        """Raise ValueError naming the field of an impossible setting; returns the resolved config."""
+    def validate(self) -> None:
+        """Raise ConfigError naming the field of an impossible setting (``engine.schema``'s contract); the
+        checks apply to :meth:`resolved` (presets filled in)."""
         cfg = self.resolved()
         for name in ("hidden_dim", "depth", "num_heads", "in_channels", "patch_size", "temporal_patch_size",
                      "camera_freqs", "latent_downsample"):
             if getattr(cfg, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(cfg, name)}")
         if cfg.hidden_dim % cfg.num_heads:
-            raise ValueError(f"hidden_dim ({cfg.hidden_dim}) must be divisible by num_heads ({cfg.num_heads})")
+            raise ConfigError(f"hidden_dim: {cfg.hidden_dim} must be divisible by num_heads ({cfg.num_heads})")
         try:
             rope_axis_dims(cfg.hidden_dim // cfg.num_heads)
         except ValueError as err:
-            raise ValueError(f"hidden_dim / num_heads: {err}") from None
+            raise ConfigError(f"hidden_dim / num_heads: {err}") from None
         if cfg.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio must be > 0, got {cfg.mlp_ratio}")
+            raise ConfigError(f"mlp_ratio: must be > 0, got {cfg.mlp_ratio}")
         if cfg.attention not in ATTENTION_KINDS:
-            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {cfg.attention!r}")
+            raise ConfigError(f"attention: must be one of {ATTENTION_KINDS}, got {cfg.attention!r}")
         if cfg.camera not in CAMERA_KINDS:
-            raise ValueError(f"camera must be one of {CAMERA_KINDS}, got {cfg.camera!r}")
+            raise ConfigError(f"camera: must be one of {CAMERA_KINDS}, got {cfg.camera!r}")
         if cfg.action_dim < 0:
-            raise ValueError(f"action_dim must be >= 0, got {cfg.action_dim}")
+            raise ConfigError(f"action_dim: must be >= 0, got {cfg.action_dim}")
         if not 0.0 <= cfg.cond_dropout < 1.0:
-            raise ValueError(f"cond_dropout must be in [0, 1), got {cfg.cond_dropout}")
+            raise ConfigError(f"cond_dropout: must be in [0, 1), got {cfg.cond_dropout}")
         if cfg.cond_dropout > 0 and cfg.camera == "none" and cfg.action_dim == 0:
-            raise ValueError("cond_dropout > 0 needs a conditioning to drop (camera != 'none' or action_dim > 0)")
+            raise ConfigError("cond_dropout: > 0 needs a conditioning to drop (camera != 'none' or action_dim > 0)")
         if cfg.rope_theta <= 1.0:
-            raise ValueError(f"rope_theta must be > 1, got {cfg.rope_theta}")
-        return cfg
+            raise ConfigError(f"rope_theta: must be > 1, got {cfg.rope_theta}")
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -167,7 +168,8 @@ class VideoDiT(nn.Module):
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        self.cfg = cfg = cfg.validate()
+        cfg.validate()
+        self.cfg = cfg = cfg.resolved()
         d, p, tp = cfg.hidden_dim, cfg.patch_size, cfg.temporal_patch_size
         patch_dim = tp * p * p * cfg.in_channels
         self.patch_embed = nn.Linear(patch_dim, d)
@@ -331,7 +333,8 @@ def flops_per_token(cfg: DiTConfig, frames: int, height: int, width: int) -> flo
     camera (per-token conditioning), negligible otherwise. Embeddings other than the patch embedding
     are ignored. A training step costs about 3x (4x with activation checkpointing).
     """
-    cfg = cfg.validate()
+    cfg.validate()
+    cfg = cfg.resolved()
     d, p, tp = cfg.hidden_dim, cfg.patch_size, cfg.temporal_patch_size
     t_tok, s_tok = frames // tp, (height // p) * (width // p)
     ctx = t_tok * s_tok if cfg.attention == "full" else s_tok * (t_tok + 1) / 2

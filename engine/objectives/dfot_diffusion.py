@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.schema import ConfigError
+
 
 @dataclass
 class DFoTDiffusionConfig:
@@ -61,22 +63,22 @@ class DFoTDiffusionConfig:
                      for v in (self.data_mean, self.data_std))
         return x * std + mean
 
-    def validate(self) -> DFoTDiffusionConfig:
+    def validate(self) -> None:
+        """Raise ConfigError naming the field of an invalid setting (``engine.schema``'s contract)."""
         if len(self.data_mean) != len(self.data_std) or not all(s > 0 for s in self.data_std):
-            raise ValueError(f"dfot.data_std: one positive value per channel of dfot.data_mean, got "
-                             f"{self.data_mean} / {self.data_std}")
+            raise ConfigError(f"data_std: one positive value per channel of data_mean, got "
+                              f"{self.data_mean} / {self.data_std}")
         if self.shift <= 0:
-            raise ValueError(f"dfot.shift: must be > 0, got {self.shift}")
+            raise ConfigError(f"shift: must be > 0, got {self.shift}")
         if not self.logsnr_min < self.logsnr_max:
-            raise ValueError(f"dfot.logsnr_min: must be < dfot.logsnr_max ({self.logsnr_max}), got {self.logsnr_min}")
+            raise ConfigError(f"logsnr_min: must be < logsnr_max ({self.logsnr_max}), got {self.logsnr_min}")
         if self.clip_noise <= 0:
-            raise ValueError(f"dfot.clip_noise: must be > 0, got {self.clip_noise}")
+            raise ConfigError(f"clip_noise: must be > 0, got {self.clip_noise}")
         if not 1 <= self.sampling_timesteps <= self.timesteps:
-            raise ValueError(f"dfot.sampling_timesteps: must be in [1, dfot.timesteps={self.timesteps}], "
-                             f"got {self.sampling_timesteps}")
+            raise ConfigError(f"sampling_timesteps: must be in [1, timesteps={self.timesteps}], "
+                              f"got {self.sampling_timesteps}")
         if self.ddim_eta < 0:
-            raise ValueError(f"dfot.ddim_eta: must be >= 0, got {self.ddim_eta}")
-        return self
+            raise ConfigError(f"ddim_eta: must be >= 0, got {self.ddim_eta}")
 
 
 # ----------------------------------------------------------------------------- training
@@ -144,7 +146,9 @@ class DiscreteSchedule:
     """DFoT's discrete ``cosine_simple_diffusion`` tables (float32, as its buffers) and DDIM level grid."""
 
     def __init__(self, cfg: DFoTDiffusionConfig | None = None):
-        self.cfg = cfg = (cfg or DFoTDiffusionConfig()).validate()
+        cfg = cfg or DFoTDiffusionConfig()
+        cfg.validate()
+        self.cfg = cfg
         t_min, t_max = _t_range(cfg.logsnr_min, cfg.logsnr_max, torch.float64)
         s = torch.linspace(0, 1, cfg.timesteps, dtype=torch.float64)
         lam = -2 * torch.log(torch.tan(t_min + s * (t_max - t_min)))

@@ -32,6 +32,7 @@ from typing import Literal
 import torch
 
 from engine.objectives.prediction import PREDICTIONS, velocity_from_output
+from engine.schema import ConfigError
 
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 NOISE_LEVELS = ("independent", "uniform")
@@ -56,25 +57,24 @@ class FlowMatchingConfig:
     x0_t_clamp: float = 0.05  # x0: v_hat = (x_t - x0_hat) / max(t, x0_t_clamp) (JiT's clamp)
     allow_patch_bottleneck: bool = False  # opt out of the recipe guard on velocity prediction (engine/config.py)
 
-    def validate(self) -> FlowMatchingConfig:
-        """Raise ValueError naming the field of an invalid setting; returns self."""
+    def validate(self) -> None:
+        """Raise ConfigError naming the field of an invalid setting (``engine.schema``'s contract)."""
         if self.timestep_sampling not in TIMESTEP_SAMPLING:
-            raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLING}, got {self.timestep_sampling!r}")
+            raise ConfigError(f"timestep_sampling: must be one of {TIMESTEP_SAMPLING}, got {self.timestep_sampling!r}")
         if self.logit_std <= 0:
-            raise ValueError(f"logit_std must be > 0, got {self.logit_std}")
+            raise ConfigError(f"logit_std: must be > 0, got {self.logit_std}")
         if self.shift <= 0:
-            raise ValueError(f"shift must be > 0, got {self.shift}")
+            raise ConfigError(f"shift: must be > 0, got {self.shift}")
         if self.context_frames < 0:
-            raise ValueError(f"context_frames must be >= 0, got {self.context_frames}")
+            raise ConfigError(f"context_frames: must be >= 0, got {self.context_frames}")
         if self.noise_level not in NOISE_LEVELS:
-            raise ValueError(f"noise_level must be one of {NOISE_LEVELS}, got {self.noise_level!r}")
+            raise ConfigError(f"noise_level: must be one of {NOISE_LEVELS}, got {self.noise_level!r}")
         if self.parameterization not in PARAMETERIZATIONS:
-            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {self.parameterization!r}")
+            raise ConfigError(f"parameterization: must be one of {PARAMETERIZATIONS}, got {self.parameterization!r}")
         if self.prediction not in PREDICTIONS:
-            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+            raise ConfigError(f"prediction: must be one of {PREDICTIONS}, got {self.prediction!r}")
         if not 0.0 < self.x0_t_clamp <= 1.0:
-            raise ValueError(f"x0_t_clamp must be in (0, 1], got {self.x0_t_clamp}")
-        return self
+            raise ConfigError(f"x0_t_clamp: must be in (0, 1], got {self.x0_t_clamp}")
 
 
 def shift_t(u: torch.Tensor, shift: float) -> torch.Tensor:

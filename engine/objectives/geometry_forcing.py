@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.schema import ConfigError
 from engine.teacher.spec import BATCH_PREFIX, DINO_KEY
 from engine.models.sequence_parallel import ShardedFeatures
 from engine.objectives.gf_released import RELEASED_KEY, ReleasedAlignment
@@ -73,20 +74,20 @@ class DinoTermConfig:
 
     def validate(self) -> None:
         if self.dit_block < 1:
-            raise ValueError(f"gf.dino.dit_block: 1-based block index, got {self.dit_block}")
-        check_weights(self.angular_weight, self.scale_weight, "gf.dino")
+            raise ConfigError(f"dit_block: 1-based block index, got {self.dit_block}")
+        check_weights(self.angular_weight, self.scale_weight)
         for name in ("projector_hidden", "scale_hidden"):
             if getattr(self, name) < 1:
-                raise ValueError(f"gf.dino.{name}: must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
 
-def check_weights(w_ang: float, w_scale: float, where: str) -> None:
-    """Alignment weights: finite, >= 0, not both 0 (ValueError naming ``where``)."""
+def check_weights(w_ang: float, w_scale: float) -> None:
+    """Alignment weights: finite, >= 0, not both 0 (ConfigError naming the key)."""
     for name, w in (("angular_weight", w_ang), ("scale_weight", w_scale)):
         if not math.isfinite(w) or w < 0:
-            raise ValueError(f"{where}.{name}: must be a finite number >= 0, got {w}")
+            raise ConfigError(f"{name}: must be a finite number >= 0, got {w}")
     if w_ang == 0 and w_scale == 0:
-        raise ValueError(f"{where}: angular_weight and scale_weight are both 0 (nothing to align)")
+        raise ConfigError("angular_weight / scale_weight: both 0 (nothing to align)")
 
 
 @dataclass
@@ -116,16 +117,16 @@ class GFConfig:
 
     def validate(self) -> None:
         if self.dit_block < 1:
-            raise ValueError(f"gf.dit_block: 1-based block index, got {self.dit_block}")
-        check_weights(*self.weights(), "gf")
+            raise ConfigError(f"dit_block: 1-based block index, got {self.dit_block}")
+        check_weights(*self.weights())
         for name in ("projector_hidden", "scale_hidden"):
             if getattr(self, name) < 1:
-                raise ValueError(f"gf.{name}: must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.released_size < 1 or self.released_mid_channels < 1:
-            raise ValueError(f"gf.released_size / gf.released_mid_channels: must be >= 1, got "
-                             f"{self.released_size} / {self.released_mid_channels}")
+            raise ConfigError(f"released_size / released_mid_channels: must be >= 1, got "
+                              f"{self.released_size} / {self.released_mid_channels}")
         if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"gf.chunk_size: must be >= 1, got {self.chunk_size}")
+            raise ConfigError(f"chunk_size: must be >= 1, got {self.chunk_size}")
 
     def weights(self) -> tuple[float, float]:
         """(angular, scale) weights after the ``losses`` switch."""
@@ -135,34 +136,34 @@ class GFConfig:
 
 def check_gf_recipe(recipe: Any) -> None:
     """Cross-section checks of ``recipe.gf`` against the teacher, model and data (called by
-    ``Recipe.validate``). Raises ValueError naming the key."""
+    ``Recipe.validate``). Raises ConfigError naming the full key path."""
     gf, teacher = recipe.gf, recipe.teacher
     if not gf.enabled:
         if teacher.cache or teacher.dino is not None or gf.dino is not None:
-            raise ValueError("gf.enabled: false, but teacher.cache / teacher.dino / gf.dino are set; enable gf or "
+            raise ConfigError("gf.enabled: false, but teacher.cache / teacher.dino / gf.dino are set; enable gf or "
                              "drop them")
         return
     if (gf.dino is None) != (teacher.dino is None):
         given, missing = ("gf.dino", "teacher.dino") if teacher.dino is None else ("teacher.dino", "gf.dino")
-        raise ValueError(f"{missing}: {given} is set, so the REPA term needs {missing} too (the DINOv2 teacher "
+        raise ConfigError(f"{missing}: {given} is set, so the REPA term needs {missing} too (the DINOv2 teacher "
                          f"in teacher.dino, its alignment in gf.dino), or drop {given}")
     if gf.alignment_form == "as_released" and teacher.cache:
-        raise ValueError("teacher.cache: the teacher cache holds per-token features; gf.alignment_form "
+        raise ConfigError("teacher.cache: the teacher cache holds per-token features; gf.alignment_form "
                          "as_released needs the live teacher (drop teacher.cache)")
     model = recipe.model
     depth = model.feature_count if hasattr(model, "feature_count") else model.resolved().depth
     blocks = [("gf.dit_block", gf.dit_block)] + ([("gf.dino.dit_block", gf.dino.dit_block)] if gf.dino else [])
     for key, block in blocks:
         if not 1 <= block <= depth:
-            raise ValueError(f"{key}: {block} is not a block of the DiT (1-based, model depth {depth})")
+            raise ConfigError(f"{key}: {block} is not a block of the DiT (1-based, model depth {depth})")
     if teacher.kind == "oracle" and (recipe.data.kind != "synthetic" or teacher.cache or teacher.dino is not None):
-        raise ValueError("teacher.kind: oracle reads the true depth and cameras of synthetic clips: it needs "
+        raise ConfigError("teacher.kind: oracle reads the true depth and cameras of synthetic clips: it needs "
                          "data.kind: synthetic and no teacher.cache / teacher.dino")
     frames, tp = recipe.data.frames, recipe.model.temporal_patch_size
     if teacher.frames > frames:
-        raise ValueError(f"teacher.frames: {teacher.frames} > data.frames={frames}")
+        raise ConfigError(f"teacher.frames: {teacher.frames} > data.frames={frames}")
     if teacher.aligned_frames(frames) % tp:
-        raise ValueError(f"teacher.frames: {teacher.aligned_frames(frames)} frames do not fill whole DiT tokens "
+        raise ConfigError(f"teacher.frames: {teacher.aligned_frames(frames)} frames do not fill whole DiT tokens "
                          f"of model.temporal_patch_size={tp} frames")
 
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.schema import ConfigError
+
 GENERATE, CONTEXT, GENERATED_CONTEXT, PAD = 0, 1, 2, 3
 FRAME_KINDS = (GENERATE, CONTEXT, GENERATED_CONTEXT, PAD)
 METHODS = ("euler", "ddim")
@@ -34,30 +36,29 @@ class Guidance:
     subsets: Sequence[Sequence[int]] = ()  # HG-t: history-frame positions (negative allowed) per segment
     subset_weights: Sequence[float] = ()  # HG-t: one weight per subset
 
-    def validate(self) -> Guidance:
-        """Raise ValueError naming the field of an invalid setting; returns self."""
+    def validate(self) -> None:
+        """Raise ConfigError naming the field of an invalid setting (``engine.schema``'s contract)."""
         if self.history not in HISTORY_GUIDANCE:
-            raise ValueError(f"guidance.history must be one of {HISTORY_GUIDANCE}, got {self.history!r}")
+            raise ConfigError(f"guidance.history must be one of {HISTORY_GUIDANCE}, got {self.history!r}")
         if not 0.0 <= self.stabilization < 1.0:
-            raise ValueError(f"guidance.stabilization must be in [0, 1), got {self.stabilization}")
+            raise ConfigError(f"guidance.stabilization must be in [0, 1), got {self.stabilization}")
         for name in ("scale", "cond_scale"):
             if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"guidance.{name} must be finite, got {getattr(self, name)}")
+                raise ConfigError(f"guidance.{name} must be finite, got {getattr(self, name)}")
         if not 0.0 < self.fraction < 1.0:
-            raise ValueError(f"guidance.fraction must be in (0, 1), got {self.fraction}")
+            raise ConfigError(f"guidance.fraction must be in (0, 1), got {self.fraction}")
         if self.history == "temporal":
             if len(self.subsets) < 1:
-                raise ValueError("guidance.subsets: temporal guidance needs at least one subset of history frames")
+                raise ConfigError("guidance.subsets: temporal guidance needs at least one subset of history frames")
             if len(self.subset_weights) != len(self.subsets):
-                raise ValueError(f"guidance.subset_weights must have one weight per subset ({len(self.subsets)}), "
-                                 f"got {len(self.subset_weights)}")
+                raise ConfigError(f"guidance.subset_weights must have one weight per subset ({len(self.subsets)}), "
+                                  f"got {len(self.subset_weights)}")
             for i, (subset, weight) in enumerate(zip(self.subsets, self.subset_weights)):
                 if len(subset) == 0 or not all(isinstance(j, int) and not isinstance(j, bool) for j in subset):
-                    raise ValueError(f"guidance.subsets[{i}] must be a non-empty list of int frame positions, "
-                                     f"got {subset!r}")
+                    raise ConfigError(f"guidance.subsets[{i}] must be a non-empty list of int frame positions, "
+                                      f"got {subset!r}")
                 if not math.isfinite(weight):
-                    raise ValueError(f"guidance.subset_weights[{i}] must be finite, got {weight}")
-        return self
+                    raise ConfigError(f"guidance.subset_weights[{i}] must be finite, got {weight}")
 
     @classmethod
     def named(cls, name: str, scale: float = 1.0, stabilization: float = 0.0, cond_scale: float = 1.0,
@@ -68,10 +69,12 @@ class Guidance:
             raise ValueError(f"guidance name must be one of {GUIDANCE_NAMES}, got {name!r}")
         stabilized = name.startswith("stabilized_")
         history = name.removeprefix("stabilized_")
-        return cls(history=history, scale=scale if history in ("vanilla", "fractional") else 1.0,
-                   stabilization=stabilization if stabilized else 0.0, cond_scale=cond_scale,
-                   guide_cond=guide_cond, fraction=fraction, subsets=subsets if history == "temporal" else (),
-                   subset_weights=subset_weights if history == "temporal" else ()).validate()
+        guidance = cls(history=history, scale=scale if history in ("vanilla", "fractional") else 1.0,
+                       stabilization=stabilization if stabilized else 0.0, cond_scale=cond_scale,
+                       guide_cond=guide_cond, fraction=fraction, subsets=subsets if history == "temporal" else (),
+                       subset_weights=subset_weights if history == "temporal" else ())
+        guidance.validate()
+        return guidance
 
     def branches(self, hist_kinds: Sequence[int], has_cond: bool) -> list[tuple[tuple[float, ...], bool, float]]:
         """``(levels, drop_cond, weight)`` of the evaluations whose weighted sum is the velocity.
@@ -132,34 +135,33 @@ class SamplerConfig:
     max_batch: int | None = None  # cap on videos x guidance branches per model call
     progress: bool = True
 
-    def validate(self) -> SamplerConfig:
-        """Raise ValueError naming the field of an invalid setting; returns self."""
+    def validate(self) -> None:
+        """Raise ConfigError naming the field of an invalid setting (``engine.schema``'s contract)."""
         if self.method not in METHODS:
-            raise ValueError(f"sampler.method must be one of {METHODS}, got {self.method!r}")
+            raise ConfigError(f"sampler.method must be one of {METHODS}, got {self.method!r}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"sampler.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+            raise ConfigError(f"sampler.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.autocast not in AUTOCAST:
-            raise ValueError(f"sampler.autocast must be one of {AUTOCAST}, got {self.autocast!r}")
+            raise ConfigError(f"sampler.autocast must be one of {AUTOCAST}, got {self.autocast!r}")
         if self.steps < 1:
-            raise ValueError(f"sampler.steps must be >= 1, got {self.steps}")
+            raise ConfigError(f"sampler.steps must be >= 1, got {self.steps}")
         if self.eta < 0:
-            raise ValueError(f"sampler.eta must be >= 0, got {self.eta}")
+            raise ConfigError(f"sampler.eta must be >= 0, got {self.eta}")
         if self.method == "euler" and self.eta != 0:
-            raise ValueError("sampler.eta > 0 needs method='ddim' (Euler is deterministic)")
+            raise ConfigError("sampler.eta > 0 needs method='ddim' (Euler is deterministic)")
         if self.shift <= 0:
-            raise ValueError(f"sampler.shift must be > 0, got {self.shift}")
+            raise ConfigError(f"sampler.shift must be > 0, got {self.shift}")
         if self.window < 2:
-            raise ValueError(f"sampler.window must be >= 2, got {self.window}")
+            raise ConfigError(f"sampler.window must be >= 2, got {self.window}")
         if self.sliding_context is not None and not 1 <= self.sliding_context < self.window:
-            raise ValueError(f"sampler.sliding_context must be in [1, window={self.window}), "
-                             f"got {self.sliding_context}")
+            raise ConfigError(f"sampler.sliding_context must be in [1, window={self.window}), "
+                              f"got {self.sliding_context}")
         if self.keyframe_density is not None and not 0 < self.keyframe_density <= 1:
-            raise ValueError(f"sampler.keyframe_density must be in (0, 1], got {self.keyframe_density}")
+            raise ConfigError(f"sampler.keyframe_density must be in (0, 1], got {self.keyframe_density}")
         if self.max_batch is not None and self.max_batch < 1:
-            raise ValueError(f"sampler.max_batch must be >= 1, got {self.max_batch}")
+            raise ConfigError(f"sampler.max_batch must be >= 1, got {self.max_batch}")
         self.guidance.validate()
         self.interpolation_guidance.validate()
-        return self
 
     @property
     def history_frames(self) -> int:

@@ -102,7 +102,8 @@ def predict_sequence(model: Model, context: torch.Tensor, length: int, cond: dic
     ``GENERATED_CONTEXT``. ``reference [B, length, ...]``: teacher forcing, every window's history is
     taken from it (as ground truth) instead of from the generated frames.
     """
-    sampler = (sampler or SamplerConfig()).validate()
+    sampler = sampler or SamplerConfig()
+    sampler.validate()
     b, k = context.shape[:2]
     cond = check_cond(cond, b, length)
     if reference is not None and reference.shape[:2] != (b, length):
@@ -151,7 +152,8 @@ def interpolate(model: Model, video: torch.Tensor, known: torch.Tensor | Sequenc
     in one round are generated history in the next. Chunks of a round with the same kinds pattern are
     sampled as one batch. ``guidance`` defaults to ``sampler.interpolation_guidance``. Returns a new tensor.
     """
-    sampler = (sampler or SamplerConfig()).validate()
+    sampler = sampler or SamplerConfig()
+    sampler.validate()
     guidance = guidance or sampler.interpolation_guidance
     b, n = video.shape[:2]
     cond = check_cond(cond, b, n)
@@ -203,7 +205,8 @@ def generate(model: Model, context: torch.Tensor, length: int, cond: dict[str, t
     ``cond``: per-frame conditioning [B, length, ...]. ``reference``: teacher-forced history (no
     keyframes). The first k frames of the result are the context.
     """
-    sampler = (sampler or SamplerConfig()).validate()
+    sampler = sampler or SamplerConfig()
+    sampler.validate()
     b, k = context.shape[:2]
     if not 0 < k < length:
         raise ValueError(f"need 0 < context frames ({k}) < length ({length})")

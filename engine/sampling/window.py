@@ -75,8 +75,10 @@ def sample_window(model: Model, frames: torch.Tensor, kinds: Sequence[int] | tor
     ``intrinsics`` / ``extrinsics`` / ``actions`` [B, T, ...]. ``guidance`` defaults to
     ``sampler.guidance``. The model should be in eval mode (see :func:`generate`).
     """
-    sampler = (sampler or SamplerConfig()).validate()
-    guidance = (guidance or sampler.guidance).validate()
+    sampler = sampler or SamplerConfig()
+    sampler.validate()
+    guidance = guidance or sampler.guidance
+    guidance.validate()
     b, t_len = frames.shape[:2]
     kinds = kinds_tensor(kinds, t_len)
     cond = check_cond(cond, b, t_len)

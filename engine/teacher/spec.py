@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from engine.schema import ConfigError
+
 PATCH = 14                      # VGGT / DINOv2 patch size: teacher resolutions are multiples of it
 BATCH_PREFIX = "teacher."       # batch keys of teacher features: "teacher.vggt_L4", "teacher.dino"
 DINO_KEY = "dino"
@@ -64,7 +66,7 @@ class TeacherSource:
 
     def validate(self) -> None:
         if self.pretrained is None and self.config is None:
-            raise ValueError("teacher.vggt: give pretrained (hub id or local path) or config (random init)")
+            raise ConfigError("pretrained / config: give pretrained (hub id or local path) or config (random init)")
 
 
 @dataclass
@@ -89,7 +91,7 @@ class DinoConfig:
 
     def validate(self) -> None:
         if self.resolution < PATCH or self.resolution % PATCH:
-            raise ValueError(f"teacher.dino.resolution: must be a positive multiple of {PATCH}, got {self.resolution}")
+            raise ConfigError(f"resolution: must be a positive multiple of {PATCH}, got {self.resolution}")
 
 
 @dataclass
@@ -113,15 +115,15 @@ class TeacherConfig:
 
     def validate(self) -> None:
         if not self.layers:
-            raise ValueError("teacher.layers: name at least one aggregator layer")
+            raise ConfigError("layers: name at least one aggregator layer")
         if len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"teacher.layers: duplicates in {self.layers}")
+            raise ConfigError(f"layers: duplicates in {self.layers}")
         if self.resolution < PATCH or self.resolution % PATCH:
-            raise ValueError(f"teacher.resolution: must be a positive multiple of {PATCH}, got {self.resolution}")
+            raise ConfigError(f"resolution: must be a positive multiple of {PATCH}, got {self.resolution}")
         if self.frames < 0:
-            raise ValueError(f"teacher.frames: must be >= 0 (0 = all frames), got {self.frames}")
+            raise ConfigError(f"frames: must be >= 0 (0 = all frames), got {self.frames}")
         if self.oracle_freqs < 0:
-            raise ValueError(f"teacher.oracle_freqs: must be >= 0, got {self.oracle_freqs}")
+            raise ConfigError(f"oracle_freqs: must be >= 0, got {self.oracle_freqs}")
 
     def feature_keys(self) -> list[str]:
         """The feature keys this teacher provides (VGGT layers in order, then DINO)."""

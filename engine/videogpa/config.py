@@ -47,12 +47,12 @@ class PolicyConfig:
 
     def validate(self) -> None:
         if self.kind != "dit" and not self.checkpoint and self.tiny_config is None:
-            raise ConfigError(f"policy.checkpoint: the {self.kind!r} policy needs a hub id or local path "
+            raise ConfigError(f"checkpoint: the {self.kind!r} policy needs a hub id or local path "
                               f"(or policy.tiny_config for random test weights)")
         if self.random_init_std < 0:
-            raise ConfigError(f"policy.random_init_std: must be >= 0, got {self.random_init_std}")
+            raise ConfigError(f"random_init_std: must be >= 0, got {self.random_init_std}")
         if self.max_text_tokens < 1:
-            raise ConfigError(f"policy.max_text_tokens: must be >= 1, got {self.max_text_tokens}")
+            raise ConfigError(f"max_text_tokens: must be >= 1, got {self.max_text_tokens}")
 
 
 @dataclass
@@ -67,9 +67,9 @@ class InputsConfig:
 
     def validate(self) -> None:
         if self.count < 1:
-            raise ConfigError(f"inputs.count: must be >= 1, got {self.count}")
+            raise ConfigError(f"count: must be >= 1, got {self.count}")
         if self.kind == "images" and not self.root:
-            raise ConfigError("inputs.root: inputs.kind 'images' needs the image folder")
+            raise ConfigError("root: kind 'images' needs the image folder")
 
 
 @dataclass
@@ -86,14 +86,14 @@ class GenerateConfig:
     def validate(self) -> None:
         for name in ("candidates", "steps", "fps"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"generate.{name}: must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.candidates < 2:
-            raise ConfigError(f"generate.candidates: a preference pair needs >= 2 candidates, got {self.candidates}")
+            raise ConfigError(f"candidates: a preference pair needs >= 2 candidates, got {self.candidates}")
         if self.guidance < 1.0:
-            raise ConfigError(f"generate.guidance: must be >= 1, got {self.guidance}")
+            raise ConfigError(f"guidance: must be >= 1, got {self.guidance}")
         for name in ("frames", "height", "width"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"generate.{name}: must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -111,15 +111,15 @@ class ScoreConfig:
 
     def validate(self) -> None:
         if self.teacher == "random" and self.teacher_config is None:
-            raise ConfigError("score.teacher_config: teacher 'random' needs a VGGT config")
+            raise ConfigError("teacher_config: teacher 'random' needs a VGGT config")
         if self.frames < 2:
-            raise ConfigError(f"score.frames: must be >= 2, got {self.frames}")
+            raise ConfigError(f"frames: must be >= 2, got {self.frames}")
         if self.resolution < 14 or self.resolution % 14:
-            raise ConfigError(f"score.resolution: must be a positive multiple of 14, got {self.resolution}")
+            raise ConfigError(f"resolution: must be a positive multiple of 14, got {self.resolution}")
         if self.lpips_weight < 0 or self.rotation_weight < 0:
-            raise ConfigError("score.lpips_weight and score.rotation_weight must be >= 0")
+            raise ConfigError("lpips_weight / rotation_weight: must be >= 0")
         if self.lpips_weight > 0 and not self.lpips_random and not (self.lpips_backbone and self.lpips_lin):
-            raise ConfigError("score.lpips_backbone / score.lpips_lin: LPIPS weights are needed when "
+            raise ConfigError("lpips_backbone / lpips_lin: LPIPS weights are needed when "
                               "score.lpips_weight > 0 (or set score.lpips_random for smoke tests)")
 
 
@@ -132,9 +132,9 @@ class PairsConfig:
 
     def validate(self) -> None:
         if self.min_gap < 0 or self.min_motion < 0:
-            raise ConfigError("pairs.min_gap and pairs.min_motion must be >= 0")
+            raise ConfigError("min_gap / min_motion: must be >= 0")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"pairs.val_fraction: must be in [0, 1), got {self.val_fraction}")
+            raise ConfigError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
 
 
 @dataclass
@@ -147,11 +147,11 @@ class LoraConfig:
 
     def validate(self) -> None:
         if self.rank < 1 or self.alpha <= 0:
-            raise ConfigError(f"lora.rank / lora.alpha: must be >= 1 / > 0, got {self.rank} / {self.alpha}")
+            raise ConfigError(f"rank / alpha: must be >= 1 / > 0, got {self.rank} / {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
         if self.targets is not None and not self.targets:
-            raise ConfigError("lora.targets: an empty list targets nothing; leave it out for the default")
+            raise ConfigError("targets: an empty list targets nothing; leave it out for the default")
 
 
 @dataclass
@@ -166,9 +166,9 @@ class DPOConfig:
 
     def validate(self) -> None:
         if self.beta <= 0:
-            raise ConfigError(f"dpo.beta: must be > 0, got {self.beta}")
+            raise ConfigError(f"beta: must be > 0, got {self.beta}")
         if self.eval_pairs < 0 or self.eval_draws < 1:
-            raise ConfigError("dpo.eval_pairs must be >= 0 and dpo.eval_draws >= 1")
+            raise ConfigError("eval_pairs / eval_draws: must be >= 0 / >= 1")
 
 
 @dataclass

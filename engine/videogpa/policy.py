@@ -92,7 +92,8 @@ class DiTPolicy(VideoPolicy):
         if frames % cfg.temporal_patch_size or frames < 2:
             raise ValueError(f"videogpa: frames={frames} must be >= 2 and divisible by model.temporal_patch_size")
         self.network = dit
-        self.objective = replace(objective, context_frames=1, random_context=False).validate()
+        self.objective = replace(objective, context_frames=1, random_context=False)
+        self.objective.validate()
         self.frames, self.height, self.width = frames, resolution, resolution
         self.device = torch.device(device)
         self.camera = cfg.camera != "none"

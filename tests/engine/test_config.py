@@ -36,7 +36,7 @@ def test_yaml_exponent_floats_are_numbers(tmp_path):
 
 @pytest.mark.parametrize("data, key", [
     ({"optimizer": {"lrr": 1.0}}, "optimizer.lrr"),
-    ({"modle": {}}, "recipe.modle"),
+    ({"modle": {}}, ": modle: unknown key"),
     ({"model": {"hiden_dim": 3}}, "model.hiden_dim"),
 ])
 def test_unknown_key_is_named_with_a_suggestion(tmp_path, data, key):
@@ -68,6 +68,66 @@ def test_impossible_combinations_fail_before_compute(tmp_path):
         load_recipe(write(tmp_path, {"schedule": {"steps": 5, "warmup": 6}}))
     with pytest.raises(ConfigError, match="num_heads"):
         load_recipe(write(tmp_path, {"model": {"hidden_dim": 100, "num_heads": 3}}))
+
+
+# The validate contract (engine/schema.py): every section's checks raise ConfigError naming the full key
+# path, whichever module owns the section, and a recipe error is never a bare ValueError.
+@pytest.mark.parametrize("override, message", [
+    ("data.batch_size=0", "data.batch_size: must be >= 1"),
+    ("model.hidden_dim=0", "model.hidden_dim: must be >= 1"),
+    ("model.size=huge", "model.size: must be one of"),
+    ("model.cond_dropout=1.5", "model.cond_dropout: must be in [0, 1)"),
+    ("objective.logit_std=0", "objective.logit_std: must be > 0"),
+    ("dfot.shift=0", "dfot.shift: must be > 0"),
+    ("gf.dit_block=0", "gf.dit_block: 1-based block index"),
+    ("gf.angular_weight=-1", "gf.angular_weight: must be a finite number >= 0"),
+    ("teacher.resolution=15", "teacher.resolution: must be a positive multiple of 14"),
+    ("teacher.vggt.pretrained=null", "teacher.vggt.pretrained / config: give pretrained"),
+    ("teacher.dino.resolution=13", "teacher.dino.resolution: must be a positive multiple of 14"),
+    ("videogpa.dpo.beta=0", "videogpa.dpo.beta: must be > 0"),
+    ("videogpa.lora.dropout=1", "videogpa.lora.dropout: must be in [0, 1)"),
+])
+def test_every_section_names_the_full_key_path(tmp_path, override, message):
+    with pytest.raises(ConfigError) as err:
+        load_recipe(write(tmp_path, {}), [override])
+    assert f": {message}" in str(err.value)
+
+
+def test_uvit3d_section_errors_name_the_nested_key(tmp_path):
+    with pytest.raises(ConfigError, match=r": model\.uvit3d\.noise_freq_dim: must be even"):
+        load_recipe("uvit3d_tiny", ["model.uvit3d.noise_freq_dim=3"])
+
+
+def _config_classes(cls: type, seen: dict[str, type]) -> dict[str, type]:
+    """Every dataclass reachable from ``cls`` through its fields' annotations."""
+    import dataclasses
+    import typing
+
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        for tp in (hint, *typing.get_args(hint)):
+            if dataclasses.is_dataclass(tp) and tp.__name__ not in seen:
+                seen[tp.__name__] = tp
+                _config_classes(tp, seen)
+    return seen
+
+
+def test_every_validate_returns_none():
+    """One contract: ``validate()`` raises or returns nothing; resolved values come from named methods."""
+    from engine.sampling import SamplerConfig
+
+    classes = {"Recipe": Recipe, "SamplerConfig": SamplerConfig}
+    for root in (Recipe, SamplerConfig):
+        _config_classes(root, classes)
+    assert {"ModelConfig", "UViT3DConfig", "DFoTDiffusionConfig", "GFConfig", "TeacherConfig", "TeacherSource",
+            "DinoConfig", "DinoTermConfig", "VideoGPAConfig", "Guidance"} <= set(classes)
+    for name, cls in classes.items():
+        if hasattr(cls, "validate"):
+            try:
+                result = cls().validate()
+            except ConfigError:   # a default that needs a value (ScoreConfig's LPIPS weights)
+                continue
+            assert result is None, name
 
 
 def test_unknown_recipe_lists_known_ones():

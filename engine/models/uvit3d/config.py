@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.models.rope import dfot_axis_dims
+from engine.schema import ConfigError
 
 BLOCK_TYPES = ("ResBlock", "TransformerBlock")
 GROUPS = 32  # GroupNorm groups of the ResBlocks (DFoT's NormalizeWithBias)
@@ -53,15 +54,17 @@ class UViT3DConfig:
         x_shape = list(constructor.get("x_shape", [3, 256, 256]))
         if len(x_shape) != 3 or x_shape[1] != x_shape[2]:
             raise ValueError(f"constructor.x_shape: DFoT's U-ViT3D takes square [C, H, H] frames, got {x_shape}")
-        return cls(channels=list(cfg["channels"]), emb_channels=cfg["emb_channels"], patch_size=cfg["patch_size"],
-                   block_types=list(cfg["block_types"]), block_dropouts=[float(d) for d in cfg["block_dropouts"]],
-                   num_updown_blocks=list(cfg["num_updown_blocks"]), num_mid_blocks=cfg["num_mid_blocks"],
-                   num_heads=cfg["num_heads"], use_checkpointing=[bool(c) for c in cfg["use_checkpointing"]],
-                   cond_dim=cfg.get("conditioning", {}).get("dim", 180),
-                   external_cond_dropout=float(cfg.get("external_cond_dropout", 0.0)),
-                   use_fourier_noise_embedding=bool(cfg.get("use_fourier_noise_embedding", False)),
-                   in_channels=x_shape[0], resolution=x_shape[1],
-                   max_frames=constructor.get("max_tokens", 16)).validate()
+        config = cls(channels=list(cfg["channels"]), emb_channels=cfg["emb_channels"], patch_size=cfg["patch_size"],
+                     block_types=list(cfg["block_types"]), block_dropouts=[float(d) for d in cfg["block_dropouts"]],
+                     num_updown_blocks=list(cfg["num_updown_blocks"]), num_mid_blocks=cfg["num_mid_blocks"],
+                     num_heads=cfg["num_heads"], use_checkpointing=[bool(c) for c in cfg["use_checkpointing"]],
+                     cond_dim=cfg.get("conditioning", {}).get("dim", 180),
+                     external_cond_dropout=float(cfg.get("external_cond_dropout", 0.0)),
+                     use_fourier_noise_embedding=bool(cfg.get("use_fourier_noise_embedding", False)),
+                     in_channels=x_shape[0], resolution=x_shape[1],
+                     max_frames=constructor.get("max_tokens", 16))
+        config.validate()
+        return config
 
     @property
     def num_levels(self) -> int:
@@ -75,48 +78,47 @@ class UViT3DConfig:
     def is_transformer(self, level: int) -> bool:
         return self.block_types[level] == "TransformerBlock"
 
-    def validate(self) -> UViT3DConfig:
-        """Raise ValueError naming the field of an impossible setting; returns self."""
+    def validate(self) -> None:
+        """Raise ConfigError naming the field of an impossible setting (``engine.schema``'s contract)."""
         n = self.num_levels
         if n < 2:
-            raise ValueError(f"channels: at least 2 levels, got {self.channels}")
+            raise ConfigError(f"channels: at least 2 levels, got {self.channels}")
         for name, length in (("block_types", n), ("block_dropouts", n), ("use_checkpointing", n),
                              ("num_updown_blocks", n - 1)):
             if len(getattr(self, name)) != length:
-                raise ValueError(f"{name}: needs {length} entries for {n} levels, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: needs {length} entries for {n} levels, got {getattr(self, name)}")
         for t in self.block_types:
             if t not in BLOCK_TYPES:
-                raise ValueError(f"block_types: each must be one of {BLOCK_TYPES}, got {t!r}")
+                raise ConfigError(f"block_types: each must be one of {BLOCK_TYPES}, got {t!r}")
         for name in ("emb_channels", "patch_size", "num_heads", "cond_dim", "in_channels", "resolution",
                      "max_frames", "noise_freq_dim"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if any(c < 1 for c in self.channels) or any(b < 0 for b in self.num_updown_blocks) or self.num_mid_blocks < 0:
-            raise ValueError("channels / num_updown_blocks / num_mid_blocks: must be positive")
+            raise ConfigError("channels / num_updown_blocks / num_mid_blocks: must be positive")
         for level, (kind, ch, p) in enumerate(zip(self.block_types, self.channels, self.block_dropouts)):
             if kind == "ResBlock":
                 if ch % GROUPS:
-                    raise ValueError(f"channels[{level}]: a ResBlock level needs a multiple of {GROUPS} "
+                    raise ConfigError(f"channels[{level}]: a ResBlock level needs a multiple of {GROUPS} "
                                      f"(GroupNorm groups), got {ch}")
                 if p != 0.0:
-                    raise ValueError(f"block_dropouts[{level}]: DFoT's ResBlock has no dropout, got {p}")
+                    raise ConfigError(f"block_dropouts[{level}]: DFoT's ResBlock has no dropout, got {p}")
             else:
                 if ch % self.num_heads:
-                    raise ValueError(f"channels[{level}]: {ch} is not divisible by num_heads={self.num_heads}")
+                    raise ConfigError(f"channels[{level}]: {ch} is not divisible by num_heads={self.num_heads}")
                 try:
                     dfot_axis_dims(ch // self.num_heads)
                 except ValueError as err:
-                    raise ValueError(f"channels[{level}] / num_heads: {err}") from None
+                    raise ConfigError(f"channels[{level}] / num_heads: {err}") from None
             if not 0.0 <= p < 1.0:
-                raise ValueError(f"block_dropouts[{level}]: must be in [0, 1), got {p}")
+                raise ConfigError(f"block_dropouts[{level}]: must be in [0, 1), got {p}")
         if self.resolution % (self.patch_size * 2 ** (n - 1)):
-            raise ValueError(f"resolution: {self.resolution} must be divisible by patch_size * 2^(levels - 1) = "
+            raise ConfigError(f"resolution: {self.resolution} must be divisible by patch_size * 2^(levels - 1) = "
                              f"{self.patch_size * 2 ** (n - 1)}")
         if not 0.0 <= self.external_cond_dropout < 1.0:
-            raise ValueError(f"external_cond_dropout: must be in [0, 1), got {self.external_cond_dropout}")
+            raise ConfigError(f"external_cond_dropout: must be in [0, 1), got {self.external_cond_dropout}")
         if self.noise_freq_dim % 2:
-            raise ValueError(f"noise_freq_dim: must be even, got {self.noise_freq_dim}")
-        return self
+            raise ConfigError(f"noise_freq_dim: must be even, got {self.noise_freq_dim}")
 
 
 RE10K = UViT3DConfig()   # DFoT / Geometry Forcing RealEstate10K (458,818,051 parameters)

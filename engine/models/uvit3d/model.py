@@ -61,7 +61,8 @@ class UViT3D(nn.Module):
         super().__init__()
         if fold_pose not in FOLD_MODES:
             raise ValueError(f"fold_pose must be one of {FOLD_MODES}, got {fold_pose!r}")
-        self.cfg = cfg = cfg.validate()
+        cfg.validate()
+        self.cfg = cfg
         self.fold_pose = fold_pose
         ch, e, n = cfg.channels, cfg.emb_channels, cfg.num_levels
         self.noise_level_pos_embedding = NoiseEmbedding(cfg.noise_freq_dim, e, cfg.use_fourier_noise_embedding)

@@ -352,7 +352,8 @@ def test_config_validation_names_the_field(kw, field):
 
 
 def test_valid_config_resolves_preset():
-    cfg = DiTConfig(hidden_dim=40, num_heads=4).validate()  # head_dim 10 -> RoPE split (6, 2, 2)
+    cfg = DiTConfig(hidden_dim=40, num_heads=4).resolved()  # head_dim 10 -> RoPE split (6, 2, 2)
+    cfg.validate()
     assert (cfg.hidden_dim, cfg.depth, cfg.num_heads) == (40, DIT_PRESETS["tiny"][1], 4)
     assert rope_axis_dims(10) == (6, 2, 2)
 

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.models.uvit3d import UViT3D, ray_condition
+from engine.schema import ConfigError
 from engine.objectives.dfot_diffusion import (DFoTDiffusionConfig, DiscreteSchedule, alpha_sigma, ddim_sample,
                                               ddim_step, dfot_diffusion_loss, logsnr)
 
@@ -118,5 +119,5 @@ def test_ddim_sample_with_an_oracle_recovers_the_data():
     g = torch.Generator().manual_seed(0)
     out = ddim_sample(oracle, (1, 2, 3, 2, 2), sched, context=target[:, :1], generator=g)
     torch.testing.assert_close(out, target, rtol=0, atol=1e-4)
-    with pytest.raises(ValueError, match="dfot.sampling_timesteps"):
+    with pytest.raises(ConfigError, match="sampling_timesteps: must be"):
         DFoTDiffusionConfig(sampling_timesteps=0).validate()
