@@ -45,15 +45,28 @@ def hub_file(repo_id: str, filename: str, revision: str | None = None,
         return None
 
 
+def split_hub_ref(text: str) -> tuple[str, str | None, str]:
+    """``hf://OWNER/REPO[@REVISION][/PATH]`` -> ``(OWNER/REPO, REVISION or None, PATH)`` (PATH may be ""
+    for the repo's root). ValueError naming ``text`` for anything else."""
+    if not text.startswith(HF_PREFIX):
+        raise ValueError(f"{text!r} is not a Hub reference (hf://OWNER/REPO[@REVISION]/PATH/IN/REPO)")
+    parts = text[len(HF_PREFIX):].strip("/").split("/")
+    if len(parts) < 2 or not all(parts):
+        raise ValueError(f"Hub reference {text!r}: expected hf://OWNER/REPO[@REVISION]/PATH/IN/REPO")
+    repo, _, revision = parts[1].partition("@")
+    if not repo:
+        raise ValueError(f"Hub reference {text!r}: expected hf://OWNER/REPO[@REVISION]/PATH/IN/REPO")
+    return f"{parts[0]}/{repo}", revision or None, "/".join(parts[2:])
+
+
 def resolve_weights(source: str | os.PathLike, local_files_only: bool = False) -> Path:
     """The local file behind ``source`` (a path, or ``hf://owner/repo[@rev]/file`` downloaded once)."""
     text = os.fspath(source)
     if text.startswith(HF_PREFIX):
-        parts = text[len(HF_PREFIX):].split("/")
-        if len(parts) < 3 or not all(parts):
+        repo_id, revision, file = split_hub_ref(text)
+        if not file:
             raise ValueError(f"weights source {text!r}: expected hf://OWNER/REPO[@REVISION]/PATH/IN/REPO")
-        repo, _, revision = parts[1].partition("@")
-        path = hub_file(f"{parts[0]}/{repo}", "/".join(parts[2:]), revision or None, local_files_only)
+        path = hub_file(repo_id, file, revision, local_files_only)
         if path is None:
             raise FileNotFoundError(f"weights source {text!r}: the Hub repo has no such file")
         return path
@@ -164,6 +177,6 @@ def _describe(what: str, keys: Iterable[str]) -> list[str]:
     return [f"{what} keys: {shown}"]
 
 
-__all__ = ["HF_PREFIX", "OPTIONAL_SUFFIXES", "hub_file", "resolve_weights", "read_torch_file", "read_state_dict",
+__all__ = ["HF_PREFIX", "OPTIONAL_SUFFIXES", "hub_file", "split_hub_ref", "resolve_weights", "read_torch_file", "read_state_dict",
            "load_state_dict", "save_safetensors",
            "strip_prefix", "rename_keys", "check_state_dict", "load_into"]

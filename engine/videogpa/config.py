@@ -44,11 +44,26 @@ class PolicyConfig:
     text_encoder: bool = True             # diffusers: load the T5 text encoder to embed prompts
     max_text_tokens: int = 226            # diffusers: prompt length in tokens
     negative_prompt: str = ""             # diffusers: negative prompt of classifier-free guidance
+    # A LoRA adapter loaded onto the policy's network (engine/videogpa/adapters.py, docs/videogpa_adapters.md):
+    # a peft adapter folder (adapter_model.safetensors [+ adapter_config.json]), its .safetensors file, or
+    # hf://OWNER/REPO[@REV][/FOLDER | /FILE.safetensors]. VideoGPA's released adapters (official key names)
+    # and GeoForge's own (train stage's final/) both load. It is used for generation and, when the train
+    # stage runs with lora.enabled, it is the adapter DPO continues (the reference: the base without it).
+    adapter: str = ""
+    adapter_scale: float = 1.0            # x the adapter's alpha / r (VideoGPA's Wan2.2 script: --lora_weight 0.2)
+    adapter_alpha: float | None = None    # lora_alpha when the adapter has no adapter_config.json
 
     def validate(self) -> None:
         if self.kind != "dit" and not self.checkpoint and self.tiny_config is None:
             raise ConfigError(f"checkpoint: the {self.kind!r} policy needs a hub id or local path "
                               f"(or policy.tiny_config for random test weights)")
+        if not self.adapter_scale > 0:
+            raise ConfigError(f"policy.adapter_scale: must be > 0, got {self.adapter_scale}")
+        if self.adapter_alpha is not None and not self.adapter_alpha > 0:
+            raise ConfigError(f"policy.adapter_alpha: must be > 0, got {self.adapter_alpha}")
+        if not self.adapter and (self.adapter_scale != 1.0 or self.adapter_alpha is not None):
+            key = "adapter_scale" if self.adapter_scale != 1.0 else "adapter_alpha"
+            raise ConfigError(f"policy.{key}: set without policy.adapter (no adapter to scale)")
         if self.random_init_std < 0:
             raise ConfigError(f"random_init_std: must be >= 0, got {self.random_init_std}")
         if self.max_text_tokens < 1:

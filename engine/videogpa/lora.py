@@ -8,6 +8,9 @@
   gathering ZeRO-3 partitions first, atomically (temporary folder + rename). It loads back with
   ``peft.PeftModel.from_pretrained(fresh_network, folder)`` (:func:`load_adapter`); diffusers policies
   also get ``pytorch_lora_weights.safetensors`` for diffusers' ``load_lora_weights``.
+
+Adapters from files onto a policy (VideoGPA's released ones with their official key names, and GeoForge's
+own), for generation and as the start of further DPO: :mod:`engine.videogpa.adapters`.
 """
 from __future__ import annotations
 

@@ -204,13 +204,20 @@ def build_dit_policy(recipe, device: torch.device | str = "cpu") -> DiTPolicy:
 
 
 def build_policy(recipe, device: torch.device | str = "cpu") -> VideoPolicy:
-    """The policy named by ``videogpa.policy.kind``."""
-    kind = recipe.videogpa.policy.kind
-    if kind == "dit":
-        return build_dit_policy(recipe, device)
-    from engine.videogpa.diffusers_policy import build_diffusers_policy
+    """The policy named by ``videogpa.policy.kind``, with the LoRA adapter of ``videogpa.policy.adapter``
+    loaded onto its network when one is given (:mod:`engine.videogpa.adapters`)."""
+    pol = recipe.videogpa.policy
+    if pol.kind == "dit":
+        policy = build_dit_policy(recipe, device)
+    else:
+        from engine.videogpa.diffusers_policy import build_diffusers_policy
 
-    return build_diffusers_policy(recipe, device)
+        policy = build_diffusers_policy(recipe, device)
+    if pol.adapter:
+        from engine.videogpa.adapters import load_policy_adapter
+
+        load_policy_adapter(policy, pol.adapter, pol.adapter_scale, pol.adapter_alpha)
+    return policy
 
 
 __all__ = ["Condition", "VideoPolicy", "DiTPolicy", "build_policy", "build_dit_policy", "load_dit_weights",

@@ -59,6 +59,8 @@ class VideoPolicy(ABC):
     width: int
     default_lora_targets: str | list[str]   # peft target_modules of attention q/k/v/out
     device: torch.device
+    # a LoRA adapter loaded from a file (videogpa.policy.adapter): engine.videogpa.adapters.LoadedAdapter
+    adapter = None
 
     def prepare_condition(self, cond: Condition) -> Condition:
         """Fill what the policy derives from an input once (e.g. prompt embeddings). Default: unchanged."""

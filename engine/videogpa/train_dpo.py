@@ -23,6 +23,7 @@ after, peak memory, parameter bytes, time).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import resource
 import time
@@ -167,15 +168,41 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def build_dpo_module(recipe, policy: VideoPolicy) -> DPOModule:
-    """LoRA (or full fine-tuning) on ``policy.network`` and the reference the recipe asks for."""
+    """LoRA (or full fine-tuning) on ``policy.network`` and the reference the recipe asks for.
+
+    With an adapter loaded from a file (``videogpa.policy.adapter``, ``policy.adapter``), training starts
+    from it: with LoRA its adapters are what trains (the ``lora`` section's rank / alpha / targets are the
+    file's, not the recipe's); without LoRA it is merged into the weights that train. Either way the
+    reference is the base network without the adapter."""
     vg = recipe.videogpa
     torch.manual_seed(recipe.seed)
+    if policy.adapter is not None:
+        return _dpo_module_from_adapter(recipe, policy)
     base = policy.network
     reference = frozen_copy(base) if vg.reference_mode() == "frozen_copy" else None
     if vg.lora.enabled:
         network = add_lora(base, vg.lora, policy.default_lora_targets)
     else:
         network = base.requires_grad_(True)
+    return DPOModule(network, reference, policy.per_sample_error, vg.dpo.beta)
+
+
+def _dpo_module_from_adapter(recipe, policy: VideoPolicy) -> DPOModule:
+    vg, loaded = recipe.videogpa, policy.adapter
+    reference = None
+    if vg.reference_mode() == "frozen_copy":
+        reference = frozen_copy(copy.deepcopy(loaded.network).unload())   # the base without the adapter
+    if vg.lora.enabled:
+        network = loaded.network
+        for name, p in network.named_parameters():
+            p.requires_grad_(".lora_" in name)
+        log.info(f"videogpa: DPO continues the adapter {loaded.files.source} (r {loaded.rank}, alpha "
+                 f"{loaded.alpha:g} x scale {loaded.scale:g}, targets {loaded.targets}); videogpa.lora's rank / "
+                 f"alpha / targets do not apply")
+    else:
+        network = loaded.network.merge_and_unload().requires_grad_(True)   # policy.network, merged in place
+        policy.adapter = None
+        log.info(f"videogpa: adapter {loaded.files.source} merged into the policy's weights (full fine-tuning)")
     return DPOModule(network, reference, policy.per_sample_error, vg.dpo.beta)
 
 

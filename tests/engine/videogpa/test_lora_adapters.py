@@ -1,5 +1,6 @@
 """LoRA on the own-DiT policy: targets, the two reference modes (and what they hold in memory), and a
-trained adapter saved in peft format that loads with peft into a fresh model and reproduces its output."""
+trained adapter saved in peft format that loads with peft into a fresh model and reproduces its output
+(also through ``videogpa.policy.adapter``, as the start of the next DPO run)."""
 import json
 
 import pytest
@@ -8,7 +9,7 @@ from safetensors.torch import load_file
 
 from engine.config import load_recipe
 from engine.videogpa.lora import adapters_disabled, load_adapter, parameter_bytes, save_adapter
-from engine.videogpa.policy import Condition, build_dit_policy
+from engine.videogpa.policy import Condition, build_dit_policy, build_policy
 from engine.videogpa.train_dpo import build_dpo_module
 
 T, R = 4, 32
@@ -103,3 +104,28 @@ def test_trained_adapter_reloads_with_peft_and_reproduces_outputs(tmp_path):
 def test_bad_targets_name_the_setting():
     with pytest.raises(ValueError, match="videogpa.lora.targets"):
         build_dpo_module(recipe("videogpa.lora.targets=[nonexistent]"), build_dit_policy(recipe()))
+
+
+def test_saved_adapter_loads_through_the_recipe(tmp_path):
+    """GeoForge's own adapter (peft folder, regex targets) loads with ``videogpa.policy.adapter`` and is
+    what the next DPO run continues."""
+    rec = recipe()
+    policy = build_dit_policy(rec)
+    module = build_dpo_module(rec, policy)
+    with torch.no_grad():
+        for name, p in module.network.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    x0, cond, noise = probe(policy)
+    tuned = outputs(policy, module.network, x0, cond, noise)
+    folder = save_adapter(module.network, tmp_path / "adapter")
+    again = recipe(f"videogpa.policy.adapter={folder}")
+    loaded = build_policy(again)
+    assert loaded.adapter.rank == 8 and loaded.adapter.targets == [r".*blocks\.\d+\.(qkv|proj)"]
+    torch.testing.assert_close(outputs(loaded, loaded.network, x0, cond, noise), tuned, rtol=0, atol=0)
+    continued = build_dpo_module(again, loaded)
+    assert continued.network is loaded.adapter.network and continued.reference is None
+    with adapters_disabled(continued.network):
+        base = build_dit_policy(rec)
+        torch.testing.assert_close(outputs(loaded, continued.network, x0, cond, noise),
+                                   outputs(base, base.network, x0, cond, noise))
