@@ -58,12 +58,12 @@ class PolicyConfig:
             raise ConfigError(f"checkpoint: the {self.kind!r} policy needs a hub id or local path "
                               f"(or policy.tiny_config for random test weights)")
         if not self.adapter_scale > 0:
-            raise ConfigError(f"policy.adapter_scale: must be > 0, got {self.adapter_scale}")
+            raise ConfigError(f"adapter_scale: must be > 0, got {self.adapter_scale}")
         if self.adapter_alpha is not None and not self.adapter_alpha > 0:
-            raise ConfigError(f"policy.adapter_alpha: must be > 0, got {self.adapter_alpha}")
+            raise ConfigError(f"adapter_alpha: must be > 0, got {self.adapter_alpha}")
         if not self.adapter and (self.adapter_scale != 1.0 or self.adapter_alpha is not None):
             key = "adapter_scale" if self.adapter_scale != 1.0 else "adapter_alpha"
-            raise ConfigError(f"policy.{key}: set without policy.adapter (no adapter to scale)")
+            raise ConfigError(f"{key}: set without adapter (no adapter to scale)")
         if self.random_init_std < 0:
             raise ConfigError(f"random_init_std: must be >= 0, got {self.random_init_std}")
         if self.max_text_tokens < 1:
