@@ -12,7 +12,7 @@ Then :func:`strip_prefix` / :func:`rename_keys` map the keys, and :func:`load_in
 :func:`check_state_dict` for a model built on the meta device) checks them strictly: one message names the
 source and every missing, unexpected or mis-shaped key, instead of PyTorch's generic error.
 
-Imports nothing of ``engine``: any layer may use it.
+Imports only the foundations ``engine.atomic`` and ``engine.checkpoint`` (its manifest check): any layer may use it.
 """
 from __future__ import annotations
 
