@@ -374,8 +374,9 @@ def uvit3d_counts(ucfg, batch: int, frames: int, resolution: int, checkpoint_all
     """FLOPs and saved-activation bytes of one training forward + backward of the real ``UViT3D`` (the module
     ``engine.models.arch.build_model`` builds) on ``batch`` clips of ``frames`` x ``resolution``^2, counted on the
     ``meta`` device: shapes only, nothing allocated, so the recipe's full size is counted as it is (no scaling).
-    Called as GeoForge's trainer calls it (``dfot_forward`` with the pose drop mask, bf16 weights and inputs as
-    under DeepSpeed bf16, train mode); loss = mean(out^2) (the diffusion loss's elementwise work and its few
+    Called as the trainer calls it, bf16 weights and inputs as under DeepSpeed bf16, train mode, the pose drop mask
+    passed, but through ``dfot_forward`` with the ray map given (``forward(poses16=...)`` computes the same rays
+    first: elementwise, uncounted); loss = mean(out^2) (the diffusion loss's elementwise work and its few
     [B, T, 3, H, W] fp32 tensors are not counted).
 
     - FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` (2 per multiply-add of every convolution, linear,
