@@ -233,9 +233,24 @@ def load_model(recipe, checkpoint: str | Path, weights: str = "ema", device: tor
         log(f"loaded {text}: {chosen}")
     else:
         file = resolve_checkpoint(checkpoint, weights)
-        load_into(model, strip_prefix(read_state_dict(file), "dit."), source=str(file),
-                  what="the recipe's model (check --recipe / --set model.*)")
+        state = with_buffers(strip_prefix(read_state_dict(file), "dit."), file, model)
+        load_into(model, state, source=str(file), what="the recipe's model (check --recipe / --set model.*)")
     return model.to(device).eval()
+
+
+def with_buffers(state: dict[str, torch.Tensor], file: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` plus the persistent buffers it lacks, from ``model.safetensors`` beside an ``ema.safetensors``
+    (the EMA tracks parameters only; e.g. the U-ViT3D's random Fourier noise-embedding buffers)."""
+    from engine.checkpoint import verify_file
+    from engine.weights import read_state_dict, strip_prefix
+
+    missing = [k for k in model.state_dict() if k not in state and k not in dict(model.named_parameters())]
+    sibling = Path(file).with_name("model.safetensors")
+    if not missing or Path(file).name != "ema.safetensors" or not sibling.is_file():
+        return state
+    verify_file(sibling)
+    raw = strip_prefix(read_state_dict(sibling), "dit.")
+    return {**state, **{k: raw[k] for k in missing if k in raw}}
 
 
 # ------------------------------------------------------------------------------------------- networks
