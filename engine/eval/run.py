@@ -53,7 +53,7 @@ from engine.eval.image_metrics import psnr, ssim
 from engine.eval.protocols import PROTOCOLS, Protocol, get_protocol, rotation_extrinsics
 from engine.eval.report import frame_grid, write_report
 from engine.models.arch import condition_keys
-from engine.objectives.dfot_velocity import default_times, from_model_space, recipe_velocity_model, to_model_space
+from engine.objectives.dfot_velocity import from_model_space, recipe_velocity_model, to_model_space
 from engine.sampling import GUIDANCE_NAMES, Guidance, SamplerConfig, generate
 
 if TYPE_CHECKING:
@@ -226,7 +226,8 @@ def load_model(recipe, checkpoint: str | Path, weights: str = "ema", device: tor
 
     model = build_model(recipe.model)
     text = str(checkpoint)
-    if recipe.model.arch == "uvit3d" and not Path(text).is_dir() and not text.endswith(".safetensors"):
+    released = text.startswith("hf://") or not (Path(text).is_dir() or text.endswith(".safetensors"))
+    if recipe.model.arch == "uvit3d" and released:
         from engine.models.uvit3d.checkpoint import load_backbone_weights
 
         chosen = load_backbone_weights(text, model, DFOT_WEIGHTS[weights])

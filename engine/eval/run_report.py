@@ -135,9 +135,9 @@ def write_run_report(recipe, run_dir: Path, world) -> Path | None:
             for w in weights}
     lines = [f"# Run report: {recipe.name}, step {step}", "",
              f"Checkpoint `{checkpoint.relative_to(run_dir)}`. Samples: {max(1, recipe.objective.context_frames)} "
-             f"clean context frame(s), {recipe.logging.sample_steps} {sampler_name(recipe)} steps, conditional; metrics "
-             f"over the "
-             f"generated frames. Flat frame: the clip's mean colour; repeated context: the last context frame.", ""]
+             f"clean context frame(s), {recipe.logging.sample_steps} {sampler_name(recipe)} steps, conditional; "
+             f"metrics over the generated frames. Flat frame: the clip's mean colour; repeated context: the last "
+             f"context frame.", ""]
     parts = loss_curves(run_dir / "metrics.jsonl", run_dir / "report" / "loss.png")
     if parts:
         lines += ["## Loss", "", "![loss curves](report/loss.png)", ""]

@@ -110,7 +110,8 @@ def test_long_video_protocol_with_history_guidance(setup, guidance) -> None:
                        "--frames", "12", "--num-videos", "1", "--steps", "2", "--out", str(out), "--no-progress",
                        *guidance])
     summary = run(opts, networks=Networks())
-    assert summary["frames"] == 12 and summary["sampler"]["keyframe_density"] == get_protocol("long256").keyframe_density
+    assert summary["frames"] == 12
+    assert summary["sampler"]["keyframe_density"] == get_protocol("long256").keyframe_density
     assert summary["sampler"]["guidance"]["history"] == guidance[1].removeprefix("stabilized_")
     record = load_generated(out / "videos" / "00000.npz")
     assert record["generated"].shape == (12, 3, 32, 32)
