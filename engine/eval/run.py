@@ -150,9 +150,12 @@ def parse_args(argv: list[str] | None = None) -> EvalOptions:
     g = p.add_argument_group("history guidance (default: the protocol's; see engine/sampling)")
     g.add_argument("--guidance", choices=GUIDANCE_NAMES, default=None, help="scheme of the prediction windows")
     g.add_argument("--guidance-scale", type=float, default=1.0, help="HG-v / HG-f weight w")
-    g.add_argument("--stabilization", type=float, default=0.0, help="flow time of generated history (stabilized_*)")
+    g.add_argument("--stabilization", type=float, default=0.0,
+                   help="noise level of generated history (stabilized_*): a flow time; for model.arch uvit3d "
+                        "DFoT's level (fraction of its schedule, as GF's scripts)")
     g.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance on cameras / actions")
-    g.add_argument("--fraction", type=float, default=0.5, help="HG-f: flow time of the fractional history")
+    g.add_argument("--fraction", type=float, default=0.5,
+                   help="HG-f: noise level of the fractional history (uvit3d: DFoT's freq_scale level)")
     g.add_argument("--subsets", default=None, metavar="0,1;-1", help="HG-t: history-frame positions per subset")
     g.add_argument("--subset-weights", default=None, metavar="2,1.5", help="HG-t: one weight per subset")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -505,13 +508,31 @@ def time_grid_option(opts: EvalOptions, recipe) -> tuple[float, ...] | None:
     return dfot_flow_times(recipe.dfot, opts.steps)
 
 
+def dfot_guidance(guidance: Guidance, recipe) -> Guidance:
+    """``guidance`` with its levels read in DFoT's units, as GF's / DFoT's scripts give them (``stabilization``,
+    ``fraction``: fractions of DFoT's discrete schedule, e.g. 0.02 = level 19 = flow time 0.196), as flow
+    times (``engine.objectives.dfot_velocity.dfot_level_time``); the U-ViT3D's history guidance then noises
+    history exactly as DFoT's code does."""
+    from dataclasses import replace
+
+    from engine.objectives.dfot_velocity import dfot_level_time
+
+    fractional = guidance.history == "fractional"
+    fraction = dfot_level_time(recipe.dfot, guidance.fraction) if fractional else guidance.fraction
+    return replace(guidance, stabilization=dfot_level_time(recipe.dfot, guidance.stabilization),
+                   fraction=fraction).validate()
+
+
 def sampler_config(protocol: Protocol, opts: EvalOptions, window: int, frames: int,
-                   times: tuple[float, ...] | None = None) -> SamplerConfig:
+                   times: tuple[float, ...] | None = None, recipe=None) -> SamplerConfig:
+    """The sampler of a run; for a ``uvit3d`` ``recipe`` the guidance levels are DFoT's (:func:`dfot_guidance`)."""
+    guidance, interpolation = guidance_option(opts, protocol.guidance), protocol.interpolation_guidance
+    if recipe is not None and recipe.model.arch == "uvit3d":
+        guidance, interpolation = dfot_guidance(guidance, recipe), dfot_guidance(interpolation, recipe)
     return SamplerConfig(method=opts.method, steps=opts.steps, times=times, window=window,
                          sliding_context=opts.sliding_context,
                          keyframe_density=protocol.keyframe_density if frames > window else None,
-                         guidance=guidance_option(opts, protocol.guidance),
-                         interpolation_guidance=protocol.interpolation_guidance,
+                         guidance=guidance, interpolation_guidance=interpolation,
                          progress=opts.progress)
 
 
@@ -606,7 +627,7 @@ def run(opts: EvalOptions, networks: Networks | None = None) -> dict:
     out = output_dir(opts, protocol)
     device = resolve_device(opts.device)
     window = min(opts.window or recipe.data.frames, frames)
-    sampler = sampler_config(protocol, opts, window, frames, time_grid_option(opts, recipe))
+    sampler = sampler_config(protocol, opts, window, frames, time_grid_option(opts, recipe), recipe)
     dataset = build_eval_dataset(recipe, opts, frames, num_videos)
     log(f"{protocol.name}: {num_videos} videos of {frames} frames ({context} context), window {window}, "
         f"{opts.steps} {opts.method} steps on the {'dfot' if sampler.times else 'uniform'} grid, output {out}")

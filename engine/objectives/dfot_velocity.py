@@ -26,7 +26,8 @@ flow times. With that grid, the sampler's Euler step (= DDIM with eta 0 on this 
 both move the frame to ``alpha' x0_hat + sigma' eps_hat`` (up to the scale ``alpha' + sigma'``), so
 ``sample_clip`` through the adapter reproduces ``ddim_sample`` (up to the first level, taken as t = 1
 exactly, and float32 rounding), and every guidance scheme of the sampler (history guidance included) runs
-on DFoT's own sampler grid.
+on DFoT's own sampler grid. History-guidance levels given in DFoT's units (a fraction of its discrete
+schedule) become flow times with :func:`dfot_level_time` (``engine.eval`` does this for the U-ViT3D).
 
 **Cameras.** The U-ViT3D's ray condition takes DFoT's raw ``poses16`` when given (RealEstate10K batches
 carry them; what training and DFoT use), else GeoForge's ``intrinsics`` / ``extrinsics``; ``actions`` are
@@ -114,6 +115,20 @@ def dfot_flow_times(cfg: DFoTDiffusionConfig, steps: int) -> tuple[float, ...]:
     return tuple(float(x) for x in times)
 
 
+def dfot_level_time(cfg: DFoTDiffusionConfig, level: float) -> float:
+    """The flow time of a history-guidance level of DFoT's code (``stabilization_level``, ``freq_scale``: a
+    fraction of its discrete schedule): DFoT noises such history to index ``(level * T - 1).long()`` (float32,
+    as its ``HistoryGuidanceManager``; -1 = clean -> 0, T - 1 -> 1), here the flow time of that index."""
+    index = int((torch.tensor(level, dtype=torch.float32) * cfg.timesteps - 1).long())
+    if index < 0:
+        return 0.0
+    if index >= cfg.timesteps - 1:
+        return 1.0
+    ac = float(DiscreteSchedule(cfg).alphas_cumprod[index])
+    a, s = ac ** 0.5, (1 - ac) ** 0.5
+    return s / (a + s)
+
+
 # ----------------------------------------------------------------------------- one call per recipe
 def recipe_velocity_model(model: nn.Module, recipe) -> nn.Module:
     """The velocity model the sampler calls for a backbone of ``recipe.model.arch``: :class:`DFoTVelocity`
@@ -139,5 +154,5 @@ def default_times(model: nn.Module, steps: int) -> Sequence[float] | None:
     return model.flow_times(steps) if isinstance(model, DFoTVelocity) else None
 
 
-__all__ = ["DFoTVelocity", "vp_scales", "flow_logsnr", "dfot_flow_times", "recipe_velocity_model", "to_model_space",
-           "from_model_space", "default_times"]
+__all__ = ["DFoTVelocity", "vp_scales", "flow_logsnr", "dfot_flow_times", "dfot_level_time", "recipe_velocity_model",
+           "to_model_space", "from_model_space", "default_times"]

@@ -18,7 +18,9 @@ from safetensors.torch import save_file
 
 from engine.config import load_recipe
 from engine.eval.protocols import get_protocol
-from engine.eval.run import Networks, load_generated, load_model, parse_args, protocol_item, run
+from engine.eval.run import (Networks, load_generated, load_model, parse_args, protocol_item, run, sampler_config,
+                             time_grid_option)
+from engine.objectives.dfot_velocity import dfot_flow_times, dfot_level_time
 from engine.models.arch import build_model
 
 REPO = Path(__file__).resolve().parents[3]
@@ -138,3 +140,20 @@ def test_rotation_protocol_runs_and_turns_dfot_poses(setup) -> None:
     torch.testing.assert_close(item["poses16"][:, 4:], item["extrinsics"].flatten(-2))   # the turned cameras
     torch.testing.assert_close(item["poses16"][:, :4], torch.tensor([0.7, 0.8, 0.5, 0.5]).expand(5, 4))
     assert not torch.allclose(item["extrinsics"][2], item["extrinsics"][0])
+
+
+def test_uvit3d_sampler_defaults_are_dfots(setup) -> None:
+    """For the U-ViT3D: DFoT's DDIM grid (--grid auto) and the guidance levels read in DFoT's units (GF's
+    stabilized HG-v 4 / 0.02 -> generated history at DFoT's level 19); --grid uniform gives the linear grid."""
+    recipe = load_recipe(setup["recipe"])
+    opts = parse_args(["--recipe", setup["recipe"], "--protocol", "long256", "--videos-dir", "unused"])
+    protocol = get_protocol("long256")
+    sampler = sampler_config(protocol, opts, 4, 256, time_grid_option(opts, recipe), recipe)
+    assert sampler.times == dfot_flow_times(recipe.dfot, 50)
+    assert sampler.guidance.history == "vanilla" and sampler.guidance.scale == 4.0
+    assert sampler.guidance.stabilization == dfot_level_time(recipe.dfot, 0.02)
+    assert sampler.interpolation_guidance == protocol.interpolation_guidance   # HG-v 1.5: no levels to convert
+    opts = parse_args(["--recipe", setup["recipe"], "--protocol", "long256", "--videos-dir", "unused",
+                       "--grid", "uniform", "--guidance", "fractional", "--guidance-scale", "2", "--fraction", "0.5"])
+    sampler = sampler_config(protocol, opts, 4, 256, time_grid_option(opts, recipe), recipe)
+    assert sampler.times is None and sampler.guidance.fraction == dfot_level_time(recipe.dfot, 0.5)

@@ -14,8 +14,8 @@ from engine.eval.baselines import flat_frames, repeated_context
 from engine.eval.image_metrics import psnr
 from engine.models.uvit3d import UViT3D, UViT3DConfig
 from engine.objectives.dfot_diffusion import DFoTDiffusionConfig, DiscreteSchedule, ddim_sample, dfot_diffusion_loss
-from engine.objectives.dfot_velocity import (DFoTVelocity, default_times, dfot_flow_times, flow_logsnr,
-                                             from_model_space, to_model_space, vp_scales)
+from engine.objectives.dfot_velocity import (DFoTVelocity, default_times, dfot_flow_times, dfot_level_time,
+                                             flow_logsnr, from_model_space, to_model_space, vp_scales)
 from engine.sampling import Guidance, SamplerConfig, generate, sample_clip
 
 CFG = DFoTDiffusionConfig()
@@ -122,6 +122,17 @@ def test_flow_times_are_dfot_ddim_levels():
         dfot_flow_times(CFG, 1001)
     with pytest.raises(ValueError, match="sampler.times"):
         SamplerConfig(steps=3, times=(1.0, 0.5, 0.0)).validate()
+
+
+def test_history_levels_in_dfot_units_become_dfot_noise():
+    """DFoT's HistoryGuidanceManager noises history at level k to index (k T - 1).long(): 0 -> clean, 1 -> the
+    noisiest, stabilization 0.02 -> index 19, freq_scale 0.5 -> 499; as flow times their logSNR is the table's."""
+    table = DiscreteSchedule(CFG).logsnr
+    assert dfot_level_time(CFG, 0.0) == 0.0 and dfot_level_time(CFG, 1.0) == 1.0
+    for level, index in ((0.02, 19), (0.5, 499)):
+        t = torch.tensor([dfot_level_time(CFG, level)], dtype=torch.float64)
+        torch.testing.assert_close(flow_logsnr(t).float(), table[index:index + 1], atol=1e-4, rtol=0)
+    assert 0.19 < dfot_level_time(CFG, 0.02) < 0.2   # DFoT's "0.02" is far noisier than flow time 0.02
 
 
 # ----------------------------------------------------------------------------- a U-ViT3D
