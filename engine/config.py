@@ -202,9 +202,9 @@ class Recipe:
             if self.data.resolution % size:
                 raise ConfigError(f"data.resolution: {self.data.resolution} is not divisible by the U-ViT3D's "
                                   f"patch_size * 2^(levels - 1) = {size}")
-            if self.logging.validate_every:
-                raise ConfigError("logging.validate_every: periodic validation samples the flow-matching DiT; "
-                                  "with model.arch uvit3d set it to 0 (the end-of-run sample uses DFoT's DDIM)")
+            if self.logging.sample_steps > self.dfot.timesteps:
+                raise ConfigError(f"logging.sample_steps: the U-ViT3D samples on DFoT's DDIM grid, at most "
+                                  f"dfot.timesteps={self.dfot.timesteps} steps, got {self.logging.sample_steps}")
             if u.in_channels != 3 or len(self.dfot.data_mean) != u.in_channels:
                 raise ConfigError(f"model.uvit3d.in_channels / dfot.data_mean: RGB pixels need 3 channels, got "
                                   f"{u.in_channels} / {len(self.dfot.data_mean)}")

@@ -47,7 +47,7 @@ from engine.data.builder import build_dataset  # noqa: E402
 from engine.distributed import World  # noqa: E402
 from engine.eval.consistency import warp_consistency_error  # noqa: E402
 from engine.eval.image_metrics import psnr, ssim  # noqa: E402
-from engine.eval.run import load_dit  # noqa: E402
+from engine.eval.run import load_model  # noqa: E402
 from engine.eval.run_report import heldout_recipe  # noqa: E402
 from engine.eval.validate import validate  # noqa: E402
 from engine.objectives.flow_matching import draw_noise, flow_matching_loss  # noqa: E402
@@ -109,7 +109,7 @@ def heldout_fm(dit, recipe, batch: dict[str, torch.Tensor], draws: int = 4) -> f
 
 def evaluate(run_dir: Path, videos: int) -> dict[str, float]:
     recipe = load_recipe(str(run_dir / "recipe.yaml"))
-    dit = load_dit(recipe, latest_checkpoint(run_dir), "ema" if recipe.ema.enabled else "model")
+    dit = load_model(recipe, latest_checkpoint(run_dir), "ema" if recipe.ema.enabled else "model")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     fm = [r["fm"] for r in rows if "fm" in r]
     batch = heldout_batch(recipe, videos)

@@ -12,6 +12,10 @@
   No ground truth beyond frame 0: the revisit error (first vs last frame: PSNR, SSIM, LPIPS, and the
   FID between the sets of first and last frames), reprojection consistency and camera accuracy
   against the rotation.
+
+Guidance levels (``stabilization``, ``fraction``) are flow times for the DiT; for DFoT's U-ViT3D
+(``model.arch: uvit3d``) ``engine.eval.run`` reads them in DFoT's units, as GF's scripts give them
+(:func:`engine.eval.run.dfot_guidance`).
 """
 from __future__ import annotations
 

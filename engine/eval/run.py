@@ -17,6 +17,16 @@ are generated in aligned batches (``--batch-size``) from ``(seed, first index of
 result does not depend on where a run was interrupted. ``--videos-dir`` evaluates videos generated
 elsewhere (same ``NNNNN.npz`` layout, or ``NNNNN.mp4``) instead of sampling.
 
+Models: the recipe's ``model.arch``. For DFoT's U-ViT3D (``uvit3d``, e.g. ``--recipe gf_re10k_paper``)
+``--checkpoint`` may also be a released DFoT / Geometry Forcing file (Lightning ``.ckpt``, ``hf://``)::
+
+    python -m engine.eval --recipe gf_re10k_paper --checkpoint hf://Haoyuwu/GeometryForcing/FILE.ckpt \
+        --protocol long256 --set data.root=/data/re10k
+
+and it is sampled through the v-prediction adapter (``engine.objectives.dfot_velocity``) on DFoT's DDIM
+grid by default (``--grid auto``: Euler on it is DFoT's own 50-step DDIM, the paper's sampler), with the
+protocol's history guidance (or ``--guidance ...``) on top.
+
 Metric networks come from local files or hub references (``--i3d``, ``--inception``,
 ``--lpips-backbone`` + ``--lpips-lin``, ``--vggt``); a metric whose network is not given is skipped
 and named, with the reason, on the console, in ``metrics.json`` (``skipped``) and in the report.
@@ -42,13 +52,16 @@ from engine.eval.frechet import extract_features, frechet_distance_from_features
 from engine.eval.image_metrics import psnr, ssim
 from engine.eval.protocols import PROTOCOLS, Protocol, get_protocol, rotation_extrinsics
 from engine.eval.report import frame_grid, write_report
-from engine.objectives.prediction import velocity_model
-from engine.sampling import COND_KEYS, GUIDANCE_NAMES, Guidance, SamplerConfig, generate
+from engine.models.arch import condition_keys
+from engine.objectives.dfot_velocity import from_model_space, recipe_velocity_model, to_model_space
+from engine.sampling import GUIDANCE_NAMES, Guidance, SamplerConfig, generate
 
 if TYPE_CHECKING:
     from engine.eval.geometry import VGGTGeometry
 
 WEIGHT_CHOICES = ("ema", "model")
+GRIDS = ("auto", "dfot", "uniform")
+DFOT_WEIGHTS = {"ema": "auto", "model": "raw"}   # --weights -> load_backbone_weights' choice for DFoT / GF files
 
 
 # ------------------------------------------------------------------------------------------- options
@@ -67,6 +80,7 @@ class EvalOptions:
     context: int | None = None
     steps: int = 50
     method: str = "euler"
+    grid: str = "auto"
     window: int | None = None
     sliding_context: int | None = None
     batch_size: int = 4
@@ -102,8 +116,10 @@ def parse_args(argv: list[str] | None = None) -> EvalOptions:
                    help="recipe override, e.g. --set data.root=/data/re10k (repeatable)")
     p.add_argument("--checkpoint", default=None,
                    help="checkpoint dir (checkpoints/step_N), a run dir (newest checkpoint) or a .safetensors "
-                        "file; not needed with --videos-dir")
-    p.add_argument("--weights", choices=WEIGHT_CHOICES, default="ema", help="EMA or raw model weights")
+                        "file; for model.arch uvit3d also a released DFoT / GF Lightning .ckpt, .pt or hf:// "
+                        "reference; not needed with --videos-dir")
+    p.add_argument("--weights", choices=WEIGHT_CHOICES, default="ema",
+                   help="EMA or raw model weights (DFoT / GF files: ema = the file's EMA weights if it has any)")
     p.add_argument("--protocol", required=True, choices=sorted(PROTOCOLS))
     p.add_argument("--num-videos", type=int, default=None, help="videos to evaluate (default: the protocol's)")
     p.add_argument("--out", default=None, help="output dir (default <checkpoint>/eval/<protocol>)")
@@ -111,6 +127,9 @@ def parse_args(argv: list[str] | None = None) -> EvalOptions:
     p.add_argument("--context", type=int, default=None, help="override the protocol's context frames")
     p.add_argument("--steps", type=int, default=50, help="sampling steps per window")
     p.add_argument("--method", choices=("euler", "ddim"), default="euler")
+    p.add_argument("--grid", choices=GRIDS, default="auto",
+                   help="time grid: dfot = DFoT's DDIM levels (the U-ViT3D's paper sampler: Euler on it is DFoT's "
+                        "DDIM), uniform = linspace(1, 0); auto = dfot for model.arch uvit3d, uniform for the DiT")
     p.add_argument("--window", type=int, default=None, help="frames per model call (default data.frames)")
     p.add_argument("--sliding-context", type=int, default=None, help="history frames of a sliding window")
     p.add_argument("--batch-size", type=int, default=4, help="videos sampled together")
@@ -131,9 +150,12 @@ def parse_args(argv: list[str] | None = None) -> EvalOptions:
     g = p.add_argument_group("history guidance (default: the protocol's; see engine/sampling)")
     g.add_argument("--guidance", choices=GUIDANCE_NAMES, default=None, help="scheme of the prediction windows")
     g.add_argument("--guidance-scale", type=float, default=1.0, help="HG-v / HG-f weight w")
-    g.add_argument("--stabilization", type=float, default=0.0, help="flow time of generated history (stabilized_*)")
+    g.add_argument("--stabilization", type=float, default=0.0,
+                   help="noise level of generated history (stabilized_*): a flow time; for model.arch uvit3d "
+                        "DFoT's level (fraction of its schedule, as GF's scripts)")
     g.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance on cameras / actions")
-    g.add_argument("--fraction", type=float, default=0.5, help="HG-f: flow time of the fractional history")
+    g.add_argument("--fraction", type=float, default=0.5,
+                   help="HG-f: noise level of the fractional history (uvit3d: DFoT's freq_scale level)")
     g.add_argument("--subsets", default=None, metavar="0,1;-1", help="HG-t: history-frame positions per subset")
     g.add_argument("--subset-weights", default=None, metavar="2,1.5", help="HG-t: one weight per subset")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -196,16 +218,43 @@ def resolve_checkpoint(path: str | Path, weights: str) -> Path:
     return file
 
 
-def load_dit(recipe, checkpoint: str | Path, weights: str = "ema", device: torch.device | str = "cpu"):
-    """The recipe's ``VideoDiT`` with the weights of ``checkpoint`` (keys with or without the ``dit.`` prefix)."""
-    from engine.models.dit import VideoDiT
+def load_model(recipe, checkpoint: str | Path, weights: str = "ema", device: torch.device | str = "cpu"
+               ) -> torch.nn.Module:
+    """The backbone of ``recipe.model.arch`` (``engine.models.arch.build_model``) with the weights of ``checkpoint``:
+    a GeoForge checkpoint (directory, run directory or ``.safetensors`` file; keys with or without the
+    ``dit.`` prefix), or, for ``uvit3d``, any other file or ``hf://`` reference (released DFoT / GF Lightning
+    ``.ckpt``, ``.pt``) through ``engine.models.uvit3d.checkpoint.load_backbone_weights``."""
+    from engine.models.arch import build_model
     from engine.weights import load_into, read_state_dict, strip_prefix
 
-    file = resolve_checkpoint(checkpoint, weights)
-    dit = VideoDiT(recipe.model)
-    load_into(dit, strip_prefix(read_state_dict(file), "dit."), source=str(file),
-              what="the recipe's model (check --recipe / --set model.*)")
-    return dit.to(device).eval()
+    model = build_model(recipe.model)
+    text = str(checkpoint)
+    released = text.startswith("hf://") or not (Path(text).is_dir() or text.endswith(".safetensors"))
+    if recipe.model.arch == "uvit3d" and released:
+        from engine.models.uvit3d.checkpoint import load_backbone_weights
+
+        chosen = load_backbone_weights(text, model, DFOT_WEIGHTS[weights])
+        log(f"loaded {text}: {chosen}")
+    else:
+        file = resolve_checkpoint(checkpoint, weights)
+        state = with_buffers(strip_prefix(read_state_dict(file), "dit."), file, model)
+        load_into(model, state, source=str(file), what="the recipe's model (check --recipe / --set model.*)")
+    return model.to(device).eval()
+
+
+def with_buffers(state: dict[str, torch.Tensor], file: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` plus the persistent buffers it lacks, from ``model.safetensors`` beside an ``ema.safetensors``
+    (the EMA tracks parameters only; e.g. the U-ViT3D's random Fourier noise-embedding buffers)."""
+    from engine.checkpoint import verify_file
+    from engine.weights import read_state_dict, strip_prefix
+
+    missing = [k for k in model.state_dict() if k not in state and k not in dict(model.named_parameters())]
+    sibling = Path(file).with_name("model.safetensors")
+    if not missing or Path(file).name != "ema.safetensors" or not sibling.is_file():
+        return state
+    verify_file(sibling)
+    raw = strip_prefix(read_state_dict(sibling), "dit.")
+    return {**state, **{k: raw[k] for k in missing if k in raw}}
 
 
 # ------------------------------------------------------------------------------------------- networks
@@ -324,14 +373,18 @@ def build_eval_dataset(recipe, opts: EvalOptions, frames: int, num_videos: int):
     return dataset
 
 
-def protocol_item(dataset, index: int, protocol: Protocol, frames: int) -> dict[str, torch.Tensor]:
-    """Ground truth and conditioning of video ``index`` (rotation: the first camera turned 360 degrees)."""
+def protocol_item(dataset, index: int, protocol: Protocol, frames: int, keys: tuple[str, ...]
+                  ) -> dict[str, torch.Tensor]:
+    """Ground truth and the conditioning ``keys`` of video ``index`` (rotation: the first camera turned 360
+    degrees; DFoT's ``poses16`` follow: the first frame's normalised intrinsics + the turned extrinsics)."""
     item = dataset[index]
-    cond = {k: item[k] for k in COND_KEYS if k in item}
+    cond = {k: item[k] for k in keys if k in item}
     if protocol.rotation:
         cond["extrinsics"] = rotation_extrinsics(item["extrinsics"][0], frames)
         cond["intrinsics"] = item["intrinsics"][:1].expand(frames, 3, 3).clone()
         cond.pop("actions", None)
+        if "poses16" in cond:
+            cond["poses16"] = torch.cat([cond["poses16"][:1, :4].expand(frames, 4), cond["extrinsics"].flatten(-2)], -1)
     return {"frames": item["frames"], **cond}
 
 
@@ -443,11 +496,44 @@ def set_metrics(load: Callable[[int], dict[str, np.ndarray]], count: int, nets: 
 
 
 # ------------------------------------------------------------------------------------------- the run
-def sampler_config(protocol: Protocol, opts: EvalOptions, window: int, frames: int) -> SamplerConfig:
-    return SamplerConfig(method=opts.method, steps=opts.steps, window=window, sliding_context=opts.sliding_context,
+def time_grid_option(opts: EvalOptions, recipe) -> tuple[float, ...] | None:
+    """The flow-time grid of ``--grid`` (None: the sampler's uniform ``time_grid``); ``dfot`` (``auto`` for the
+    U-ViT3D): DFoT's DDIM levels of ``--steps`` steps, on which Euler is DFoT's DDIM sampler."""
+    if opts.grid not in GRIDS:
+        raise ValueError(f"--grid must be one of {GRIDS}, got {opts.grid!r}")
+    if opts.grid == "uniform" or (opts.grid == "auto" and recipe.model.arch != "uvit3d"):
+        return None
+    from engine.objectives.dfot_velocity import dfot_flow_times
+
+    return dfot_flow_times(recipe.dfot, opts.steps)
+
+
+def dfot_guidance(guidance: Guidance, recipe) -> Guidance:
+    """``guidance`` with its levels read in DFoT's units, as GF's / DFoT's scripts give them (``stabilization``,
+    ``fraction``: fractions of DFoT's discrete schedule, e.g. 0.02 = level 19 = flow time 0.196), as flow
+    times (``engine.objectives.dfot_velocity.dfot_level_time``); the U-ViT3D's history guidance then noises
+    history exactly as DFoT's code does."""
+    from dataclasses import replace
+
+    from engine.objectives.dfot_velocity import dfot_level_time
+
+    fractional = guidance.history == "fractional"
+    fraction = dfot_level_time(recipe.dfot, guidance.fraction) if fractional else guidance.fraction
+    out = replace(guidance, stabilization=dfot_level_time(recipe.dfot, guidance.stabilization), fraction=fraction)
+    out.validate()
+    return out
+
+
+def sampler_config(protocol: Protocol, opts: EvalOptions, window: int, frames: int,
+                   times: tuple[float, ...] | None = None, recipe=None) -> SamplerConfig:
+    """The sampler of a run; for a ``uvit3d`` ``recipe`` the guidance levels are DFoT's (:func:`dfot_guidance`)."""
+    guidance, interpolation = guidance_option(opts, protocol.guidance), protocol.interpolation_guidance
+    if recipe is not None and recipe.model.arch == "uvit3d":
+        guidance, interpolation = dfot_guidance(guidance, recipe), dfot_guidance(interpolation, recipe)
+    return SamplerConfig(method=opts.method, steps=opts.steps, times=times, window=window,
+                         sliding_context=opts.sliding_context,
                          keyframe_density=protocol.keyframe_density if frames > window else None,
-                         guidance=guidance_option(opts, protocol.guidance),
-                         interpolation_guidance=protocol.interpolation_guidance,
+                         guidance=guidance, interpolation_guidance=interpolation,
                          progress=opts.progress)
 
 
@@ -464,12 +550,13 @@ def generate_videos(opts: EvalOptions, recipe, protocol: Protocol, dataset, out:
     pending = [i for i in range(num_videos) if i not in done]
     if done:
         log(f"resuming: {len(done)} of {num_videos} videos already in {out / 'videos'}")
-    dit = None
+    model = None
+    keys = condition_keys(recipe.model.arch)
     for batch_id in sorted({i // opts.batch_size for i in pending}):
         indices = [i for i in range(batch_id * opts.batch_size, (batch_id + 1) * opts.batch_size) if i < num_videos]
-        items = [protocol_item(dataset, i, protocol, frames) for i in indices]
+        items = [protocol_item(dataset, i, protocol, frames, keys) for i in indices]
         gt = torch.stack([it["frames"] for it in items])
-        cond = {k: torch.stack([it[k] for it in items]) for k in COND_KEYS if k in items[0]}
+        cond = {k: torch.stack([it[k] for it in items]) for k in keys if k in items[0]}
         if opts.videos_dir:
             generated = torch.stack([to_unit(load_generated(_external_video(Path(opts.videos_dir), i))["generated"])
                                      for i in indices])
@@ -477,12 +564,12 @@ def generate_videos(opts: EvalOptions, recipe, protocol: Protocol, dataset, out:
                 raise ValueError(f"--videos-dir videos are {tuple(generated.shape[1:])}, the protocol needs "
                                  f"{tuple(gt.shape[1:])}")
         else:
-            if dit is None:
-                dit = velocity_model(load_dit(recipe, opts.checkpoint, opts.weights, device), recipe.objective)
+            if model is None:
+                model = recipe_velocity_model(load_model(recipe, opts.checkpoint, opts.weights, device), recipe)
             g = torch.Generator(device=device).manual_seed(opts.seed * 1_000_003 + indices[0])
-            sample = generate(dit, pixels.to_signed(gt[:, :context]), frames, cond, sampler, generator=g,
-                              desc=f"videos {indices[0]}-{indices[-1]}")
-            generated = pixels.to_unit(sample.cpu())
+            sample = generate(model, to_model_space(model, pixels.to_signed(gt[:, :context])), frames, cond, sampler,
+                              generator=g, desc=f"videos {indices[0]}-{indices[-1]}")
+            generated = pixels.to_unit(from_model_space(model, sample).cpu())
             generated[:, :context] = gt[:, :context]
         for j, i in enumerate(indices):
             if i not in done:
@@ -513,6 +600,18 @@ def video_metrics(out: Path, index: int, nets: Networks, context: int) -> dict:
     return metrics
 
 
+def output_dir(opts: EvalOptions, protocol: Protocol) -> Path:
+    """``--out``, else ``<checkpoint or videos dir>/eval/<protocol>`` (a file's folder; for an ``hf://``
+    reference ``eval/<file stem>/<protocol>`` in the working directory)."""
+    if opts.out:
+        return Path(opts.out)
+    source = str(opts.checkpoint or opts.videos_dir)
+    if source.startswith("hf://"):
+        return Path("eval") / Path(source).stem / protocol.name
+    base = Path(source)
+    return (base.parent if base.is_file() else base) / "eval" / protocol.name
+
+
 def run(opts: EvalOptions, networks: Networks | None = None) -> dict:
     """Evaluate (see the module docstring); ``networks`` replaces the ones built from the options (tests)."""
     from engine.config import load_recipe
@@ -526,17 +625,13 @@ def run(opts: EvalOptions, networks: Networks | None = None) -> dict:
         raise ValueError(f"need --num-videos >= 1, --batch-size >= 1 and 0 < context ({context}) < frames ({frames})")
     if opts.checkpoint is None and opts.videos_dir is None:
         raise ValueError("give --checkpoint (to sample) or --videos-dir (to evaluate existing videos)")
-    if opts.out:
-        out = Path(opts.out)
-    else:
-        base = Path(opts.checkpoint or opts.videos_dir)
-        out = (base.parent if base.is_file() else base) / "eval" / protocol.name
+    out = output_dir(opts, protocol)
     device = resolve_device(opts.device)
     window = min(opts.window or recipe.data.frames, frames)
-    sampler = sampler_config(protocol, opts, window, frames)
+    sampler = sampler_config(protocol, opts, window, frames, time_grid_option(opts, recipe), recipe)
     dataset = build_eval_dataset(recipe, opts, frames, num_videos)
     log(f"{protocol.name}: {num_videos} videos of {frames} frames ({context} context), window {window}, "
-        f"{opts.steps} {opts.method} steps, output {out}")
+        f"{opts.steps} {opts.method} steps on the {'dfot' if sampler.times else 'uniform'} grid, output {out}")
 
     generate_videos(opts, recipe, protocol, dataset, out, num_videos, frames, context, sampler, device)
     nets = networks if networks is not None else Networks.from_options(opts, device, recipe.backend)

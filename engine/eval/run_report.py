@@ -14,9 +14,10 @@ reads everything from the run directory) writes
 
 Samples are drawn as validation draws them (:func:`engine.eval.validate.validate`: the first
 ``max(1, objective.context_frames)`` frames as clean context, the clip's cameras, ``logging.sample_steps``
-Euler steps, noise from ``recipe.seed``). Held-out clips: for synthetic data the split ``heldout_<N>``
-(N = the clips used) rendered from seed ``recipe.seed + 1`` (the seed ``engine.eval`` renders its ``test`` split from, so its
-clip n is the eval's clip n); otherwise the dataset's ``test`` split when it exists.
+Euler steps - for DFoT's U-ViT3D on DFoT's DDIM grid, i.e. DFoT's DDIM - noise from ``recipe.seed``).
+Held-out clips: for synthetic data the split ``heldout_<N>`` (N = the clips used) rendered from seed
+``recipe.seed + 1`` (the seed ``engine.eval`` renders its ``test`` split from, so its clip n is the eval's
+clip n); otherwise the dataset's ``test`` split when it exists.
 """
 from __future__ import annotations
 
@@ -109,31 +110,34 @@ def _table(rows: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
+def sampler_name(recipe) -> str:
+    """How validation samples ``recipe``'s backbone (module docstring of ``engine.eval.validate``)."""
+    return "DFoT DDIM" if recipe.model.arch == "uvit3d" else "Euler"
+
+
 def write_run_report(recipe, run_dir: Path, world) -> Path | None:
     """Write ``report.md`` for the newest checkpoint of ``run_dir`` (module docstring); main rank only.
-    Returns its path (None on other ranks, with ``logging.report_videos: 0``, without a checkpoint, or for
-    ``model.arch: uvit3d``, whose DFoT sampling the report's flow-matching samplers do not drive yet)."""
+    Returns its path (None on other ranks, with ``logging.report_videos: 0`` or without a checkpoint)."""
     from engine.checkpoint import latest_checkpoint
     from engine.data.builder import clip_names
-    from engine.eval.run import load_dit
+    from engine.eval.run import load_model
 
     from engine.distributed import World
 
     videos = recipe.logging.report_videos
-    if recipe.model.arch != "dit":
-        return None
     checkpoint = latest_checkpoint(Path(run_dir)) if world.is_main and videos else None
     if checkpoint is None:
         return None
     run_dir = Path(run_dir)
     step = int(checkpoint.name.split("_")[-1])
     weights = ["ema", "model"] if recipe.ema.enabled else ["model"]
-    dits = {f"model ({'EMA' if w == 'ema' else 'raw'} weights)": load_dit(recipe, checkpoint, w, world.device)
+    dits = {f"model ({'EMA' if w == 'ema' else 'raw'} weights)": load_model(recipe, checkpoint, w, world.device)
             for w in weights}
     lines = [f"# Run report: {recipe.name}, step {step}", "",
              f"Checkpoint `{checkpoint.relative_to(run_dir)}`. Samples: {max(1, recipe.objective.context_frames)} "
-             f"clean context frame(s), {recipe.logging.sample_steps} Euler steps, conditional; metrics over the "
-             f"generated frames. Flat frame: the clip's mean colour; repeated context: the last context frame.", ""]
+             f"clean context frame(s), {recipe.logging.sample_steps} {sampler_name(recipe)} steps, conditional; "
+             f"metrics over the generated frames. Flat frame: the clip's mean colour; repeated context: the last "
+             f"context frame.", ""]
     parts = loss_curves(run_dir / "metrics.jsonl", run_dir / "report" / "loss.png")
     if parts:
         lines += ["## Loss", "", "![loss curves](report/loss.png)", ""]

@@ -10,7 +10,10 @@ The training loop calls, every ``logging.validate_every`` steps::
 the recipe's dataset). A sample keeps the first ``max(1, objective.context_frames)`` frames of its
 clip as clean context and generates the rest with the clip's cameras / actions
 (``logging.sample_steps`` Euler steps, conditional, the noise drawn from ``recipe.seed``, so every
-validation of a run sees the same noise and its metrics are comparable across steps). Metrics over
+validation of a run sees the same noise and its metrics are comparable across steps). DFoT's U-ViT3D
+(``model.arch: uvit3d``) samples through the v-prediction adapter
+(``engine.objectives.dfot_velocity``) in DFoT's normalised pixel space on DFoT's DDIM grid, which makes
+these Euler steps DFoT's own DDIM sampler. Metrics over
 the generated frames: ``val/psnr`` and ``val/ssim`` (mean over frames and videos), and
 ``val/psnr_first`` (the first generated frame, the one closest to the context).
 """
@@ -23,8 +26,8 @@ import torch
 
 from engine import pixels
 from engine.eval.image_metrics import psnr, ssim
-from engine.objectives.dfot_diffusion import DiscreteSchedule, ddim_sample
-from engine.objectives.prediction import velocity_model
+from engine.models.arch import condition_keys
+from engine.objectives.dfot_velocity import default_times, from_model_space, recipe_velocity_model, to_model_space
 from engine.sampling import COND_KEYS, SamplerConfig, generate, sample_clip
 
 
@@ -65,12 +68,14 @@ def validate(dit: torch.nn.Module, batch: dict[str, torch.Tensor], recipe, step:
     context = max(1, recipe.objective.context_frames)
     if context >= t:
         raise ValueError(f"validation clips have {t} frames; {context} context frames leave none to generate")
-    cond = {k: batch[k].to(device).float() for k in COND_KEYS if k in batch}
-    sampler = SamplerConfig(steps=steps or recipe.logging.sample_steps, window=t, progress=False)
+    cond = {k: batch[k].to(device).float() for k in condition_keys(recipe.model.arch) if k in batch}
+    model = recipe_velocity_model(dit, recipe)
+    steps = steps or recipe.logging.sample_steps
+    sampler = SamplerConfig(steps=steps, window=t, progress=False, times=default_times(model, steps))
     g = torch.Generator().manual_seed(recipe.seed)
-    sample = generate(velocity_model(dit, recipe.objective), pixels.to_signed(frames[:, :context]), t, cond,
-                      sampler, generator=g)
-    sample = pixels.to_unit(sample).cpu()
+    sample = generate(model, to_model_space(model, pixels.to_signed(frames[:, :context])), t, cond, sampler,
+                      generator=g)
+    sample = pixels.to_unit(from_model_space(model, sample)).cpu()
     gt = frames.cpu()
     gen, ref = sample[:, context:], gt[:, context:]
     metrics = {"val/psnr": float(psnr(gen, ref).mean()), "val/ssim": float(ssim(gen, ref).mean()),
@@ -113,28 +118,23 @@ def gif_bytes(frames: torch.Tensor, fps: float = 4.0) -> bytes:
 def write_sample_video(dit: torch.nn.Module, batch: dict[str, torch.Tensor], recipe, run_dir: Path, step: int,
                        world) -> Path:
     """Generate the first clip of ``batch`` (its cameras / actions, its first ``max(1, context_frames)``
-    frames as clean context; ``logging.sample_steps`` Euler steps, noise from ``seed + step``) and write
+    frames as clean context; ``logging.sample_steps`` Euler steps - DFoT's DDIM for the U-ViT3D, see the
+    module docstring - noise from ``seed + step``) and write
     ``samples/step_N.mp4``: ground truth left, sample right (:func:`video_grid`). Every rank runs the
     sampler (ZeRO-3 needs the forward in lock-step); rank 0 writes, atomically."""
     from engine.atomic import atomic_save
     from engine.data.video_io import encode_video
 
     frames = batch["frames"][:1].float()   # float32 context, cameras and flow times whatever the model's dtype
-    x0 = pixels.to_signed(frames)
-    cond = {k: batch[k][:1].float() for k in COND_KEYS if k in batch}
+    model = recipe_velocity_model(dit, recipe)
+    x0 = to_model_space(model, pixels.to_signed(frames))
+    cond = {k: batch[k][:1].float() for k in condition_keys(recipe.model.arch) if k in batch}
     context = max(1, recipe.objective.context_frames)
+    steps = recipe.logging.sample_steps
     g = torch.Generator(device="cpu").manual_seed(recipe.seed + step)
-    if recipe.model.arch == "uvit3d":   # DFoT's diffusion: DDIM on its discrete schedule, data mean/std space
-        schedule = DiscreteSchedule(replace(recipe.dfot, sampling_timesteps=min(recipe.logging.sample_steps,
-                                                                                 recipe.dfot.timesteps)))
-        cams = ({"poses16": batch["poses16"][:1].float()} if "poses16" in batch   # DFoT's raw poses (re10k data)
-                else {k: v for k, v in cond.items() if k != "actions"})
-        x = ddim_sample(lambda xt, n: dit(xt, n, **cams), frames.shape, schedule,
-                        context=recipe.dfot.normalize(frames[:, :context]), generator=g, device=frames.device)
-        sample = pixels.to_signed(recipe.dfot.unnormalize(x))
-    else:
-        sample = sample_clip(velocity_model(dit, recipe.objective), x0.shape, recipe.logging.sample_steps, cond,
-                             generator=g, context=x0[:, :context])
+    sample = sample_clip(model, x0.shape, steps, cond, generator=g, context=x0[:, :context],
+                         times=default_times(model, steps))
+    sample = from_model_space(model, sample)
     path = Path(run_dir) / "samples" / f"step_{step}.mp4"
     if world.is_main:
         result = ValidationResult({}, pixels.to_unit(sample.float()).cpu(), frames.float().cpu(), context)

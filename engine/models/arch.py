@@ -23,6 +23,9 @@ from engine.models.uvit3d import UViT3D, UViT3DConfig
 from engine.schema import ConfigError
 
 ARCHS = ("dit", "uvit3d")
+# per-frame conditioning each backbone takes (batch keys): the DiT's cameras / actions; the U-ViT3D's ray
+# condition from DFoT's raw poses16 when a batch has them (RealEstate10K), else from the cameras
+CONDITION_KEYS = {"dit": ("intrinsics", "extrinsics", "actions"), "uvit3d": ("poses16", "intrinsics", "extrinsics")}
 
 
 @dataclass
@@ -70,6 +73,13 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         ucfg = replace(cfg.uvit3d_config(), external_cond_dropout=0.0)   # the trainer draws model.cond_dropout
         return UViT3D(ucfg)
     return VideoDiT(cfg)
+
+
+def condition_keys(arch: str) -> tuple[str, ...]:
+    """The batch keys of per-frame conditioning the backbone of ``arch`` takes (:data:`CONDITION_KEYS`)."""
+    if arch not in CONDITION_KEYS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    return CONDITION_KEYS[arch]
 
 
 def checkpointed_blocks(model: nn.Module) -> list[nn.Module]:

@@ -22,8 +22,10 @@ discrete logSNR ``-2 log tan(t_min + s (t_max - t_min)) + 2 log(0.125)`` at ``s 
 (float64) -> ``alphas_cumprod`` -> betas clipped to [1e-9, 1] -> re-accumulated, stored as float32
 (:class:`DiscreteSchedule`). DDIM with 50 steps visits the levels ``linspace(-1, 999, 51).long()``
 (-1 = clean); one step (:func:`ddim_step`) feeds the network ``0.125 * logsnr[k]``, and frames whose level
-does not change are left as they are. History guidance and long videos are GeoForge's sampler's
-(:mod:`engine.sampling`), not this module's.
+does not change are left as they are. :func:`ddim_sample` is DFoT's sampler as written, kept as the
+reference: GeoForge samples the U-ViT3D with the one sampling API (:mod:`engine.sampling`) through the
+v-prediction adapter (:mod:`engine.objectives.dfot_velocity`), whose Euler steps on
+``dfot_flow_times`` reproduce it (tested) and add history guidance and long videos.
 """
 from __future__ import annotations
 

@@ -26,7 +26,9 @@ Every consumer goes through :func:`velocity_from_output` or :class:`VelocityMode
 (``flow_matching_loss``), the samplers and every guidance scheme (they are handed a ``VelocityModel``,
 so guidance combines velocities; for the generated frames, which share ``x_t`` and ``t`` across the
 guidance branches and whose branch weights sum to one, that is the same combination of the x0
-predictions), validation, eval, the sample videos, VideoGPA generation and the DPO errors.
+predictions), validation, eval, the sample videos, VideoGPA generation and the DPO errors. DFoT's
+v-prediction U-ViT3D (a VP model, not on this path) reaches the samplers through its own adapter,
+:mod:`engine.objectives.dfot_velocity`.
 """
 from __future__ import annotations
 

@@ -18,7 +18,13 @@ left alone): ``euler`` ``x' = x + (t' - t) v``; ``ddim`` predicts ``x0 = x - t v
 this path, scaled by eta). With eta = 0 DDIM is algebraically the Euler step (the path is linear).
 Scheduling matrices: ``full_sequence`` (every generated frame at the same t) or ``pyramid`` (frame j
 starts j rows later, as Diffusion Forcing's autoregressive schedule). The time grid is
-``shift * u / (1 + (shift - 1) u)`` of ``u = linspace(1, 0, steps + 1)``.
+``shift * u / (1 + (shift - 1) u)`` of ``u = linspace(1, 0, steps + 1)``, or the explicit grid
+``SamplerConfig.times`` (e.g. DFoT's DDIM levels as flow times, ``engine.objectives.dfot_velocity``).
+
+**Models.** The sampler calls a velocity model ``model(x_t, t [B, T], **cond, drop_cond=)``: the DiT
+(through ``engine.objectives.prediction.velocity_model``) or DFoT's v-prediction U-ViT3D through the
+adapter ``engine.objectives.dfot_velocity.DFoTVelocity`` (which samples in DFoT's normalised pixel
+space: callers map context frames in and samples out with its ``encode`` / ``decode``).
 
 **Guidance** (DFoT's ``history_guidance.py``, :class:`Guidance`). The guided velocity is a weighted
 sum of model evaluations, batched into one call. Each evaluation gives every history frame a *level*

@@ -18,7 +18,7 @@ SCHEDULES = ("full_sequence", "pyramid")
 HISTORY_GUIDANCE = ("conditional", "vanilla", "fractional", "temporal")
 GUIDANCE_NAMES = HISTORY_GUIDANCE + tuple(f"stabilized_{h}" for h in HISTORY_GUIDANCE)
 AUTOCAST = ("auto", "bf16", "fp16", "none")
-COND_KEYS = ("intrinsics", "extrinsics", "actions")
+COND_KEYS = ("intrinsics", "extrinsics", "actions", "poses16")   # poses16: DFoT's raw RE10K poses (U-ViT3D)
 
 Model = Callable[..., torch.Tensor]
 
@@ -116,6 +116,14 @@ class Guidance:
         return [(levels, drop, w) for (levels, drop), w in weights.items() if w != 0.0]
 
 
+def check_times(times: Sequence[float], steps: int) -> None:
+    """Raise ValueError unless ``times`` is a flow-time grid of ``steps + 1`` values falling from 1 to 0."""
+    if len(times) != steps + 1:
+        raise ConfigError(f"sampler.times must have steps + 1 = {steps + 1} values, got {len(times)}")
+    if times[0] != 1.0 or times[-1] != 0.0 or any(a <= b for a, b in zip(times[:-1], times[1:])):
+        raise ConfigError("sampler.times must fall strictly from 1.0 to 0.0")
+
+
 @dataclass
 class SamplerConfig:
     """How :func:`generate` samples (module docstring)."""
@@ -124,6 +132,7 @@ class SamplerConfig:
     steps: int = 50
     eta: float = 0.0  # DDIM stochasticity (0: deterministic, equal to Euler)
     shift: float = 1.0  # time-grid shift (> 1 spends more steps near noise)
+    times: tuple[float, ...] | None = None  # explicit flow-time grid 1 -> 0 (steps + 1 values); overrides shift
     schedule: str = "full_sequence"  # "full_sequence" | "pyramid"
     window: int = 16  # frames per model call (the trained clip length)
     sliding_context: int | None = None  # history frames kept when sliding; None: window // 2
@@ -151,6 +160,8 @@ class SamplerConfig:
             raise ConfigError("sampler.eta > 0 needs method='ddim' (Euler is deterministic)")
         if self.shift <= 0:
             raise ConfigError(f"sampler.shift must be > 0, got {self.shift}")
+        if self.times is not None:
+            check_times(self.times, self.steps)
         if self.window < 2:
             raise ConfigError(f"sampler.window must be >= 2, got {self.window}")
         if self.sliding_context is not None and not 1 <= self.sliding_context < self.window:

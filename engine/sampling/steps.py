@@ -1,9 +1,11 @@
 """Time grids, scheduling matrices and one Euler / DDIM step on the flow path (see :mod:`engine.sampling`)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from engine.sampling.config import METHODS, SCHEDULES
+from engine.sampling.config import METHODS, SCHEDULES, check_times
 
 
 def time_grid(steps: int, shift: float = 1.0) -> torch.Tensor:
@@ -14,13 +16,20 @@ def time_grid(steps: int, shift: float = 1.0) -> torch.Tensor:
     return shift * u / (1 + (shift - 1) * u)
 
 
-def scheduling_matrix(steps: int, frames: int, kind: str = "full_sequence", shift: float = 1.0) -> torch.Tensor:
+def scheduling_matrix(steps: int, frames: int, kind: str = "full_sequence", shift: float = 1.0,
+                      times: Sequence[float] | None = None) -> torch.Tensor:
     """Per-row, per-frame flow times ``[rows, frames]`` (float64) taking ``frames`` frames from 1 to 0.
 
-    ``full_sequence``: ``steps + 1`` rows, all frames together. ``pyramid``: ``steps + frames`` rows;
-    frame j is at grid index ``clamp(steps - row + j, 0, steps)`` (it starts j rows after frame 0).
+    The grid is ``times`` when given (``steps + 1`` values from 1 to 0, e.g. DFoT's DDIM levels as flow
+    times), else :func:`time_grid`. ``full_sequence``: ``steps + 1`` rows, all frames together.
+    ``pyramid``: ``steps + frames`` rows; frame j is at grid index ``clamp(steps - row + j, 0, steps)``
+    (it starts j rows after frame 0).
     """
-    grid = time_grid(steps, shift)
+    if times is not None:
+        check_times(times, steps)
+        grid = torch.tensor(list(times), dtype=torch.float64)
+    else:
+        grid = time_grid(steps, shift)
     if kind == "full_sequence":
         return grid[:, None].expand(steps + 1, frames).clone()
     if kind == "pyramid":

@@ -91,7 +91,7 @@ def sample_window(model: Model, frames: torch.Tensor, kinds: Sequence[int] | tor
     x = torch.where(hist, clean, x)
     if n_gen == 0:
         return x
-    schedule = scheduling_matrix(sampler.steps, n_gen, sampler.schedule, sampler.shift)
+    schedule = scheduling_matrix(sampler.steps, n_gen, sampler.schedule, sampler.shift, sampler.times)
     rows = torch.zeros(schedule.shape[0], t_len, dtype=torch.float64)
     rows[:, gen] = schedule
     rows[:, kinds == PAD] = 1.0
@@ -111,11 +111,13 @@ def sample_window(model: Model, frames: torch.Tensor, kinds: Sequence[int] | tor
 @torch.no_grad()
 def sample_clip(model: Model, shape: Sequence[int], steps: int, cond: dict | None = None,
                 generator: torch.Generator | None = None, context: torch.Tensor | None = None,
-                device: torch.device | str | None = None, method: str = "euler") -> torch.Tensor:
+                device: torch.device | str | None = None, method: str = "euler",
+                times: Sequence[float] | None = None) -> torch.Tensor:
     """One window of ``shape = (B, T, C, H, W)`` with the first ``k`` frames fixed to ``context [B, k, ...]``.
 
-    Conditional Euler (or DDIM) over ``linspace(1, 0, steps + 1)``, noise drawn on ``generator``'s device: what
-    training sample videos and the VideoGPA DiT policy call. ``cond`` may carry ``drop_cond``.
+    Conditional Euler (or DDIM) over ``linspace(1, 0, steps + 1)`` (or the grid ``times``), noise drawn on
+    ``generator``'s device: what training sample videos and the VideoGPA DiT policy call. ``cond`` may carry
+    ``drop_cond``.
     """
     b, frames = shape[:2]
     k = 0 if context is None else context.shape[1]
@@ -128,7 +130,8 @@ def sample_clip(model: Model, shape: Sequence[int], steps: int, cond: dict | Non
     if k:
         frames_in[:, :k] = context.to(device).float()
     kinds = [CONTEXT] * k + [GENERATE] * (frames - k)
-    sampler = SamplerConfig(method=method, steps=steps, window=max(frames, 2), autocast="none", progress=False)
+    sampler = SamplerConfig(method=method, steps=steps, window=max(frames, 2), autocast="none", progress=False,
+                            times=None if times is None else tuple(times))
     cond = {key: v.to(device) for key, v in (cond or {}).items() if v is not None}
     drop = cond.pop("drop_cond", None)
     call = model if drop is None else (lambda x, t, **kw: model(x, t, drop_cond=drop, **kw))

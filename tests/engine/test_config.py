@@ -68,6 +68,13 @@ def test_impossible_combinations_fail_before_compute(tmp_path):
         load_recipe(write(tmp_path, {"schedule": {"steps": 5, "warmup": 6}}))
     with pytest.raises(ConfigError, match="num_heads"):
         load_recipe(write(tmp_path, {"model": {"hidden_dim": 100, "num_heads": 3}}))
+    with pytest.raises(ConfigError, match="logging.sample_steps"):   # DFoT's DDIM grid has dfot.timesteps levels
+        load_recipe("uvit3d_tiny", ["logging.sample_steps=2000"])
+
+
+def test_uvit3d_recipes_may_validate_periodically():
+    """Periodic validation samples the U-ViT3D through the v-prediction adapter: no longer refused."""
+    assert load_recipe("uvit3d_tiny", ["logging.validate_every=10"]).logging.validate_every == 10
 
 
 # The validate contract (engine/schema.py): every section's checks raise ConfigError naming the full key

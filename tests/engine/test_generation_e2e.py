@@ -27,7 +27,7 @@ from engine.checkpoint import latest_checkpoint
 from engine.config import load_recipe
 from engine.eval.baselines import flat_frames, high_frequency_energy
 from engine.eval.image_metrics import psnr
-from engine.eval.run import load_dit
+from engine.eval.run import load_model
 from engine.eval.validate import validate, validation_batch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,7 +59,7 @@ def trained(tmp_path_factory) -> tuple[Path, object]:
 
 
 def _sample(recipe, run: Path, weights: str):
-    dit = load_dit(recipe, latest_checkpoint(run), weights)
+    dit = load_model(recipe, latest_checkpoint(run), weights)
     return validate(dit, validation_batch(recipe, CLIPS), recipe, STEPS)
 
 

@@ -1,6 +1,7 @@
 """uvit3d_tiny end to end: the real ``engine/train.py`` trains DFoT's U-ViT3D with DFoT's diffusion and Geometry
 Forcing at feature map 3 (the level-2 map) on synthetic data, starting from a DFoT-shaped Lightning checkpoint
-given as ``model.pretrained`` (EMA weights in ``optimizer_states[0]["ema"]``)."""
+given as ``model.pretrained`` (EMA weights in ``optimizer_states[0]["ema"]``); periodic validation, the sample
+video and the run report sample it through the v-prediction adapter (``engine.objectives.dfot_velocity``)."""
 from __future__ import annotations
 
 import json
@@ -42,7 +43,8 @@ def test_uvit3d_tiny_trains_from_a_lightning_checkpoint(tmp_path):
 
     run = tmp_path / "run"
     args = [sys.executable, "engine/train.py", "--recipe", "uvit3d_tiny", "--run-dir", str(run)]
-    for o in [*TINY, f"data.root={tmp_path / 'data'}", f"model.pretrained={ckpt}"]:
+    for o in [*TINY, f"data.root={tmp_path / 'data'}", f"model.pretrained={ckpt}", "logging.validate_every=2",
+              "logging.validate_videos=2", "logging.report_videos=2"]:
         args += ["--set", o]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -51,6 +53,9 @@ def test_uvit3d_tiny_trains_from_a_lightning_checkpoint(tmp_path):
     assert f"model.pretrained: loaded {ckpt} (ema" in proc.stdout
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    val = [r for r in rows if "val/psnr" in r]   # periodic validation through the v-prediction adapter
+    assert len(val) == 1 and val[0]["step"] == 2 and 0 < val[0]["val/psnr"] < 60
+    rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:   # DFoT diffusion loss + GF alignment of the level-2 map, all finite
         assert all(torch.isfinite(torch.tensor(r[k])) for k in ("loss", "fm", "gf_angular", "gf_scale"))
@@ -62,6 +67,8 @@ def test_uvit3d_tiny_trains_from_a_lightning_checkpoint(tmp_path):
         torch.testing.assert_close(state["dit." + k], expected, rtol=0, atol=1e-6, msg=k)
     assert any(k.startswith("gf.vggt.align.") for k in state)
     assert (run / "samples" / "step_2.mp4").stat().st_size > 0
+    report = (run / "report.md").read_text()   # the run report, sampled with DFoT's DDIM through the adapter
+    assert "2 DFoT DDIM steps" in report and "| repeated context |" in report
 
 
 def test_uvit3d_tiny_trains_with_the_released_alignment_form(tmp_path):
