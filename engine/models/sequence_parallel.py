@@ -39,8 +39,10 @@ the group to N dL/dtheta, whether the parameter acted on slices (each rank: N x 
 replicated activations (each rank: the whole gradient, N times over the group). A loss on a replicated map
 (GF aligning a ResBlock level, or GF's released form on a gathered map, :meth:`ShardedFeatures.gather`) is
 computed whole on every rank and counts right the same way. Replicated computation must be identical on the
-ranks of a group (same inputs, same random draws); dropout inside the split blocks draws its own mask per
-rank, so a recipe with ``block_dropouts`` > 0 at a transformer level matches 1 rank in distribution only.
+ranks of a group (same inputs, same random draws: the ranks share one RNG stream). Dropout inside the U-ViT's
+split blocks draws from a per-rank stream forked off the shared one (else every slice would drop the same
+positions), so a recipe with ``block_dropouts`` > 0 at a transformer level matches 1 rank in distribution
+only, not bit for bit.
 
 This module only knows process groups; the groups are made by ``engine.distributed.parallel_layout``.
 """

@@ -10,7 +10,8 @@
 - DFoT's U-ViT3D (``model.arch: uvit3d``, its transformer levels' tokens split, the ResBlock levels whole on every
   rank): the same loss parts and gradients as whole clips (``models/sp_uvit_worker.py``: a GF map computed on token
   shards and a replicated one, the folded pose embedding with activation checkpointing, GF's released form on a
-  gathered map, slices of 1.5 token frames), and ``deepspeed --num_gpus 2 engine/train.py --recipe uvit3d_tiny
+  gathered map, slices of 1.5 token frames; with dropout, different masks per slice, replayed under
+  checkpointing), and ``deepspeed --num_gpus 2 engine/train.py --recipe uvit3d_tiny
   --set distributed.sequence_parallel=2`` logs the 1-rank losses (its live VGGT teacher under ZeRO-2; the oracle
   teacher aligning a ResBlock level under ZeRO-3 with gradient accumulation);
 - bad settings fail at load naming the key.
@@ -69,6 +70,16 @@ def test_uvit3d_sharded_loss_and_gradients_equal_whole_clip(case):
         assert sharded[case["dino_map"]] is False
     assert result["part_err"] < 1e-5, result
     assert result["grad_err"] < 1e-5, result
+
+
+def test_uvit3d_dropout_masks_differ_between_slices_and_replay_under_checkpointing():
+    """The ranks of a group share one RNG stream; their slices of a transformer level must not drop the same
+    positions (DFoT's RE10K model has dropout 0.1 there), and checkpointed blocks must replay their masks."""
+    result = _worker("tests/engine/models/sp_uvit_worker.py",
+                     {"frames": 4, "resolution": 32, "gf_map": 3, "dropout": 0.3})
+    assert result["masks_differ"] and result["replay"], result
+    assert 0.25 < result["drop_fraction"] < 0.35
+    assert result["ckpt_grad_err"] < 1e-6
 
 
 @pytest.fixture(scope="module")

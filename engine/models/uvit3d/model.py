@@ -34,7 +34,7 @@ the middle level), and every block (:meth:`UViT3D.blocks`) when the trainer appl
 Sequence parallelism (``distributed.sequence_parallel: N``, training forwards; ``engine.models.sequence_parallel``
 explains the layout and why the gradients are exact): each run of a transformer level's blocks works on this
 rank's slice of the level's ``T h w`` tokens (FiLM embedding and RoPE tables sliced the same way, attention
-through the Ulysses all-to-all) and all-gathers the whole map at its end; the ResBlock levels, Downsample /
+through the Ulysses all-to-all, dropout from a per-rank RNG stream) and all-gathers the whole map at its end; the ResBlock levels, Downsample /
 Upsample and the skip connections run on whole maps on every rank of the group. ``forward``'s
 ``return_features`` of a transformer level are then this rank's slice
 (:class:`~engine.models.sequence_parallel.ShardedFeatures`), those of a ResBlock level the whole map.
@@ -142,8 +142,18 @@ class UViT3D(nn.Module):
         emb_tokens = (emb.slice(start, stop) if isinstance(emb, FoldedEmb)
                       else emb.unflatten(0, (-1, frames)).permute(0, 1, 3, 4, 2).flatten(1, 3)[:, start:stop])
         cos, sin = cos[start:stop], sin[start:stop]
-        for blk in blocks:
-            tokens = blk(tokens, emb_tokens, cos, sin, sp)
+        if self.training and cfg.block_dropouts[level] > 0:
+            # the ranks of a group share one RNG stream (same seed, same draws): without this their slices would
+            # drop the same positions. A seed drawn from the shared stream (advancing it alike on every rank),
+            # offset by the rank, seeds the blocks' dropout; checkpointed blocks replay it (RNG state is kept).
+            seed = int(torch.randint(0, 2 ** 62, ()))
+            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+                torch.manual_seed(seed + sp.rank)
+                for blk in blocks:
+                    tokens = blk(tokens, emb_tokens, cos, sin, sp)
+        else:
+            for blk in blocks:
+                tokens = blk(tokens, emb_tokens, cos, sin, sp)
         shard = ShardedFeatures(tokens, (frames, h, w), start, stop, sp)
         full = gather_tokens(tokens, sp)
         return full.unflatten(1, (frames, h, w)).permute(0, 1, 4, 2, 3).flatten(0, 1), shard

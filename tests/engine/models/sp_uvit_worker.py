@@ -2,7 +2,11 @@
 VideoDiffusionLoss (DFoT's U-ViT3D under DFoT's diffusion + GF head, fake teacher features) evaluated on whole
 clips (sequence parallelism off) and with the transformer levels' tokens split over the ranks (on); prints the
 largest relative differences of the loss parts and of the gradients (each rank's gradients summed over the
-group / 2: what DeepSpeed's average over the ranks applies), and whether the GF map came sharded."""
+group / 2: what DeepSpeed's average over the ranks applies), and whether the GF map came sharded.
+
+With ``"dropout": p`` (transformer levels' dropout; no 1-rank match is possible) it checks instead that the two
+ranks' slices draw different dropout masks, and that activation checkpointing replays them (the same gradients
+with and without it)."""
 from __future__ import annotations
 
 import json
@@ -32,8 +36,9 @@ def main() -> None:
     rank, n = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     frames, res = case["frames"], case["resolution"]
+    drop = case.get("dropout", 0.0)
     cfg = UViT3DConfig(channels=[32, 32, 32, 64], emb_channels=32, patch_size=2, num_heads=2,
-                       block_dropouts=[0.0] * 4, num_updown_blocks=[1, 1, 2], num_mid_blocks=2,
+                       block_dropouts=[0.0, 0.0, drop, drop], num_updown_blocks=[1, 1, 2], num_mid_blocks=2,
                        use_checkpointing=[False] * 4, resolution=res, max_frames=8, external_cond_dropout=0.0)
     released = case.get("released", False)
     dino = case.get("dino_map")
@@ -82,6 +87,8 @@ def main() -> None:
         return wrapped
 
     module.gf.forward = spy(module.gf.forward)
+    if drop:
+        return dropout_check(module, run, rank, n)
     set_sequence_parallel(None)
     full_parts, full_grads = run()
     set_sequence_parallel(SequenceParallel(dist.new_group(list(range(n))), n, rank))
@@ -105,6 +112,27 @@ def main() -> None:
     if rank == 0:
         print("RESULT " + json.dumps({"part_err": part_err, "grad_err": grad_err, "worst": worst, "missing": missing,
                                       "parts": full_parts, "params": len(full_grads), "sharded": sharded}),
+              flush=True)
+    dist.destroy_process_group()
+
+
+def dropout_check(module, run, rank: int, n: int) -> None:
+    set_sequence_parallel(SequenceParallel(dist.new_group(list(range(n))), n, rank))
+    masks = []
+    dropout = module.dit.down_blocks[2][0].mlp_out[1]   # the first block of level 2
+    dropout.register_forward_hook(lambda mod, args, out: masks.append(out == 0))
+    torch.manual_seed(5)
+    _, plain = run()
+    enable_activation_checkpointing(module.dit.blocks())
+    torch.manual_seed(5)
+    _, ckpt = run()   # masks: plain forward, checkpointed forward, its recomputation in backward
+    replay = all(torch.equal(masks[0], m) for m in masks[1:]) and len(masks) == 3
+    grad_err = max(float((ckpt[k] - g).norm() / g.norm().clamp_min(1e-30)) for k, g in plain.items())
+    both = [torch.empty_like(masks[0]) for _ in range(n)]
+    dist.all_gather(both, masks[0].contiguous())
+    if rank == 0:
+        print("RESULT " + json.dumps({"masks_differ": not torch.equal(both[0], both[1]), "replay": replay,
+                                      "drop_fraction": float(masks[0].float().mean()), "ckpt_grad_err": grad_err}),
               flush=True)
     dist.destroy_process_group()
 
