@@ -65,7 +65,8 @@ class FoldedEmb:
         if self._tokens is None:   # [B, T h w, K] (or the slice), shared by the blocks of the level
             tokens = self.rays.unflatten(0, (-1, self.frames)).permute(0, 1, 3, 4, 2).reshape(
                 bt // self.frames, self.frames * h * w, k)
-            self._tokens = tokens if self.token_range is None else tokens[:, self.token_range[0]:self.token_range[1]]
+            self._tokens = (tokens if self.token_range is None   # a slice copied: the whole level's is let go
+                            else tokens[:, self.token_range[0]:self.token_range[1]].clone())
         folded, per_frame = self._parts(layer.weight, layer.bias)
         per_tok = self._tokens @ folded.t()
         b = per_tok.shape[0]

@@ -34,9 +34,9 @@ the middle level), and every block (:meth:`UViT3D.blocks`) when the trainer appl
 Sequence parallelism (``distributed.sequence_parallel: N``, training forwards; ``engine.models.sequence_parallel``
 explains the layout and why the gradients are exact): each run of a transformer level's blocks works on this
 rank's slice of the level's ``T h w`` tokens (FiLM embedding and RoPE tables sliced the same way, attention
-through the Ulysses all-to-all, dropout from a per-rank RNG stream) and all-gathers the whole map at its end; the ResBlock levels, Downsample /
-Upsample and the skip connections run on whole maps on every rank of the group. ``forward``'s
-``return_features`` of a transformer level are then this rank's slice
+through the Ulysses all-to-all, dropout from a per-rank RNG stream) and all-gathers the whole map at its end;
+the ResBlock levels, Downsample / Upsample and the skip connections run on whole maps on every rank of the
+group. ``forward``'s ``return_features`` of a transformer level are then this rank's slice
 (:class:`~engine.models.sequence_parallel.ShardedFeatures`), those of a ResBlock level the whole map.
 """
 from __future__ import annotations
@@ -136,11 +136,12 @@ class UViT3D(nn.Module):
             for blk in blocks:
                 tokens = blk(tokens, emb_tokens, cos, sin)
             return tokens.unflatten(1, (frames, h, w)).permute(0, 1, 4, 2, 3).flatten(0, 1), None
-        # sequence parallelism: this rank's tokens in, the whole level out (module docstring)
+        # sequence parallelism: this rank's tokens in, the whole level out (module docstring); the slices are
+        # copied so that the blocks' saved inputs do not keep the whole level's token maps alive
         start, stop = sp.token_range(tokens.shape[1])
-        tokens = tokens[:, start:stop]
+        tokens = tokens[:, start:stop].clone()
         emb_tokens = (emb.slice(start, stop) if isinstance(emb, FoldedEmb)
-                      else emb.unflatten(0, (-1, frames)).permute(0, 1, 3, 4, 2).flatten(1, 3)[:, start:stop])
+                      else emb.unflatten(0, (-1, frames)).permute(0, 1, 3, 4, 2).flatten(1, 3)[:, start:stop].clone())
         cos, sin = cos[start:stop], sin[start:stop]
         if self.training and cfg.block_dropouts[level] > 0:
             # the ranks of a group share one RNG stream (same seed, same draws): without this their slices would
@@ -278,8 +279,8 @@ class UViT3D(nn.Module):
         if not wanted:
             return out
         b = x.shape[0]
-        return out, {i: shards[i - 1] if i - 1 in shards else latents[i - 1].unflatten(0, (b, -1)).permute(0, 1, 3, 4, 2)
-                     for i in wanted}
+        return out, {i: shards[i - 1] if i - 1 in shards
+                     else latents[i - 1].unflatten(0, (b, -1)).permute(0, 1, 3, 4, 2) for i in wanted}
 
     def feature_channels(self, index: int) -> int:
         """Channels of the 1-based latent ``index`` (for the GF projector)."""
