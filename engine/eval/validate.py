@@ -25,7 +25,7 @@ from engine import pixels
 from engine.eval.image_metrics import psnr, ssim
 from engine.objectives.dfot_diffusion import DiscreteSchedule, ddim_sample
 from engine.objectives.prediction import velocity_model
-from engine.sampling import COND_KEYS, SamplerConfig, generate, sample_clip
+from engine.sampling import COND_KEYS, SamplerConfig, eval_mode, generate, sample_clip
 
 
 @dataclass
@@ -129,8 +129,9 @@ def write_sample_video(dit: torch.nn.Module, batch: dict[str, torch.Tensor], rec
                                                                                  recipe.dfot.timesteps)))
         cams = ({"poses16": batch["poses16"][:1].float()} if "poses16" in batch   # DFoT's raw poses (re10k data)
                 else {k: v for k, v in cond.items() if k != "actions"})
-        x = ddim_sample(lambda xt, n: dit(xt, n, **cams), frames.shape, schedule,
-                        context=recipe.dfot.normalize(frames[:, :context]), generator=g, device=frames.device)
+        with eval_mode(dit):   # no dropout; whole clips under sequence parallelism (as sample_clip does)
+            x = ddim_sample(lambda xt, n: dit(xt, n, **cams), frames.shape, schedule,
+                            context=recipe.dfot.normalize(frames[:, :context]), generator=g, device=frames.device)
         sample = pixels.to_signed(recipe.dfot.unnormalize(x))
     else:
         sample = sample_clip(velocity_model(dit, recipe.objective), x0.shape, recipe.logging.sample_steps, cond,

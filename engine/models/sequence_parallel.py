@@ -30,9 +30,9 @@ as with one rank per clip. Logged values averaged over all ranks are exact: the 
 the N ranks, and slices hold equal token counts.
 
 Why this holds for any mix of sliced and whole (replicated) computation, as in the U-ViT3D: read the N ranks'
-forwards as one graph whose objective is the sum of the N ranks' losses. Each of them equals the 1-rank loss
-L (the same full loss, or a slice's token mean, which sums over the slices to N x the whole mean), so the
-objective is N L and its gradient N dL/dtheta. Every op's backward is the exact adjoint in that graph: a plain
+forwards as one graph whose objective is the sum of the N ranks' losses. That sum is N L for the 1-rank loss
+L (a part computed whole is the same on every rank; a slice's token mean sums over the N slices to N x the
+whole mean), so its gradient is N dL/dtheta. Every op's backward is the exact adjoint in that graph: a plain
 slice's (gradient into the slice, zero elsewhere), the gather's (sum over the group of the whole-map
 gradients, then this rank's slice), the all-to-all's. Hence the per-rank gradients of each parameter sum over
 the group to N dL/dtheta, whether the parameter acted on slices (each rank: N x its slice's share) or on
