@@ -3,7 +3,7 @@
 - gradients: one DiT + GF loss evaluated on whole clips and on token slices (2 ranks) gives the same loss
   parts and the same gradients (slices' gradients averaged over the ranks, as DeepSpeed does), 1e-5
   relative, for per-frame and per-token (camera) conditioning, frame-causal attention with activation
-  checkpointing, and a slice boundary inside a token frame (``models/sp_worker.py``);
+  checkpointing, a slice boundary inside a token frame, and GF's released form (``models/sp_worker.py``);
 - training: ``deepspeed --num_gpus 2 engine/train.py --set distributed.sequence_parallel=2`` logs the
   1-rank run's losses (1e-5 relative) under ZeRO-2, ZeRO-3 with gradient accumulation, and for GF with
   its live teacher;
@@ -35,11 +35,12 @@ pytestmark = pytest.mark.slow
     {"frames": 4, "resolution": 12, "patch": 4, "camera": "rays"},                  # per-token conditioning
     {"frames": 2, "resolution": 12, "patch": 4, "attention": "frame_causal", "ckpt": True},
     {"frames": 3, "resolution": 8, "patch": 4},                                     # 12 tokens: slice of 1.5 frames
-], ids=["camera", "frame_causal_ckpt", "unaligned_slices"])
+    {"frames": 2, "resolution": 16, "patch": 4, "released": True},                  # GF as released: gathered block
+], ids=["camera", "frame_causal_ckpt", "unaligned_slices", "as_released"])
 def test_sharded_loss_and_gradients_equal_whole_clip(case):
     result = _worker("tests/engine/models/sp_worker.py", case)
     assert result["missing"] == [] and result["params"] > 50
-    assert result["parts"]["gf_angular"] > 0 and result["parts"]["fm"] > 0
+    assert result["parts"]["gf_scale"] > 0 and result["parts"]["fm"] > 0
     assert result["part_err"] < 1e-5, result
     assert result["grad_err"] < 1e-5, result
 
