@@ -220,8 +220,9 @@ class Recipe:
         self._check_sequence_parallel()
 
     def _check_sequence_parallel(self) -> None:
-        """distributed.sequence_parallel N: heads and tokens split evenly over N ranks (the world size is
-        checked at start-up, :func:`engine.distributed.sequence_parallel_groups`)."""
+        """distributed.sequence_parallel N: heads and the split tokens divide evenly over N ranks (the world size
+        is checked at start-up, :func:`engine.distributed.parallel_layout`). The DiT splits every clip's tokens;
+        DFoT's U-ViT3D the tokens of its transformer levels (``engine.models.sequence_parallel``)."""
         n = self.distributed.sequence_parallel
         if n == 1:
             return
@@ -229,17 +230,47 @@ class Recipe:
         if self.videogpa is not None:
             raise ConfigError(f"{key}: VideoGPA recipes (DPO policies) do not support sequence parallelism yet; "
                               f"use 1")
-        model = self.model.resolved()
-        if model.num_heads % n:
-            raise ConfigError(f"{key} does not divide model.num_heads={model.num_heads} (Ulysses splits the heads)")
-        grid = self.data.resolution // model.patch_size
-        tokens = (self.data.frames // model.temporal_patch_size) * grid * grid
-        if tokens % n:
-            raise ConfigError(f"{key} does not divide the {tokens} tokens of a clip (data.frames, data.resolution, "
-                              f"model.patch_size)")
-        if self.gf.enabled and self.teacher.aligned_frames(self.data.frames) != self.data.frames:
+        if self.model.arch == "uvit3d":
+            sharded_maps = self._check_sequence_parallel_uvit3d(n, key)
+        else:
+            model = self.model.resolved()
+            if model.num_heads % n:
+                raise ConfigError(f"{key} does not divide model.num_heads={model.num_heads} (Ulysses splits the heads)")
+            grid = self.data.resolution // model.patch_size
+            tokens = (self.data.frames // model.temporal_patch_size) * grid * grid
+            if tokens % n:
+                raise ConfigError(f"{key} does not divide the {tokens} tokens of a clip (data.frames, "
+                                  f"data.resolution, model.patch_size)")
+            sharded_maps = None   # every block
+        if not self.gf.enabled or self.teacher.aligned_frames(self.data.frames) == self.data.frames:
+            return
+        per_shard = ([self.gf.dit_block] if self.gf.alignment_form == "per_token" else []) + (
+            [self.gf.dino.dit_block] if self.gf.dino is not None else [])   # as_released: gathers the whole map
+        if per_shard and (sharded_maps is None or any(i in sharded_maps for i in per_shard)):
             raise ConfigError(f"teacher.frames: {self.teacher.frames} aligns part of the clip; with {key} "
                               f"the alignment is computed per token shard and needs every frame (0)")
+
+    def _check_sequence_parallel_uvit3d(self, n: int, key: str) -> set[int]:
+        """The U-ViT3D's part of :meth:`_check_sequence_parallel`: heads and each transformer level's tokens
+        (``data.frames x (data.resolution / (patch_size 2^level))^2``) split over N ranks. Returns the 1-based
+        feature maps computed on token shards (those of the transformer levels)."""
+        u = self.model.uvit3d_config()
+        levels = [i for i in range(u.num_levels) if u.is_transformer(i)]
+        if not levels:
+            raise ConfigError(f"{key}: model.uvit3d.block_types has no TransformerBlock level; sequence "
+                              f"parallelism splits the tokens of the U-ViT3D's transformer levels (use 1)")
+        if u.num_heads % n:
+            raise ConfigError(f"{key} does not divide model.uvit3d.num_heads={u.num_heads} (Ulysses splits the heads)")
+        for level in levels:
+            side = self.data.resolution // (u.patch_size * 2 ** level)
+            tokens = self.data.frames * side * side
+            if tokens % n:
+                raise ConfigError(f"{key} does not divide the {tokens} tokens of the U-ViT3D's transformer level "
+                                  f"{level} (data.frames x (data.resolution / (model.uvit3d.patch_size x "
+                                  f"2^{level}))^2 = {self.data.frames} x {side}^2)")
+        maps, blocks = u.num_feature_maps, [*u.num_updown_blocks, u.num_mid_blocks]
+        level_of = {i: i - 1 if i <= u.num_levels else maps - i for i in range(1, maps + 1)}
+        return {i for i, level in level_of.items() if u.is_transformer(level) and blocks[level]}
 
 
 # A pixel-space model predicting velocity (or noise) must carry a full-dimensional patch of it through its

@@ -309,7 +309,7 @@ class VideoDiT(nn.Module):
         for index, block in enumerate(self.blocks, start=1):
             tokens = block(tokens, c, cos, sin, mask, sp)
             if index in wanted:
-                features[index] = ShardedFeatures(tokens.reshape(b, stop - start, -1), grid, start, stop)
+                features[index] = ShardedFeatures(tokens.reshape(b, stop - start, -1), grid, start, stop, sp)
         local = self.final(tokens, c).reshape(b, stop - start, -1)
         full = gather_tokens(local, sp).unflatten(1, (frames_tok, s))
         p, tp = cfg.patch_size, cfg.temporal_patch_size

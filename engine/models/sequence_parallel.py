@@ -1,4 +1,5 @@
-"""Sequence parallelism for the video DiT (DeepSpeed-Ulysses): each clip's tokens split over N ranks.
+"""Sequence parallelism (DeepSpeed-Ulysses): each clip's tokens split over N ranks, for the video DiT and for
+the transformer levels of DFoT's U-ViT3D.
 
 Layout. With ``distributed.sequence_parallel: N`` the world of W ranks forms W / N groups of N
 consecutive ranks; the ranks of a group see the same clips (the data-parallel rank is ``rank // N``).
@@ -9,6 +10,16 @@ activation memory per rank is ~1/N of the clip's. Attention needs every token: D
 ``DistributedAttention`` all-to-all turns ``[B, L / N, heads, d]`` into ``[B, L, heads / N, d]`` (each
 rank attends over the whole sequence with a subset of heads, any mask applies unchanged) and back.
 
+The U-ViT3D (``engine.models.uvit3d``) splits the tokens of its transformer levels (DFoT: level 2 and the
+middle blocks, where the long sequences and the memory are): each run of a transformer level's blocks takes
+this rank's slice of the level's ``T h w`` tokens (a plain slice of the whole input map), runs the blocks on
+it with Ulysses attention, and all-gathers the slices (:func:`gather_tokens`) into the whole map, on which
+the Downsample / Upsample convolutions, the skip connections and the convolutional ResBlock levels run whole,
+identically on every rank of the group. The ResBlock levels have no attention (DFoT's RE10K model: 12 of its 44
+blocks, 32 are transformer blocks), and splitting them would need halo exchanges for their 3x3 convolutions and
+whole-frame GroupNorm statistics; their activation memory per rank is therefore not divided by N, only the
+transformer levels' is. A transformer level's slice is what a GF alignment of that map reads.
+
 Output and gradients. The final layer's token slices are all-gathered into the whole prediction, so the
 loss code is unchanged and every rank of a group computes the same full flow-matching loss; the gather's
 backward all-reduces (sums) the gradient over the group. Per-token side losses (Geometry Forcing) are
@@ -17,6 +28,21 @@ gradients summed over a group are N times the whole clip's, and DeepSpeed's aver
 (ZeRO partitions over all of them) divides by W = N x DP: the data-parallel mean of whole-clip gradients,
 as with one rank per clip. Logged values averaged over all ranks are exact: the full loss is the same on
 the N ranks, and slices hold equal token counts.
+
+Why this holds for any mix of sliced and whole (replicated) computation, as in the U-ViT3D: read the N ranks'
+forwards as one graph whose objective is the sum of the N ranks' losses. That sum is N L for the 1-rank loss
+L (a part computed whole is the same on every rank; a slice's token mean sums over the N slices to N x the
+whole mean), so its gradient is N dL/dtheta. Every op's backward is the exact adjoint in that graph: a plain
+slice's (gradient into the slice, zero elsewhere), the gather's (sum over the group of the whole-map
+gradients, then this rank's slice), the all-to-all's. Hence the per-rank gradients of each parameter sum over
+the group to N dL/dtheta, whether the parameter acted on slices (each rank: N x its slice's share) or on
+replicated activations (each rank: the whole gradient, N times over the group). A loss on a replicated map
+(GF aligning a ResBlock level, or GF's released form on a gathered map, :meth:`ShardedFeatures.gather`) is
+computed whole on every rank and counts right the same way. Replicated computation must be identical on the
+ranks of a group (same inputs, same random draws: the ranks share one RNG stream). Dropout inside the U-ViT's
+split blocks draws from a per-rank stream forked off the shared one (else every slice would drop the same
+positions), so a recipe with ``block_dropouts`` > 0 at a transformer level matches 1 rank in distribution
+only, not bit for bit.
 
 This module only knows process groups; the groups are made by ``engine.distributed.parallel_layout``.
 """
@@ -59,16 +85,25 @@ def sequence_parallel() -> SequenceParallel | None:
 @dataclass
 class ShardedFeatures:
     """A block's features under sequence parallelism: this rank's tokens ``[B, stop - start, D]`` of the
-    clip's token grid ``grid = (T', H', W')`` flattened in (t, h, w) order."""
+    clip's token grid ``grid = (T', H', W')`` flattened in (t, h, w) order; ``sp`` the group that holds the
+    other slices."""
 
     tokens: torch.Tensor
     grid: tuple[int, int, int]
     start: int
     stop: int
+    sp: SequenceParallel | None = None
 
     def local(self, full: torch.Tensor) -> torch.Tensor:
         """The same token slice of a full-grid tensor ``[B, T', H', W', C]`` -> ``[B, stop - start, C]``."""
         return full.flatten(1, 3)[:, self.start:self.stop]
+
+    def gather(self) -> torch.Tensor:
+        """The whole feature map ``[B, T', H', W', D]`` on every rank of the group (:func:`gather_tokens`: a
+        loss of it computed on every rank gets the gradient count of the module docstring)."""
+        if self.sp is None:
+            raise ValueError("ShardedFeatures.gather: no sequence-parallel group (sp) was recorded")
+        return gather_tokens(self.tokens, self.sp).unflatten(1, self.grid)
 
 
 class _GatherTokens(torch.autograd.Function):

@@ -260,6 +260,8 @@ class _ReleasedTerm(nn.Module):
             raise KeyError(f"GF as_released: the batch has no {name!r} (keys: {sorted(batch)})")
         if temporal_patch != 1:
             raise ValueError("gf.alignment_form as_released: needs one token frame per frame (temporal_patch_size 1)")
+        if isinstance(feats, ShardedFeatures):   # sequence parallelism: the whole map on every rank of the group
+            feats = feats.gather()
         y = batch[name]
         aligned = y.shape[1]
         latent = feats[:, :aligned].permute(0, 1, 4, 2, 3).flatten(0, 1)   # [B T', C, h, w]
@@ -272,13 +274,15 @@ class GeometryForcingHead(nn.Module):
 
     ``dims``: channels of each teacher feature key (the teacher's or the cache's ``dims``, in the
     teacher's order): one projector per VGGT key, and the DINO term when ``gf.dino`` is set;
-    ``hidden_dim``: the DiT width; ``temporal_patch``: the DiT's temporal patch size.
+    ``hidden_dim``: the width of the aligned features (the DiT width, or the U-ViT map's channels);
+    ``dino_dim``: that of ``gf.dino.dit_block``'s features when they differ (U-ViT levels; default
+    ``hidden_dim``); ``temporal_patch``: the DiT's temporal patch size.
     ``forward(features, batch)`` takes the DiT's ``{block: [B, T', H', W', D]}`` and returns
     ``{"loss": weighted sum, "gf_angular", "gf_scale"[, "dino_angular", "dino_scale"]}``.
     """
 
     def __init__(self, gf: GFConfig, dims: Mapping[str, int], hidden_dim: int, temporal_patch: int = 1,
-                 backend: str = "auto"):
+                 backend: str = "auto", dino_dim: int | None = None):
         super().__init__()
         vggt_keys = [k for k in dims if k != DINO_KEY]
         if not vggt_keys:
@@ -299,7 +303,7 @@ class GeometryForcingHead(nn.Module):
         if gf.dino is not None:
             d = gf.dino
             self.dino_block = d.dit_block
-            self.dino = _Term([DINO_KEY], dims, hidden_dim, d.projector_hidden, d.scale_hidden,
+            self.dino = _Term([DINO_KEY], dims, dino_dim or hidden_dim, d.projector_hidden, d.scale_hidden,
                               (d.angular_weight, d.scale_weight), backend, gf.chunk_size)
 
     @property

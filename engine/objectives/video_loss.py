@@ -62,7 +62,8 @@ class VideoDiffusionLoss(nn.Module):
             if teacher_dims is None:
                 raise ValueError("VideoDiffusionLoss: gf is enabled but no teacher_dims were given")
             self.gf = GeometryForcingHead(gf, teacher_dims, feature_channels(dit, gf.dit_block),
-                                          getattr(dit.cfg, "temporal_patch_size", 1), backend)
+                                          getattr(dit.cfg, "temporal_patch_size", 1), backend,
+                                          feature_channels(dit, gf.dino.dit_block) if gf.dino is not None else None)
 
     def condition(self, batch: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The conditioning inputs in float32 whatever the model's dtype (``dtype`` is ignored): a bf16 camera

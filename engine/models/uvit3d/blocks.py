@@ -9,7 +9,8 @@ Layouts: convolutional blocks take ``x [N, C, H, W]`` (N = batch x frames) and a
   ``GroupNorm(h) (1 + scale) + shift`` -> SiLU -> conv3x3; residual.
 - ``TransformerBlock`` (ViT-22B parallel block): ``h = RMSNorm(x) (1 + scale) + shift`` (FiLM from emb),
   one fused linear to ``(q, k, v | mlp hidden 4C)``, QK-RMSNorm, 3D RoPE, full attention through
-  GeoForge's backend (``engine.models.attention``), ``x + attn_out(a) + mlp_out(SiLU(mlp))``.
+  GeoForge's backend (``engine.models.attention``), ``x + attn_out(a) + mlp_out(SiLU(mlp))``; under sequence
+  parallelism on a token slice, attention through the Ulysses all-to-all (``engine.models.sequence_parallel``).
 - ``Downsample``: avg-pool 2 -> conv3x3; ``Upsample``: conv3x3 -> nearest x2.
 
 DFoT zero-initialises the output layers (``ProjectOutput``, ResBlock's last conv, ``attn_out``,
@@ -23,6 +24,7 @@ from torch import nn
 
 from engine.models.attention import attention
 from engine.models.rope import apply_rope
+from engine.models.sequence_parallel import ulysses_attention
 from engine.models.uvit3d.folded import FoldedEmb
 
 
@@ -73,13 +75,16 @@ class TransformerBlock(nn.Module):
         self.attn_out = nn.Linear(dim, dim)
         self.mlp_out = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sp=None
+                ) -> torch.Tensor:
+        """``sp`` (a :class:`~engine.models.sequence_parallel.SequenceParallel`): ``x`` is this rank's token slice
+        and attention runs over the whole sequence through the Ulysses all-to-all."""
         qkv, mlp_h = self.fused_attn_mlp_proj(self.norm(x, emb)).split(self.fused_dims, dim=-1)
         # [B, L, 3, heads, d] -> three [B, heads, L, d] views (no copy before the norms)
         q, k, v = qkv.unflatten(-1, (3, self.heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
         q = apply_rope(self.q_norm(q), cos, sin)
         k = apply_rope(self.k_norm(k), cos, sin)
-        a = attention(q, k, v).transpose(1, 2).flatten(2)
+        a = (attention(q, k, v) if sp is None else ulysses_attention(q, k, v, None, sp)).transpose(1, 2).flatten(2)
         x = x + self.attn_out(a)
         return x + self.mlp_out(mlp_h)
 

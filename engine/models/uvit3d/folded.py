@@ -28,7 +28,19 @@ class FoldedEmb:
     def __init__(self, noise: torch.Tensor, rays: torch.Tensor, pose_w: torch.Tensor, pose_b: torch.Tensor,
                  keep: torch.Tensor | None, frames: int):
         self.noise, self.rays, self.pose_w, self.pose_b, self.keep, self.frames = noise, rays, pose_w, pose_b, keep, frames
+        self.token_range: tuple[int, int] | None = None   # set by ``slice``: only these tokens of ``tokens``
         self._tokens: torch.Tensor | None = None
+        self._slices: dict[tuple[int, int], FoldedEmb] = {}
+
+    def slice(self, start: int, stop: int) -> FoldedEmb:
+        """The same conditioning restricted to the tokens ``[start, stop)`` of the level's ``T h w`` (time
+        slowest) for :meth:`tokens` (sequence parallelism: a rank's token slice); cached per range."""
+        part = self._slices.get((start, stop))
+        if part is None:
+            part = FoldedEmb(self.noise, self.rays, self.pose_w, self.pose_b, self.keep, self.frames)
+            part.token_range = (start, stop)
+            self._slices[(start, stop)] = part
+        return part
 
     def _parts(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W P [out, K], per-frame term [B T, out])`` for a layer ``W [out, E]``."""
@@ -47,16 +59,22 @@ class FoldedEmb:
         return per_pixel + per_frame[:, :, None, None]
 
     def tokens(self, layer: nn.Linear) -> torch.Tensor:
-        """``layer(emb)`` in token layout ``[B, T h w, out]`` (time slowest)."""
-        if self._tokens is None:   # [B, T h w, K], shared by the blocks of the level
-            bt, k, h, w = self.rays.shape
-            self._tokens = self.rays.unflatten(0, (-1, self.frames)).permute(0, 1, 3, 4, 2).reshape(
+        """``layer(emb)`` in token layout ``[B, T h w, out]`` (time slowest), or ``[B, stop - start, out]`` for
+        a :meth:`slice`."""
+        bt, k, h, w = self.rays.shape
+        if self._tokens is None:   # [B, T h w, K] (or the slice), shared by the blocks of the level
+            tokens = self.rays.unflatten(0, (-1, self.frames)).permute(0, 1, 3, 4, 2).reshape(
                 bt // self.frames, self.frames * h * w, k)
+            self._tokens = (tokens if self.token_range is None   # a slice copied: the whole level's is let go
+                            else tokens[:, self.token_range[0]:self.token_range[1]].clone())
         folded, per_frame = self._parts(layer.weight, layer.bias)
         per_tok = self._tokens @ folded.t()
         b = per_tok.shape[0]
         if self.keep is not None:
             per_tok = per_tok * self.keep.view(b, self.frames)[:, :1, None]
+        if self.token_range is not None:   # each token's frame term
+            frame = torch.arange(*self.token_range, device=per_tok.device) // (h * w)
+            return per_tok + per_frame.view(b, self.frames, -1)[:, frame]
         per_tok = per_tok.unflatten(1, (self.frames, -1)) + per_frame.view(b, self.frames, 1, -1)
         return per_tok.flatten(1, 2)
 

@@ -30,6 +30,14 @@ Two call forms:
 Activation checkpointing (``engine.models.checkpointing``): per level from ``cfg.use_checkpointing`` (DFoT:
 the middle level), and every block (:meth:`UViT3D.blocks`) when the trainer applies
 ``distributed.activation_checkpointing``.
+
+Sequence parallelism (``distributed.sequence_parallel: N``, training forwards; ``engine.models.sequence_parallel``
+explains the layout and why the gradients are exact): each run of a transformer level's blocks works on this
+rank's slice of the level's ``T h w`` tokens (FiLM embedding and RoPE tables sliced the same way, attention
+through the Ulysses all-to-all, dropout from a per-rank RNG stream) and all-gathers the whole map at its end;
+the ResBlock levels, Downsample / Upsample and the skip connections run on whole maps on every rank of the
+group. ``forward``'s ``return_features`` of a transformer level are then this rank's slice
+(:class:`~engine.models.sequence_parallel.ShardedFeatures`), those of a ResBlock level the whole map.
 """
 from __future__ import annotations
 
@@ -42,6 +50,7 @@ from torch import nn
 
 from engine.models.checkpointing import enable_activation_checkpointing
 from engine.models.rope import dfot_axis_dims, rope_tables
+from engine.models.sequence_parallel import SequenceParallel, ShardedFeatures, gather_tokens, sequence_parallel
 from engine.models.uvit3d.blocks import (Conv, Downsample, ResBlock, TransformerBlock, Upsample,
                                          zero_init_outputs)
 from engine.models.uvit3d.config import UViT3DConfig
@@ -106,26 +115,50 @@ class UViT3D(nn.Module):
             return self.mid_blocks
         return self.up_blocks[n - 2 - level][1:] if up else self.down_blocks[level][:-1]
 
-    def _run_level(self, x: torch.Tensor, emb: torch.Tensor, level: int, frames: int, up: bool = False
-                   ) -> torch.Tensor:
-        """Blocks of one level on ``x [BT, C, h, w]`` with ``emb [BT, E, h, w]``; returns ``[BT, C, h, w]``."""
+    def _run_level(self, x: torch.Tensor, emb: torch.Tensor, level: int, frames: int, up: bool = False,
+                   sp: SequenceParallel | None = None) -> tuple[torch.Tensor, ShardedFeatures | None]:
+        """Blocks of one level on ``x [BT, C, h, w]`` with ``emb [BT, E, h, w]``; returns ``[BT, C, h, w]`` and,
+        for a transformer level under sequence parallelism ``sp``, this rank's token slice of it (else None)."""
         cfg = self.cfg
         blocks = self._level_blocks(level, up)
         if len(blocks) == 0:
-            return x
+            return x, None
         if not cfg.is_transformer(level):
             for blk in blocks:
                 x = blk(x, emb)
-            return x
+            return x, None
         bt, c, h, w = x.shape
         tokens = x.unflatten(0, (-1, frames)).permute(0, 1, 3, 4, 2).flatten(1, 3)      # [B, T h w, C]
-        emb_tokens = (emb if isinstance(emb, FoldedEmb)
-                      else emb.unflatten(0, (-1, frames)).permute(0, 1, 3, 4, 2).flatten(1, 3))
         head_dim = c // cfg.num_heads
         cos, sin = rope_tables(frames, h, w, head_dim, cfg.rope_theta, x.device, dfot_axis_dims(head_dim))
-        for blk in blocks:
-            tokens = blk(tokens, emb_tokens, cos, sin)
-        return tokens.unflatten(1, (frames, h, w)).permute(0, 1, 4, 2, 3).flatten(0, 1)
+        if sp is None:
+            emb_tokens = (emb if isinstance(emb, FoldedEmb)
+                          else emb.unflatten(0, (-1, frames)).permute(0, 1, 3, 4, 2).flatten(1, 3))
+            for blk in blocks:
+                tokens = blk(tokens, emb_tokens, cos, sin)
+            return tokens.unflatten(1, (frames, h, w)).permute(0, 1, 4, 2, 3).flatten(0, 1), None
+        # sequence parallelism: this rank's tokens in, the whole level out (module docstring); the slices are
+        # copied so that the blocks' saved inputs do not keep the whole level's token maps alive
+        start, stop = sp.token_range(tokens.shape[1])
+        tokens = tokens[:, start:stop].clone()
+        emb_tokens = (emb.slice(start, stop) if isinstance(emb, FoldedEmb)
+                      else emb.unflatten(0, (-1, frames)).permute(0, 1, 3, 4, 2).flatten(1, 3)[:, start:stop].clone())
+        cos, sin = cos[start:stop], sin[start:stop]
+        if self.training and cfg.block_dropouts[level] > 0:
+            # the ranks of a group share one RNG stream (same seed, same draws): without this their slices would
+            # drop the same positions. A seed drawn from the shared stream (advancing it alike on every rank),
+            # offset by the rank, seeds the blocks' dropout; checkpointed blocks replay it (RNG state is kept).
+            seed = int(torch.randint(0, 2 ** 62, ()))
+            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+                torch.manual_seed(seed + sp.rank)
+                for blk in blocks:
+                    tokens = blk(tokens, emb_tokens, cos, sin, sp)
+        else:
+            for blk in blocks:
+                tokens = blk(tokens, emb_tokens, cos, sin, sp)
+        shard = ShardedFeatures(tokens, (frames, h, w), start, stop, sp)
+        full = gather_tokens(tokens, sp)
+        return full.unflatten(1, (frames, h, w)).permute(0, 1, 4, 2, 3).flatten(0, 1), shard
 
     def _folds(self, level: int, pixels: int) -> bool:
         """Whether level ``level`` (``pixels`` = B T h w) takes the folded embedding (``engine.models.uvit3d.folded``)."""
@@ -173,34 +206,41 @@ class UViT3D(nn.Module):
 
     def _backbone(self, x: torch.Tensor, noise_levels: torch.Tensor, external_cond: torch.Tensor,
                   external_cond_mask: torch.Tensor | None, wanted: Sequence[int]
-                  ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Output and the requested latents (0-based indices), latents as ``[BT, C, h, w]``."""
+                  ) -> tuple[torch.Tensor, dict[int, torch.Tensor], dict[int, ShardedFeatures]]:
+        """Output, the requested latents (0-based indices) as ``[BT, C, h, w]`` and, under sequence parallelism
+        (training forwards), this rank's token slices of those of them a transformer level computed."""
         self._check(x, noise_levels)
+        sp = sequence_parallel() if self.training else None   # sampling / validation: whole clips
         b, frames = x.shape[:2]
         n = self.cfg.num_levels
         dtype = self.embed_input.proj.weight.dtype
         h = self.embed_input(x.to(dtype).flatten(0, 1))
         embs = self._level_embeddings(noise_levels, external_cond.to(dtype), external_cond_mask, h.shape[-2:])
         latents: dict[int, torch.Tensor] = {}
+        shards: dict[int, ShardedFeatures] = {}
         keep = set(wanted)
+
+        def kept(index: int, h: torch.Tensor, shard: ShardedFeatures | None) -> None:
+            if index in keep:
+                latents[index] = h
+                if shard is not None:
+                    shards[index] = shard
+
         before, after = [], []
         for level in range(n - 1):
-            h = self._run_level(h, embs[level], level, frames)
-            if level in keep:
-                latents[level] = h
+            h, shard = self._run_level(h, embs[level], level, frames, sp=sp)
+            kept(level, h, shard)
             before.append(h)
             h = self.down_blocks[level][-1](h)
             after.append(h)
-        h = self._run_level(h, embs[-1], n - 1, frames)
-        if n - 1 in keep:
-            latents[n - 1] = h
+        h, shard = self._run_level(h, embs[-1], n - 1, frames, sp=sp)
+        kept(n - 1, h, shard)
         for index, level in enumerate(reversed(range(n - 1)), start=n):
             h = self.up_blocks[n - 2 - level][0](h - after.pop()) + before.pop()
-            h = self._run_level(h, embs[level], level, frames, up=True)
-            if index in keep:
-                latents[index] = h
+            h, shard = self._run_level(h, embs[level], level, frames, up=True, sp=sp)
+            kept(index, h, shard)
         out = self.project_output(h).unflatten(0, (b, frames))
-        return out, latents
+        return out, latents, shards
 
     # ------------------------------------------------------------------ public calls
     def dfot_forward(self, x: torch.Tensor, noise_levels: torch.Tensor, external_cond: torch.Tensor,
@@ -210,7 +250,7 @@ class UViT3D(nn.Module):
         if external_cond is None:
             raise ValueError("external_cond (the ray condition [B, T, 180, H, W]) is required")
         wanted = range(self.cfg.num_feature_maps) if return_latents else ()
-        out, latents = self._backbone(x, noise_levels, external_cond, external_cond_mask, wanted)
+        out, latents, _ = self._backbone(x, noise_levels, external_cond, external_cond_mask, wanted)
         if not return_latents:
             return out
         b = x.shape[0]
@@ -221,7 +261,8 @@ class UViT3D(nn.Module):
                 drop_cond: torch.Tensor | None = None, return_features: Sequence[int] = ()
                 ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """GeoForge's call: cameras as raw ``poses16`` or ``intrinsics`` / ``extrinsics``; ``return_features``
-        1-based latent indices -> ``(out, {i: [B, T, h, w, C]})``."""
+        1-based latent indices -> ``(out, {i: [B, T, h, w, C]})``; under sequence parallelism a transformer level's
+        map is this rank's token slice (:class:`~engine.models.sequence_parallel.ShardedFeatures`)."""
         maps = self.cfg.num_feature_maps
         wanted = sorted(set(return_features))
         if any(i < 1 or i > maps for i in wanted):
@@ -235,11 +276,12 @@ class UViT3D(nn.Module):
         ray_dtype = torch.promote_types(self.embed_input.proj.weight.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):   # DFoT: rays in float32 (float64 for a float64 model)
             rays = ray_condition(poses16.to(ray_dtype), x.shape[-1])
-        out, latents = self._backbone(x, noise_levels, rays, drop_cond, [i - 1 for i in wanted])
+        out, latents, shards = self._backbone(x, noise_levels, rays, drop_cond, [i - 1 for i in wanted])
         if not wanted:
             return out
         b = x.shape[0]
-        return out, {i: latents[i - 1].unflatten(0, (b, -1)).permute(0, 1, 3, 4, 2) for i in wanted}
+        return out, {i: shards[i - 1] if i - 1 in shards
+                     else latents[i - 1].unflatten(0, (b, -1)).permute(0, 1, 3, 4, 2) for i in wanted}
 
     def feature_channels(self, index: int) -> int:
         """Channels of the 1-based latent ``index`` (for the GF projector)."""

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from engine.config import load_recipe
-from engine.eval.validate import frame_strip, validate, validation_batch, write_validation
+from engine.eval.validate import frame_strip, validate, validation_batch, write_sample_video, write_validation
 from engine.models.dit import DiTConfig, VideoDiT
 
 T, HW = 4, 16
@@ -96,3 +96,24 @@ def test_validation_batch_and_tensorboard_logging(tmp_path) -> None:
         frame = torch.from_numpy(np.array(gif.convert("RGB"))).permute(2, 0, 1).float()
         bottom = frame[:, 32:]   # video 1's row: GIF palettes quantise, so compare on average
         assert (bottom - expected[t]).abs().mean() < 12, t
+
+
+def test_uvit3d_sample_video_runs_the_model_in_eval_mode(tmp_path) -> None:
+    """The U-ViT3D's end-of-run sample (DFoT's DDIM) runs with dropout off (and so whole clips under sequence
+    parallelism), and leaves the model training."""
+    from engine.distributed import World
+    from engine.models.arch import build_model
+
+    recipe = load_recipe("uvit3d_tiny", ["model.uvit3d.block_dropouts=[0.0, 0.0, 0.5, 0.5]", "logging.sample_steps=2",
+                                         "data.frames=2"])
+    model = build_model(recipe.model).train()
+    modes = []
+    model.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    res = recipe.data.resolution
+    batch = {"frames": torch.rand(1, 2, 3, res, res),
+             "intrinsics": torch.tensor([[30.0, 0, res / 2], [0, 30.0, res / 2], [0, 0, 1]]).expand(1, 2, 3, 3),
+             "extrinsics": torch.eye(3, 4).expand(1, 2, 3, 4)}
+    world = World(rank=0, local_rank=0, size=1, local_size=1, device=torch.device("cpu"))
+    path = write_sample_video(model, batch, recipe, tmp_path, 1, world)
+    assert path.stat().st_size > 0
+    assert modes and not any(modes) and model.training

@@ -16,6 +16,7 @@ from engine.models.dit import DiTConfig, VideoDiT
 from engine.models.sequence_parallel import SequenceParallel, set_sequence_parallel
 from engine.objectives.flow_matching import FlowMatchingConfig
 from engine.objectives.geometry_forcing import GFConfig
+from engine.objectives.gf_released import RELEASED_KEY
 from engine.teacher.spec import BATCH_PREFIX, vggt_key
 from engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
 
@@ -31,9 +32,11 @@ def main() -> None:
     frames, res, patch = case["frames"], case["resolution"], case["patch"]
     cfg = DiTConfig(hidden_dim=64, depth=3, num_heads=4, patch_size=patch, camera=case.get("camera", "none"),
                     camera_freqs=2, attention=case.get("attention", "full"))
+    released = case.get("released", False)   # GF's published form: the block's tokens gathered whole
     gf = GFConfig(enabled=True, dit_block=2, projector_hidden=32, scale_hidden=16, angular_weight=0.5,
-                  scale_weight=0.05)
-    dims = {vggt_key(0): 24, vggt_key(1): 24}
+                  scale_weight=0.05, **({"alignment_form": "as_released", "released_size": 8,
+                                         "released_mid_channels": 8} if released else {}))
+    dims = {RELEASED_KEY: 2} if released else {vggt_key(0): 24, vggt_key(1): 24}
     module = VideoDiffusionLoss(VideoDiT(cfg), FlowMatchingConfig(context_frames=1), gf, dims, "reference")
     if case.get("ckpt", False):
         enable_activation_checkpointing(module.dit.blocks)
@@ -43,7 +46,8 @@ def main() -> None:
     b = 2
     g = torch.Generator().manual_seed(1)
     batch = {"frames": torch.rand(b, frames, 3, res, res, generator=g), "index": torch.arange(b),
-             **{BATCH_PREFIX + k: torch.randn(b, frames, 3, 3, 24, generator=g) for k in dims}}
+             **{BATCH_PREFIX + k: torch.randn(*((b, frames, 2, 8, 8) if released else (b, frames, 3, 3, 24)),
+                                              generator=g) for k in dims}}
     if cfg.camera != "none":
         batch["intrinsics"] = torch.tensor([[60.0, 0, res / 2], [0, 60.0, res / 2], [0, 0, 1]]).expand(b, frames, 3, 3)
         ext = torch.eye(3, 4).repeat(b, frames, 1, 1)
