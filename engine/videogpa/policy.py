@@ -100,6 +100,12 @@ class DiTPolicy(VideoPolicy):
     def enable_activation_checkpointing(self) -> None:
         enable_activation_checkpointing(self.network.blocks)
 
+    def sequence_parallel_split(self) -> tuple[int, str, int, str]:
+        cfg = self.network.cfg
+        tokens = (self.frames // cfg.temporal_patch_size) * (self.height // cfg.patch_size) * (self.width // cfg.patch_size)
+        return (cfg.num_heads, "model.num_heads", tokens,
+                "videogpa.generate.frames / height or data.frames / resolution, model.patch_size")
+
     def batch_condition(self, conds: list[Condition]) -> dict[str, Tensor]:
         out = {"first_frame": torch.stack([c.first_frame for c in conds]).to(self.device)}
         if self.camera:

@@ -1,0 +1,127 @@
+"""Sequence parallelism (DeepSpeed-Ulysses, ``distributed.sequence_parallel``) in the DPO train stage, on 2 CPU
+ranks over gloo.
+
+- per policy (GeoForge's DiT, Wan2.2-TI2V, CogVideoX-I2V with and without activation checkpointing): one
+  DPOModule on token slices of 2 ranks gives, on each rank, the whole clip's DPO loss and the policy's and
+  the reference's per-sample errors, and the whole clip's gradients (summed over the group / 2, as
+  DeepSpeed averages), 1e-5 relative (``sp_dpo_worker.py``);
+- training: ``deepspeed --num_gpus 2 engine/train.py --stage train --set distributed.sequence_parallel=2``
+  logs the 1-rank run's DPO parts (1e-5 relative) under ZeRO-3 with gradient accumulation;
+- bad settings fail at load naming the key.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.config import ConfigError, load_recipe
+
+ROOT = Path(__file__).resolve().parents[3]
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+CASES = [{"name": "dit", "kind": "dit"}, {"name": "wan", "kind": "wan_ti2v"},
+         {"name": "cogvideox", "kind": "cogvideox_i2v"},
+         {"name": "cogvideox_ckpt", "kind": "cogvideox_i2v", "ckpt": True}]
+
+
+def test_sharded_dpo_errors_and_gradients_equal_whole_clip():
+    pytest.importorskip("diffusers")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(35500 + os.getpid() % 1000), "tests/engine/videogpa/sp_dpo_worker.py",
+           json.dumps(CASES)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    results = json.loads(next(line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")))
+    assert sorted(results) == sorted(c["name"] for c in CASES)
+    for name, r in results.items():
+        assert r["all_to_all"] > 0, (name, r)   # the sharded run went through Ulysses' all-to-all
+        assert r["missing"] == [] and r["params"] >= 8, (name, r)
+        assert r["parts"]["err_w"] != r["parts"]["ref_err_w"], (name, r)   # the policy is not the reference
+        assert r["part_err"] < 1e-5, (name, r)   # loss and the 4 per-sample errors, on every rank
+        assert r["grad_err"] < 1e-5, (name, r)
+
+
+STEPS = ["schedule.steps=3", "schedule.warmup=1", "logging.every=1", "logging.checkpoint_every=10",
+         "videogpa.dpo.eval_pairs=2", "videogpa.dpo.eval_draws=1", "optimizer.lr=3e-3",
+         "distributed.grad_accum=2"]
+
+
+def _dpo_run(launcher: str, run_dir: Path, overrides: list[str]) -> tuple[subprocess.CompletedProcess, dict]:
+    from test_dpo_training import T, prepare
+
+    prepare(run_dir)
+    args = ["engine/train.py", "--recipe", "videogpa_tiny", "--run-dir", str(run_dir), "--stage", "train"]
+    for o in [f"data.frames={T}", *STEPS, *overrides]:
+        args += ["--set", o]
+    cmd = ([sys.executable, *args] if launcher == "python" else
+           [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+            "--master_port", str(36500 + os.getpid() % 1000), *args])
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    rows = {}
+    if proc.returncode == 0:
+        rows = {r["step"]: r for r in map(json.loads, (run_dir / "train" / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r}
+    return proc, rows
+
+
+def test_dit_policy_two_ranks_sp2_zero3_match_one_rank(tmp_path):
+    one, ref = _dpo_run("python", tmp_path / "one", ["distributed.zero_stage=0"])
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-3000:]
+    two, sp = _dpo_run("deepspeed2", tmp_path / "two", ["distributed.zero_stage=3",
+                                                        "distributed.sequence_parallel=2"])
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    assert "videogpa train: 2 rank(s) on cpu (DP 1 x SP 2)" in two.stdout
+    assert sorted(sp) == sorted(ref) == [1, 2, 3]
+    for step in ref:
+        for part in ("loss", "err_w", "err_l", "ref_err_w", "ref_err_l"):
+            assert sp[step][part] == pytest.approx(ref[step][part], rel=1e-5), (step, part, ref, sp)
+        # the margin is a difference of ~equal errors (~4): compare it at 1e-6 of their size
+        assert sp[step]["reward_margin"] == pytest.approx(ref[step]["reward_margin"], abs=1e-6 * ref[step]["err_w"])
+    assert ref[3]["loss"] != ref[1]["loss"]   # it trained
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["distributed.sequence_parallel=3"], "distributed.sequence_parallel: 3 does not divide model.num_heads=4"),
+    (["distributed.sequence_parallel=2", "data.frames=5", "data.resolution=12"],
+     r"does not divide the 45 tokens of a policy clip \(videogpa.generate.frames"),
+    (["distributed.sequence_parallel=2", "videogpa.policy.kind=wan_ti2v",
+      "videogpa.policy.tiny_config={transformer: {num_attention_heads: 3}, vae: {}}"],
+     "does not divide videogpa.policy.tiny_config.transformer.num_attention_heads=3"),
+])
+def test_bad_settings_fail_at_load(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_recipe("videogpa_tiny", overrides)
+
+
+@pytest.mark.parametrize("kind,geometry,message", [
+    ("wan_ti2v", ["videogpa.generate.frames=9", "videogpa.generate.height=16", "videogpa.generate.width=16"],
+     r"does not divide the 3 video tokens of a training clip of the wan_ti2v policy \(videogpa.generate"),
+    ("cogvideox_i2v", ["videogpa.generate.frames=9", "videogpa.generate.height=16", "videogpa.generate.width=16"],
+     r"does not divide the 3 video tokens of a training clip of the cogvideox_i2v policy"),
+])
+def test_diffusers_tokens_checked_on_the_built_policy(kind, geometry, message):
+    pytest.importorskip("diffusers")
+    from test_diffusers_policies import TINY
+
+    from engine.videogpa.config import PolicyConfig
+    from engine.videogpa.policy import build_policy
+    from engine.videogpa.policy_base import check_sequence_parallel
+
+    recipe = load_recipe("videogpa_tiny", geometry)
+    recipe.videogpa.policy = PolicyConfig(kind=kind, tiny_config=TINY[kind], text_encoder=False, max_text_tokens=8)
+    policy = build_policy(recipe)
+    check_sequence_parallel(policy, 1)
+    with pytest.raises(ConfigError, match=message):
+        check_sequence_parallel(policy, 2)
