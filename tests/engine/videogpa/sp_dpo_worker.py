@@ -61,7 +61,10 @@ def inputs(policy, recipe, kind: str):
             ext = torch.eye(3, 4).repeat(policy.frames, 1, 1)
             ext[:, 2, 3] = torch.arange(policy.frames, dtype=torch.float32) * 0.1
             c.extrinsics = ext
-        conds.append(policy.prepare_condition(c))
+        c = policy.prepare_condition(c)
+        if c.prompt_embeds is not None:   # random prompts (no text encoder here): a text stream that matters
+            c.prompt_embeds = torch.randn(c.prompt_embeds.shape, generator=g)
+        conds.append(c)
     cond = policy.batch_condition(conds)
     with torch.no_grad():
         x_w = policy.encode(torch.rand(b, policy.frames, 3, size, size, generator=g))

@@ -1,12 +1,14 @@
 """Sequence parallelism (DeepSpeed-Ulysses, ``distributed.sequence_parallel``) in the DPO train stage, on 2 CPU
 ranks over gloo.
 
-- per policy (GeoForge's DiT, Wan2.2-TI2V, CogVideoX-I2V with and without activation checkpointing): one
+- per policy (GeoForge's DiT; Wan2.2-TI2V and CogVideoX-I2V, each with and without activation
+  checkpointing, random prompt embeddings): one
   DPOModule on token slices of 2 ranks gives, on each rank, the whole clip's DPO loss and the policy's and
   the reference's per-sample errors, and the whole clip's gradients (summed over the group / 2, as
   DeepSpeed averages), 1e-5 relative (``sp_dpo_worker.py``);
 - training: ``deepspeed --num_gpus 2 engine/train.py --stage train --set distributed.sequence_parallel=2``
-  logs the 1-rank run's DPO parts (1e-5 relative) under ZeRO-3 with gradient accumulation;
+  logs the 1-rank run's DPO parts (1e-5 relative): the DiT policy under ZeRO-3 with gradient
+  accumulation, the Wan policy under ZeRO-2;
 - bad settings fail at load naming the key.
 """
 from __future__ import annotations
@@ -32,7 +34,7 @@ def _env() -> dict[str, str]:
 
 
 CASES = [{"name": "dit", "kind": "dit"}, {"name": "wan", "kind": "wan_ti2v"},
-         {"name": "cogvideox", "kind": "cogvideox_i2v"},
+         {"name": "wan_ckpt", "kind": "wan_ti2v", "ckpt": True}, {"name": "cogvideox", "kind": "cogvideox_i2v"},
          {"name": "cogvideox_ckpt", "kind": "cogvideox_i2v", "ckpt": True}]
 
 
@@ -58,10 +60,11 @@ STEPS = ["schedule.steps=3", "schedule.warmup=1", "logging.every=1", "logging.ch
          "distributed.grad_accum=2"]
 
 
-def _dpo_run(launcher: str, run_dir: Path, overrides: list[str]) -> tuple[subprocess.CompletedProcess, dict]:
-    from test_dpo_training import T, prepare
+def _dpo_run(launcher: str, run_dir: Path, overrides: list[str], prepare=None
+             ) -> tuple[subprocess.CompletedProcess, dict]:
+    from test_dpo_training import T, prepare as prepare_dit
 
-    prepare(run_dir)
+    (prepare or prepare_dit)(run_dir)
     args = ["engine/train.py", "--recipe", "videogpa_tiny", "--run-dir", str(run_dir), "--stage", "train"]
     for o in [f"data.frames={T}", *STEPS, *overrides]:
         args += ["--set", o]
@@ -76,6 +79,15 @@ def _dpo_run(launcher: str, run_dir: Path, overrides: list[str]) -> tuple[subpro
     return proc, rows
 
 
+def _compare(ref: dict, sp: dict) -> None:
+    worst = 0.0
+    for step in ref:
+        for part in ("loss", "err_w", "err_l", "ref_err_w", "ref_err_l"):
+            assert sp[step][part] == pytest.approx(ref[step][part], rel=1e-5), (step, part, ref, sp)
+            worst = max(worst, abs(sp[step][part] - ref[step][part]) / abs(ref[step][part]))
+    print(f"largest relative difference of the logged DPO parts, SP 2 vs 1 rank: {worst:.2e}")
+
+
 def test_dit_policy_two_ranks_sp2_zero3_match_one_rank(tmp_path):
     one, ref = _dpo_run("python", tmp_path / "one", ["distributed.zero_stage=0"])
     assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-3000:]
@@ -84,12 +96,60 @@ def test_dit_policy_two_ranks_sp2_zero3_match_one_rank(tmp_path):
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
     assert "videogpa train: 2 rank(s) on cpu (DP 1 x SP 2)" in two.stdout
     assert sorted(sp) == sorted(ref) == [1, 2, 3]
-    for step in ref:
-        for part in ("loss", "err_w", "err_l", "ref_err_w", "ref_err_l"):
-            assert sp[step][part] == pytest.approx(ref[step][part], rel=1e-5), (step, part, ref, sp)
-        # the margin is a difference of ~equal errors (~4): compare it at 1e-6 of their size
+    _compare(ref, sp)
+    for step in ref:   # the margin is a difference of ~equal errors (~4): compared at 1e-6 of their size
         assert sp[step]["reward_margin"] == pytest.approx(ref[step]["reward_margin"], abs=1e-6 * ref[step]["err_w"])
     assert ref[3]["loss"] != ref[1]["loss"]   # it trained
+
+
+def _prepare_wan(run_dir: Path, pairs: int = 4, frames: int = 9, size: int = 32) -> None:
+    """Pairs for the tiny Wan policy: rendered clips (winners) and the same with shuffled frames (losers),
+    conditions with a first frame and a random prompt embedding (no text encoder)."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    from engine.data.synthetic import render_clip
+    from engine.data.video_io import encode_video
+    from engine.videogpa.io import atomic_write_jsonl
+    from engine.videogpa.policy import Condition
+
+    rows, rng, g = [], np.random.default_rng(0), torch.Generator().manual_seed(0)
+    for i in range(pairs):
+        frames_ = render_clip(seed=5, n=i, frames=frames, resolution=size)["frames"]
+        key = f"{i:05d}"
+        folder = run_dir / "candidates" / key
+        folder.mkdir(parents=True)
+        encode_video(folder / "cand_00.mp4", frames_, fps=8)
+        encode_video(folder / "cand_01.mp4", np.concatenate([frames_[:1], frames_[1:][rng.permutation(frames - 1)]]),
+                     fps=8)
+        embeds = torch.randn(8, 16, generator=g)
+        cond = Condition(key=key, first_frame=torch.from_numpy(frames_[0]).permute(2, 0, 1).float() / 255.0,
+                         prompt_embeds=embeds, negative_embeds=torch.zeros_like(embeds))
+        save_file(cond.tensors(), str(folder / "condition.safetensors"))
+        (folder / "meta.json").write_text(json.dumps({"key": key, "prompt": "", "files": ["cand_00.mp4", "cand_01.mp4"],
+                                                      "seeds": [0, 1]}))
+        rows.append({"input": key, "winner": f"candidates/{key}/cand_00.mp4", "loser": f"candidates/{key}/cand_01.mp4",
+                     "winner_score": 0.01, "loser_score": 0.2, "gap": 0.19, "split": "train"})
+    atomic_write_jsonl(run_dir / "pairs.jsonl", rows)
+
+
+def test_wan_policy_two_ranks_sp2_zero2_match_one_rank(tmp_path):
+    pytest.importorskip("diffusers")
+    from test_diffusers_policies import TINY
+
+    wan = ["videogpa.policy.kind=wan_ti2v", f"videogpa.policy.tiny_config={json.dumps(TINY['wan_ti2v'])}",
+           "videogpa.policy.text_encoder=false", "videogpa.policy.max_text_tokens=8", "videogpa.generate.frames=9",
+           "videogpa.generate.height=32", "videogpa.generate.width=32", "schedule.steps=2", "distributed.grad_accum=1",
+           "distributed.zero_stage=2"]
+    one, ref = _dpo_run("python", tmp_path / "one", wan, prepare=_prepare_wan)
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-3000:]
+    two, sp = _dpo_run("deepspeed2", tmp_path / "two", [*wan, "distributed.sequence_parallel=2"], prepare=_prepare_wan)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    assert "videogpa train: 2 rank(s) on cpu (DP 1 x SP 2) | policy wan_ti2v" in two.stdout
+    assert sorted(sp) == sorted(ref) == [1, 2]
+    _compare(ref, sp)
+    assert ref[2]["err_w"] != ref[2]["ref_err_w"]   # the first step moved the adapters
 
 
 @pytest.mark.parametrize("overrides,message", [
