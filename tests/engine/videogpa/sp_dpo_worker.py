@@ -27,6 +27,8 @@ DIFFUSERS_GEOMETRY = ["videogpa.generate.frames=9", "videogpa.generate.height=32
 def build(case: dict):
     kind = case["kind"]
     overrides = ["videogpa.lora.rank=4", "videogpa.lora.alpha=4"]
+    if case.get("full"):   # full fine-tuning: every weight trained, the reference a frozen copy
+        overrides.append("videogpa.lora.enabled=false")
     if kind == "dit":
         overrides += ["data.frames=4", "data.resolution=16", "model.depth=2"]   # 4 x 16 = 64 tokens
     else:
@@ -41,9 +43,12 @@ def build(case: dict):
         policy.enable_sequence_parallel()   # hooks and processors; a no-op while no group is installed
     module = build_dpo_module(recipe, policy)
     torch.manual_seed(1)
-    for name, p in module.named_parameters():   # LoRA B = 0 at init would make the policy the reference
-        if "lora_" in name:
-            torch.nn.init.normal_(p, std=0.1)
+    with torch.no_grad():
+        for name, p in module.named_parameters():   # LoRA B = 0 at init would make the policy the reference
+            if "lora_" in name:
+                torch.nn.init.normal_(p, std=0.1)
+            elif case.get("full") and name.startswith("network."):
+                p.add_(torch.randn_like(p), alpha=0.01)
     if case.get("ckpt"):
         policy.enable_activation_checkpointing()
     return recipe, policy, module

@@ -2,7 +2,7 @@
 ranks over gloo.
 
 - per policy (GeoForge's DiT; Wan2.2-TI2V and CogVideoX-I2V, each with and without activation
-  checkpointing, random prompt embeddings): one
+  checkpointing, random prompt embeddings; LoRA, and full fine-tuning against a frozen copy): one
   DPOModule on token slices of 2 ranks gives, on each rank, the whole clip's DPO loss and the policy's and
   the reference's per-sample errors, and the whole clip's gradients (summed over the group / 2, as
   DeepSpeed averages), 1e-5 relative (``sp_dpo_worker.py``);
@@ -35,7 +35,10 @@ def _env() -> dict[str, str]:
 
 CASES = [{"name": "dit", "kind": "dit"}, {"name": "wan", "kind": "wan_ti2v"},
          {"name": "wan_ckpt", "kind": "wan_ti2v", "ckpt": True}, {"name": "cogvideox", "kind": "cogvideox_i2v"},
-         {"name": "cogvideox_ckpt", "kind": "cogvideox_i2v", "ckpt": True}]
+         {"name": "cogvideox_ckpt", "kind": "cogvideox_i2v", "ckpt": True},
+         # every weight trained (reference: a frozen copy): gradients of the replicated text / time paths too
+         {"name": "dit_full", "kind": "dit", "full": True}, {"name": "wan_full", "kind": "wan_ti2v", "full": True},
+         {"name": "cogvideox_full", "kind": "cogvideox_i2v", "full": True}]
 
 
 def test_sharded_dpo_errors_and_gradients_equal_whole_clip():
