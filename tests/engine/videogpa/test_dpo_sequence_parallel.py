@@ -8,7 +8,7 @@ ranks over gloo.
   DeepSpeed averages), 1e-5 relative (``sp_dpo_worker.py``);
 - training: ``deepspeed --num_gpus 2 engine/train.py --stage train --set distributed.sequence_parallel=2``
   logs the 1-rank run's DPO parts (1e-5 relative): the DiT policy under ZeRO-3 with gradient
-  accumulation, the Wan policy under ZeRO-2;
+  accumulation, Wan under ZeRO-2, CogVideoX under ZeRO-3 with accumulation and activation checkpointing;
 - bad settings fail at load naming the key.
 """
 from __future__ import annotations
@@ -105,8 +105,8 @@ def test_dit_policy_two_ranks_sp2_zero3_match_one_rank(tmp_path):
     assert ref[3]["loss"] != ref[1]["loss"]   # it trained
 
 
-def _prepare_wan(run_dir: Path, pairs: int = 4, frames: int = 9, size: int = 32) -> None:
-    """Pairs for the tiny Wan policy: rendered clips (winners) and the same with shuffled frames (losers),
+def _prepare_pairs(run_dir: Path, pairs: int = 4, frames: int = 9, size: int = 32) -> None:
+    """Pairs for the tiny diffusers policies: rendered clips (winners) and the same with shuffled frames (losers),
     conditions with a first frame and a random prompt embedding (no text encoder)."""
     import numpy as np
     import torch
@@ -137,19 +137,23 @@ def _prepare_wan(run_dir: Path, pairs: int = 4, frames: int = 9, size: int = 32)
     atomic_write_jsonl(run_dir / "pairs.jsonl", rows)
 
 
-def test_wan_policy_two_ranks_sp2_zero2_match_one_rank(tmp_path):
+@pytest.mark.parametrize("kind,stage,accum,ckpt", [("wan_ti2v", 2, 1, False), ("cogvideox_i2v", 3, 2, True)],
+                         ids=["wan_zero2", "cogvideox_zero3_accum_ckpt"])
+def test_diffusers_policy_two_ranks_sp2_match_one_rank(tmp_path, kind, stage, accum, ckpt):
     pytest.importorskip("diffusers")
     from test_diffusers_policies import TINY
 
-    wan = ["videogpa.policy.kind=wan_ti2v", f"videogpa.policy.tiny_config={json.dumps(TINY['wan_ti2v'])}",
-           "videogpa.policy.text_encoder=false", "videogpa.policy.max_text_tokens=8", "videogpa.generate.frames=9",
-           "videogpa.generate.height=32", "videogpa.generate.width=32", "schedule.steps=2", "distributed.grad_accum=1",
-           "distributed.zero_stage=2"]
-    one, ref = _dpo_run("python", tmp_path / "one", wan, prepare=_prepare_wan)
+    policy = [f"videogpa.policy.kind={kind}", f"videogpa.policy.tiny_config={json.dumps(TINY[kind])}",
+              "videogpa.policy.text_encoder=false", "videogpa.policy.max_text_tokens=8", "videogpa.generate.frames=9",
+              "videogpa.generate.height=32", "videogpa.generate.width=32", "schedule.steps=2",
+              f"distributed.grad_accum={accum}"]
+    one, ref = _dpo_run("python", tmp_path / "one", [*policy, "distributed.zero_stage=0"], prepare=_prepare_pairs)
     assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-3000:]
-    two, sp = _dpo_run("deepspeed2", tmp_path / "two", [*wan, "distributed.sequence_parallel=2"], prepare=_prepare_wan)
+    two, sp = _dpo_run("deepspeed2", tmp_path / "two",
+                       [*policy, f"distributed.zero_stage={stage}", f"distributed.activation_checkpointing={ckpt}",
+                        "distributed.sequence_parallel=2"], prepare=_prepare_pairs)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
-    assert "videogpa train: 2 rank(s) on cpu (DP 1 x SP 2) | policy wan_ti2v" in two.stdout
+    assert f"videogpa train: 2 rank(s) on cpu (DP 1 x SP 2) | policy {kind}" in two.stdout
     assert sorted(sp) == sorted(ref) == [1, 2]
     _compare(ref, sp)
     assert ref[2]["err_w"] != ref[2]["ref_err_w"]   # the first step moved the adapters
