@@ -90,8 +90,8 @@ class _DiffusersPolicy(VideoPolicy):
         f, h, w = self._latent_grid()
         pt, ph, pw = self._patch()
         tokens = -(-f // pt) * (h // ph) * (w // pw)
-        return (cfg.num_attention_heads, "the transformer's num_attention_heads (videogpa.policy.checkpoint / "
-                "tiny_config)", tokens, "videogpa.generate.frames / height / width")
+        return (cfg.num_attention_heads, "num_attention_heads of the transformer of videogpa.policy.checkpoint / "
+                "tiny_config", tokens, "videogpa.generate.frames / height / width")
 
     def _patch(self) -> tuple[int, int, int]:
         raise NotImplementedError

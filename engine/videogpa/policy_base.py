@@ -130,8 +130,8 @@ def check_sequence_parallel(policy: VideoPolicy, n: int) -> None:
     heads, heads_key, tokens, tokens_key = policy.sequence_parallel_split()
     key = f"distributed.sequence_parallel: {n}"
     if heads % n:
-        raise ConfigError(f"{key} does not divide {heads_key}={heads} of the {policy.kind} policy (Ulysses splits "
-                          f"the attention heads)")
+        raise ConfigError(f"{key} does not divide the {heads} attention heads of the {policy.kind} policy "
+                          f"({heads_key}; Ulysses splits the heads)")
     if tokens % n:
         raise ConfigError(f"{key} does not divide the {tokens} video tokens of a training clip of the {policy.kind} "
                           f"policy ({tokens_key})")

@@ -172,13 +172,20 @@ def test_bad_settings_fail_at_load(overrides, message):
         load_recipe("videogpa_tiny", overrides)
 
 
-@pytest.mark.parametrize("kind,geometry,message", [
-    ("wan_ti2v", ["videogpa.generate.frames=9", "videogpa.generate.height=16", "videogpa.generate.width=16"],
+HEADS_3 = {"num_attention_heads": 3, "attention_head_dim": 8}
+
+
+@pytest.mark.parametrize("kind,geometry,transformer,message", [
+    ("wan_ti2v", ["videogpa.generate.frames=9", "videogpa.generate.height=16", "videogpa.generate.width=16"], {},
      r"does not divide the 3 video tokens of a training clip of the wan_ti2v policy \(videogpa.generate"),
-    ("cogvideox_i2v", ["videogpa.generate.frames=9", "videogpa.generate.height=16", "videogpa.generate.width=16"],
+    ("cogvideox_i2v", ["videogpa.generate.frames=9", "videogpa.generate.height=16", "videogpa.generate.width=16"], {},
      r"does not divide the 3 video tokens of a training clip of the cogvideox_i2v policy"),
-])
-def test_diffusers_tokens_checked_on_the_built_policy(kind, geometry, message):
+    ("wan_ti2v", ["videogpa.generate.frames=9", "videogpa.generate.height=32", "videogpa.generate.width=32"], HEADS_3,
+     r"does not divide the 3 attention heads of the wan_ti2v policy \(num_attention_heads of the transformer"),
+], ids=["wan_tokens", "cogvideox_tokens", "wan_heads"])
+def test_diffusers_policy_checked_when_built(kind, geometry, transformer, message):
+    """What the recipe cannot know (a hub checkpoint's heads, the VAE's token grid): checked on the built
+    policy (``engine.videogpa.pipeline`` does it before any stage runs)."""
     pytest.importorskip("diffusers")
     from test_diffusers_policies import TINY
 
@@ -187,7 +194,8 @@ def test_diffusers_tokens_checked_on_the_built_policy(kind, geometry, message):
     from engine.videogpa.policy_base import check_sequence_parallel
 
     recipe = load_recipe("videogpa_tiny", geometry)
-    recipe.videogpa.policy = PolicyConfig(kind=kind, tiny_config=TINY[kind], text_encoder=False, max_text_tokens=8)
+    tiny = {**TINY[kind], "transformer": {**TINY[kind]["transformer"], **transformer}}
+    recipe.videogpa.policy = PolicyConfig(kind=kind, tiny_config=tiny, text_encoder=False, max_text_tokens=8)
     policy = build_policy(recipe)
     check_sequence_parallel(policy, 1)
     with pytest.raises(ConfigError, match=message):
