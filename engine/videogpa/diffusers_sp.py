@@ -37,8 +37,6 @@ the whole world (no data-parallel groups), and its output all-gather's backward 
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -178,22 +176,20 @@ def install(network: nn.Module, kind: str) -> None:
     forwards when a group is installed (see the module docstring); a no-op in every other forward."""
     if getattr(network, "_geoforge_sp", False):
         return
-    hooks: list[Any] = []
     if kind == "wan_ti2v":
         for block in network.blocks:
             block.attn1.set_processor(_wan_processor())
-        hooks.append(network.register_forward_pre_hook(_slice_input("timestep", 1, only_2d=True), with_kwargs=True))
-        hooks.append(network.rope.register_forward_hook(_slice_output))
-        hooks.append(network.blocks[0].register_forward_pre_hook(_slice_input("hidden_states", 0), with_kwargs=True))
+        network.register_forward_pre_hook(_slice_input("timestep", 1, only_2d=True), with_kwargs=True)
+        network.rope.register_forward_hook(_slice_output)
+        network.blocks[0].register_forward_pre_hook(_slice_input("hidden_states", 0), with_kwargs=True)
     elif kind == "cogvideox_i2v":
         for block in network.transformer_blocks:
             block.attn1.set_processor(_cogvideox_processor())
-        hooks.append(network.transformer_blocks[0].register_forward_pre_hook(_slice_input("hidden_states", 0),
-                                                                             with_kwargs=True))
+        network.transformer_blocks[0].register_forward_pre_hook(_slice_input("hidden_states", 0), with_kwargs=True)
     else:
         raise ValueError(f"sequence parallelism: no plan for the {kind!r} policy")
-    hooks.append(network.proj_out.register_forward_hook(_gather_output))
-    network._geoforge_sp = True
+    network.proj_out.register_forward_hook(_gather_output)
+    network._geoforge_sp = True   # installed once (a plain flag: the reference's deepcopy copies it)
 
 
 __all__ = ["install"]

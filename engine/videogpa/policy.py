@@ -102,7 +102,8 @@ class DiTPolicy(VideoPolicy):
 
     def sequence_parallel_split(self) -> tuple[int, str, int, str]:
         cfg = self.network.cfg
-        tokens = (self.frames // cfg.temporal_patch_size) * (self.height // cfg.patch_size) * (self.width // cfg.patch_size)
+        p = cfg.patch_size
+        tokens = (self.frames // cfg.temporal_patch_size) * (self.height // p) * (self.width // p)
         return (cfg.num_heads, "model.num_heads", tokens,
                 "videogpa.generate.frames / height or data.frames / resolution, model.patch_size")
 

@@ -62,7 +62,8 @@ def inputs(policy, recipe, kind: str):
     for i in range(b):
         c = Condition(key=str(i), first_frame=torch.rand(3, size, size, generator=g))
         if kind == "dit":
-            c.intrinsics = torch.tensor([[20.0, 0, size / 2], [0, 20.0, size / 2], [0, 0, 1]]).expand(policy.frames, 3, 3)
+            k = torch.tensor([[20.0, 0, size / 2], [0, 20.0, size / 2], [0, 0, 1]])
+            c.intrinsics = k.expand(policy.frames, 3, 3)
             ext = torch.eye(3, 4).repeat(policy.frames, 1, 1)
             ext[:, 2, 3] = torch.arange(policy.frames, dtype=torch.float32) * 0.1
             c.extrinsics = ext
@@ -125,7 +126,8 @@ def main() -> None:
             if err > grad_err:
                 grad_err, worst = err, k
         results[case["name"]] = {"part_err": float(t), "grad_err": grad_err, "worst": worst, "parts": full_parts,
-                                 "params": len(full_grads), "all_to_all": sharded_calls, "missing": sorted(set(full_grads) - set(grads))}
+                                 "params": len(full_grads), "all_to_all": sharded_calls,
+                                 "missing": sorted(set(full_grads) - set(grads))}
     if rank == 0:
         print("RESULT " + json.dumps(results), flush=True)
     dist.destroy_process_group()
