@@ -222,14 +222,15 @@ class Recipe:
     def _check_sequence_parallel(self) -> None:
         """distributed.sequence_parallel N: heads and the split tokens divide evenly over N ranks (the world size
         is checked at start-up, :func:`engine.distributed.parallel_layout`). The DiT splits every clip's tokens;
-        DFoT's U-ViT3D the tokens of its transformer levels (``engine.models.sequence_parallel``)."""
+        DFoT's U-ViT3D the tokens of its transformer levels (``engine.models.sequence_parallel``); for VideoGPA
+        recipes, those of the policy that the DPO train stage splits."""
         n = self.distributed.sequence_parallel
         if n == 1:
             return
         key = f"distributed.sequence_parallel: {n}"
         if self.videogpa is not None:
-            raise ConfigError(f"{key}: VideoGPA recipes (DPO policies) do not support sequence parallelism yet; "
-                              f"use 1")
+            self._check_policy_sequence_parallel(n, key)
+            return
         if self.model.arch == "uvit3d":
             sharded_maps = self._check_sequence_parallel_uvit3d(n, key)
         else:
@@ -271,6 +272,30 @@ class Recipe:
         maps, blocks = u.num_feature_maps, [*u.num_updown_blocks, u.num_mid_blocks]
         level_of = {i: i - 1 if i <= u.num_levels else maps - i for i in range(1, maps + 1)}
         return {i for i, level in level_of.items() if u.is_transformer(level) and blocks[level]}
+
+    def _check_policy_sequence_parallel(self, n: int, key: str) -> None:
+        """VideoGPA (the DPO train stage): what the recipe fixes of the policy's heads and clip tokens. The own
+        DiT's are all in the recipe; a diffusers policy's heads are when ``policy.tiny_config`` gives them,
+        and its tokens depend on the VAE: both are checked again on the built policy, before any stage runs
+        (``engine.videogpa.policy_base.check_sequence_parallel``)."""
+        vg = self.videogpa
+        if vg.policy.kind != "dit":
+            if not vg.policy.checkpoint and vg.policy.tiny_config:
+                heads = (vg.policy.tiny_config.get("transformer") or {}).get("num_attention_heads")
+                if isinstance(heads, int) and heads % n:
+                    raise ConfigError(f"{key} does not divide videogpa.policy.tiny_config.transformer."
+                                      f"num_attention_heads={heads} (Ulysses splits the heads)")
+            return
+        model = self.model.resolved()
+        if model.num_heads % n:
+            raise ConfigError(f"{key} does not divide model.num_heads={model.num_heads} (Ulysses splits the heads)")
+        gen = vg.generate
+        frames, height = gen.frames or self.data.frames, gen.height or self.data.resolution
+        width = gen.width or height
+        tokens = ((frames // model.temporal_patch_size) * (height // model.patch_size) * (width // model.patch_size))
+        if tokens % n:
+            raise ConfigError(f"{key} does not divide the {tokens} tokens of a policy clip (videogpa.generate."
+                              f"frames / height or data.frames / data.resolution, model.patch_size)")
 
 
 # A pixel-space model predicting velocity (or noise) must carry a full-dimensional patch of it through its

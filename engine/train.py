@@ -107,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                 summary = run_pipeline(recipe, run_dir, world, stage=args.stage)
             else:
                 summary = train(recipe, run_dir, args.resume, world)
+        except ConfigError as err:   # a check that needs the built model (a VideoGPA policy's heads / tokens)
+            if world.is_main:
+                print(f"error: {err}", file=sys.stderr)
+            return 2
         except (NonFiniteLossError, CheckpointError, CheckpointWriteError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1

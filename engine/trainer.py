@@ -134,7 +134,8 @@ class Trainer:
 
     @property
     def trained_parameters(self) -> int:
-        return sum(p.numel() for p in self.engine.module.parameters() if p.requires_grad)
+        # ZeRO-3 partitions parameters (their numel() is then 0 here): ds_numel is the full size
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters() if p.requires_grad)
 
     # -------------------------------------------------------------------------------------- resume
     def resume(self, resume: str | None) -> Path | None:

@@ -637,8 +637,12 @@ def sp_model(recipe: Recipe, gpus: int, gpu: str, mfu: float, sp: int) -> dict[s
       (sp - 1) / sp of them leave the GPU; passes: forward, backward (2x), recompute with checkpointing;
       time = bytes / NVLink bandwidth (``LINK_GBS``), not overlapped; 1 for sp = 1;
     - VideoGPA DPO (diffusers policy): per pair, policy forward + backward on winner and loser and a reference
-      forward on both (adapters off); bf16 frozen weights 2P (ZeRO-3 shards them), LoRA states negligible;
-      activations as for the DiT (34 L D bytes per block working set, block inputs kept with checkpointing);
+      forward on both (adapters off), all on the rank's token slice; bf16 frozen weights 2P (ZeRO-3 shards
+      them), LoRA states negligible; activations as for the DiT (34 L D bytes per block working set, block
+      inputs kept with checkpointing). CogVideoX's joint text tokens (226) are not split: every rank of a
+      group keeps them and runs their per-token layers (only attention divides by sp), the all-to-all moves
+      video tokens only and the text attention output is all-gathered over heads; sp must divide the video
+      tokens (rows that do not are left out, as the recipe check refuses them).
     - U-ViT3D (``model.arch: uvit3d``, :func:`uvit3d_sp_model`): only the transformer levels are split (tokens
       and heads / sp, Ulysses); the ResBlock levels, the down/up-sampling and the input/output convolutions
       run whole clips on every rank of a group. So the counted FLOPs and saved tensors of the transformer
@@ -655,32 +659,38 @@ def sp_model(recipe: Recipe, gpus: int, gpu: str, mfu: float, sp: int) -> dict[s
         a = POLICY_ARCH[vg.policy.kind]
         g = vg.generate
         (tc, sc), (pt, ph, pw) = a["vae"], a["patch"]
-        tokens = ((g.frames - 1) // tc + 1) // pt * (g.height // sc // ph) * (g.width // sc // pw) + a["joint_text"]
+        video = ((g.frames - 1) // tc + 1) // pt * (g.height // sc // ph) * (g.width // sc // pw)
+        text = a["joint_text"]
+        tokens = video + text
         dim, depth, heads, params = a["dim"], a["depth"], a["heads"], a["params"]
         clips_train, clips_ref = 2 * recipe.data.batch_size, 2 * recipe.data.batch_size
-        fwd = depth * vit_block_flops(dim, tokens, tokens)
-        flops = dist_cfg.grad_accum * (clips_train * (4 if ckpt else 3) * fwd + clips_ref * fwd) / sp
+        # per GPU: the whole block / sp, plus the replicated text tokens' per-token layers on the other ranks
+        fwd = depth * (vit_block_flops(dim, tokens, tokens) / sp + text * 24 * dim * dim * (1 - 1 / sp))
+        flops = dist_cfg.grad_accum * (clips_train * (4 if ckpt else 3) * fwd + clips_ref * fwd)
         states = 2 * params / (n if dist_cfg.zero_stage == 3 else 1)
         teacher_s, name = 0.0, vg.policy.kind
     else:
         r = flops_model(recipe, gpus, gpu, mfu)
         m = recipe.model.resolved()
         tokens, dim, depth, heads = r["tokens_per_clip"], m.hidden_dim, m.depth, m.num_heads
+        video, text = tokens, 0
         clips_train = recipe.data.batch_size
         peak = GPUS[gpu][0] * 1e12 * mfu
         teacher_s = r["teacher_tflop"] * 1e12 / peak   # already per optimizer step
         flops = (r["dit_tflop"] + r["align_tflop"]) * 1e12 / sp
         states = r["states_gib"] * 2 ** 30 + r["teacher_gib"] * 2 ** 30
         name = "DiT"
-    local = tokens / sp
+    local = video / sp + text
     block_io = depth * local * dim * 2
-    a2a_buffers = 8 * local * dim * 2 if sp > 1 else 0   # q, k, v, out: send + receive, one block at a time
+    a2a_buffers = 8 * video / sp * dim * 2 if sp > 1 else 0   # q, k, v, out: send + receive, one block at a time
     acts = clips_train * ((block_io + 34 * local * dim + a2a_buffers) if ckpt else depth * 34 * local * dim)
     passes = 4 if ckpt else 3
-    a2a = dist_cfg.grad_accum * clips_train * depth * passes * 4 * local * dim * 2 * (sp - 1) / sp
+    # q, k, v, out of the video tokens through the all-to-all; the text output's heads all-gathered
+    a2a = dist_cfg.grad_accum * clips_train * depth * passes * (4 * video / sp + text) * dim * 2 * (sp - 1) / sp
     a2a_s = a2a / (LINK_GBS[gpu] * 1e9)
     compute_s = flops / (GPUS[gpu][0] * 1e12 * mfu) + teacher_s
-    return {"sp": sp, "dp": n // sp, "name": name, "tokens": tokens, "heads": heads, "tokens_per_gpu": local,
+    return {"sp": sp, "dp": n // sp, "name": name, "tokens": tokens, "video_tokens": video, "text_tokens": text,
+            "heads": heads, "tokens_per_gpu": local,
             "acts_gib": acts / 2 ** 30, "memory_gib": (acts + states) / 2 ** 30, "a2a_gb": a2a / 1e9,
             "a2a_s": a2a_s, "step_s": compute_s + a2a_s, "global_batch": recipe.data.batch_size
             * dist_cfg.grad_accum * n // sp}
@@ -722,7 +732,7 @@ def print_sp_table(recipe: Recipe, gpus: int, gpu: str, mfu: float, sps: list[in
     rows = []
     for sp in sps:
         r = sp_model(recipe, gpus, gpu, mfu, sp)
-        if gpus % sp or (r["heads"] % sp and "even" not in r):
+        if gpus % sp or (r["heads"] % sp and "even" not in r) or r.get("video_tokens", 0) % sp:
             continue
         rows.append(r)
     if not rows:
@@ -734,8 +744,13 @@ def print_sp_table(recipe: Recipe, gpus: int, gpu: str, mfu: float, sps: list[in
               f"split), {first['heads']} heads, {gpus} x {gpu.upper()}, micro-batch {recipe.data.batch_size} per DP "
               f"group")
     else:
-        print(f"sequence parallelism (DeepSpeed-Ulysses), {first['name']}: {first['tokens']:.0f} tokens/clip, "
+        text = (f" ({first['video_tokens']:.0f} video, split; {first['text_tokens']:.0f} text, on every rank)"
+                if first["text_tokens"] else "")
+        print(f"sequence parallelism (DeepSpeed-Ulysses), {first['name']}: {first['tokens']:.0f} tokens/clip{text}, "
               f"{first['heads']} heads, {gpus} x {gpu.upper()}, micro-batch {recipe.data.batch_size} per DP group")
+    left_out = [sp for sp in sps if sp not in {r["sp"] for r in rows}]
+    if left_out:
+        print(f"  SP {', '.join(map(str, left_out))}: left out (not dividing the GPUs, the heads or the video tokens)")
     print(f"  {'DP x SP':>8} {'tokens/GPU':>11} {'acts GiB/GPU':>13} {'total GiB/GPU':>14} {'a2a GB/GPU':>11} "
           f"{'a2a s':>7} {'step s':>8} {'global batch':>13}")
     for r in rows:

@@ -44,6 +44,12 @@ split blocks draws from a per-rank stream forked off the shared one (else every 
 positions), so a recipe with ``block_dropouts`` > 0 at a transformer level matches 1 rank in distribution
 only, not bit for bit.
 
+The same layout serves the DPO train stage (``engine.videogpa.train_dpo``): the ranks of a group train on
+the same preference pairs; GeoForge's DiT policy is this DiT, and the diffusers policies (Wan, CogVideoX)
+get the same token split from hooks and attention processors built on :func:`tokens_to_heads`,
+:func:`heads_to_tokens` and :func:`gather_tokens` (``engine.videogpa.diffusers_sp``). The policy's output
+is gathered, so the policy's and the reference's per-sample DPO errors are the whole clip's on every rank.
+
 This module only knows process groups; the groups are made by ``engine.distributed.parallel_layout``.
 """
 from __future__ import annotations
@@ -107,26 +113,67 @@ class ShardedFeatures:
 
 
 class _GatherTokens(torch.autograd.Function):
-    """All-gather token slices ``[B, L / N, ...]`` -> ``[B, L, ...]``; backward: sum over the group, slice."""
+    """All-gather slices ``[B, L / N, ...]`` -> ``[B, L, ...]`` (along ``dim``); backward: sum over the group,
+    slice (the exact adjoint of the all-gather)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
-        ctx.sp = sp
+    def forward(ctx, x: torch.Tensor, sp: SequenceParallel, dim: int) -> torch.Tensor:
+        ctx.sp, ctx.dim = sp, dim
         parts = [torch.empty_like(x) for _ in range(sp.size)]
         dist.all_gather(parts, x.contiguous(), group=sp.group)
-        return torch.cat(parts, dim=1)
+        return torch.cat(parts, dim=dim)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        sp = ctx.sp
+        sp, dim = ctx.sp, ctx.dim
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=sp.group)
-        per = grad.shape[1] // sp.size
-        return grad[:, sp.rank * per:(sp.rank + 1) * per], None
+        per = grad.shape[dim] // sp.size
+        return grad.narrow(dim, sp.rank * per, per), None, None
 
 
-def gather_tokens(x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
-    return _GatherTokens.apply(x, sp)
+def gather_tokens(x: torch.Tensor, sp: SequenceParallel, dim: int = 1) -> torch.Tensor:
+    """This rank's slice of ``dim`` (tokens by default, or heads) -> the whole, on every rank of the group."""
+    return _GatherTokens.apply(x, sp, dim)
+
+
+def _all_to_all(x: torch.Tensor, sp: SequenceParallel, to_heads: bool) -> torch.Tensor:
+    """``[B, L / N, H, d]`` -> ``[B, L, H / N, d]`` (``to_heads``) or back."""
+    n = sp.size
+    b, length, heads, d = x.shape
+    if to_heads:   # send head chunk i to rank i; receive every rank's token slice of my head chunk
+        send = x.reshape(b, length, n, heads // n, d).permute(2, 0, 1, 3, 4).contiguous()
+    else:          # send token slice i to rank i; receive my token slice of every rank's head chunk
+        send = x.reshape(b, n, length // n, heads, d).permute(1, 0, 2, 3, 4).contiguous()
+    out = torch.empty_like(send)
+    dist.all_to_all_single(out, send, group=sp.group)
+    if to_heads:   # out[i] = rank i's tokens [B, L / N, H / N, d]
+        return out.permute(1, 0, 2, 3, 4).reshape(b, n * length, heads // n, d)
+    return out.permute(1, 2, 0, 3, 4).reshape(b, length // n, n * heads, d)   # out[i] = head chunk i
+
+
+class _SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sp: SequenceParallel, to_heads: bool) -> torch.Tensor:
+        ctx.sp, ctx.to_heads = sp, to_heads
+        return _all_to_all(x, sp, to_heads)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):   # the all-to-all is a permutation: its adjoint is the reverse one
+        return _all_to_all(grad, ctx.sp, not ctx.to_heads), None, None
+
+
+def tokens_to_heads(x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
+    """Ulysses' first all-to-all, ``[B, L / N, H, d]`` (this rank's tokens, every head) -> ``[B, L, H / N, d]``
+    (every token, this rank's heads ``[r H / N, (r + 1) H / N)``)."""
+    if x.shape[2] % sp.size:
+        raise ValueError(f"sequence parallelism: {x.shape[2]} heads do not split over {sp.size} ranks")
+    return _SeqToHeads.apply(x, sp, True)
+
+
+def heads_to_tokens(x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
+    """The inverse of :func:`tokens_to_heads`: ``[B, L, H / N, d]`` -> ``[B, L / N, H, d]``."""
+    return _SeqToHeads.apply(x, sp, False)
 
 
 _attention_modules: dict[int, Any] = {}
@@ -152,5 +199,5 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return out.transpose(1, 2)
 
 
-__all__ = ["SequenceParallel", "ShardedFeatures", "gather_tokens", "sequence_parallel", "set_sequence_parallel",
-           "ulysses_attention"]
+__all__ = ["SequenceParallel", "ShardedFeatures", "gather_tokens", "heads_to_tokens", "sequence_parallel",
+           "set_sequence_parallel", "tokens_to_heads", "ulysses_attention"]

@@ -75,6 +75,27 @@ class _DiffusersPolicy(VideoPolicy):
     def enable_activation_checkpointing(self) -> None:
         self.network.enable_gradient_checkpointing()
 
+    def enable_sequence_parallel(self) -> None:
+        from engine.videogpa.diffusers_sp import install
+
+        install(self.network, self.kind)
+
+    def _latent_grid(self) -> tuple[int, int, int]:
+        """(latent frames, latent height, latent width) of a clip."""
+        return ((self.frames - 1) // self.pipe.vae_scale_factor_temporal + 1,
+                self.height // self.pipe.vae_scale_factor_spatial, self.width // self.pipe.vae_scale_factor_spatial)
+
+    def sequence_parallel_split(self) -> tuple[int, str, int, str]:
+        cfg = self.network.config
+        f, h, w = self._latent_grid()
+        pt, ph, pw = self._patch()
+        tokens = -(-f // pt) * (h // ph) * (w // pw)
+        return (cfg.num_attention_heads, "num_attention_heads of the transformer of videogpa.policy.checkpoint / "
+                "tiny_config", tokens, "videogpa.generate.frames / height / width")
+
+    def _patch(self) -> tuple[int, int, int]:
+        raise NotImplementedError
+
     @property
     def diffusers_pipeline_class(self) -> type:
         return type(self.pipe)
@@ -152,6 +173,10 @@ class CogVideoXI2VPolicy(_DiffusersPolicy):
         cfg = self.network.config
         return (min(self.max_text_tokens, cfg.max_text_seq_length), cfg.text_embed_dim)
 
+    def _patch(self) -> tuple[int, int, int]:
+        cfg = self.network.config
+        return (cfg.patch_size_t or 1, cfg.patch_size, cfg.patch_size)
+
     def _sample_kwargs(self) -> dict[str, Any]:
         return {"max_sequence_length": self._text_shape()[0]}
 
@@ -223,6 +248,9 @@ class WanTI2VPolicy(_DiffusersPolicy):
 
     def _text_shape(self) -> tuple[int, int]:
         return (self.max_text_tokens, self.network.config.text_dim)
+
+    def _patch(self) -> tuple[int, int, int]:
+        return tuple(self.network.config.patch_size)
 
     def _sample_kwargs(self) -> dict[str, Any]:
         return {"max_sequence_length": self.max_text_tokens}

@@ -48,6 +48,7 @@ def run_pipeline(recipe, run_dir: Path, world, stage: str | None = None, show_pr
     from engine.videogpa.generate import run_generate_stage
     from engine.videogpa.pairs import run_pairs_stage
     from engine.videogpa.policy import build_policy
+    from engine.videogpa.policy_base import check_sequence_parallel
     from engine.videogpa.score import run_score_stage
     from engine.videogpa.train_dpo import run_train_stage
 
@@ -71,6 +72,8 @@ def run_pipeline(recipe, run_dir: Path, world, stage: str | None = None, show_pr
         began = time.perf_counter()
         if name in ("generate", "train") and policy is None:
             policy = build_policy(recipe, world.device)
+            if "train" in stages:   # heads and tokens that sequence parallelism splits: fail before generating
+                check_sequence_parallel(policy, recipe.distributed.sequence_parallel)
         if name == "generate":
             results[name] = run_generate_stage(recipe, run_dir, world, policy, show_progress)
         elif name == "score":

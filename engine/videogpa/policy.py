@@ -101,6 +101,13 @@ class DiTPolicy(VideoPolicy):
     def enable_activation_checkpointing(self) -> None:
         enable_activation_checkpointing(self.network.blocks)
 
+    def sequence_parallel_split(self) -> tuple[int, str, int, str]:
+        cfg = self.network.cfg
+        p = cfg.patch_size
+        tokens = (self.frames // cfg.temporal_patch_size) * (self.height // p) * (self.width // p)
+        return (cfg.num_heads, "model.num_heads", tokens,
+                "videogpa.generate.frames / height or data.frames / resolution, model.patch_size")
+
     def batch_condition(self, conds: list[Condition]) -> dict[str, Tensor]:
         out = {"first_frame": torch.stack([c.first_frame for c in conds]).to(self.device)}
         if self.camera:

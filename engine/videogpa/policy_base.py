@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from engine.objectives.dpo import per_sample_error
+from engine.schema import ConfigError
 
 
 @dataclass
@@ -73,6 +74,15 @@ class VideoPolicy(ABC):
         """Recompute the network's activations in backward (``distributed.activation_checkpointing``)."""
         raise NotImplementedError(f"{type(self).__name__}: no activation checkpointing")
 
+    def sequence_parallel_split(self) -> tuple[int, str, int, str]:
+        """What ``distributed.sequence_parallel`` splits in training forwards: (attention heads, the key they
+        come from, video tokens of a training clip, the keys they come from)."""
+        raise NotImplementedError(f"{type(self).__name__}: no sequence parallelism")
+
+    def enable_sequence_parallel(self) -> None:
+        """Make the network's training forwards sequence-parallel while a group is installed
+        (``engine.models.sequence_parallel.set_sequence_parallel``). Default: the network does it itself."""
+
     @abstractmethod
     def batch_condition(self, conds: list[Condition]) -> dict[str, Tensor]:
         """Stack a batch of conditions into the tensors :meth:`predict` takes (on ``self.device``)."""
@@ -115,6 +125,20 @@ class VideoPolicy(ABC):
         ``(cond, seeds[k], steps, guidance)`` and the weights."""
 
 
+def check_sequence_parallel(policy: VideoPolicy, n: int) -> None:
+    """Raise ConfigError naming the keys unless ``n`` ranks split the policy's heads and clip tokens evenly."""
+    if n == 1:
+        return
+    heads, heads_key, tokens, tokens_key = policy.sequence_parallel_split()
+    key = f"distributed.sequence_parallel: {n}"
+    if heads % n:
+        raise ConfigError(f"{key} does not divide the {heads} attention heads of the {policy.kind} policy "
+                          f"({heads_key}; Ulysses splits the heads)")
+    if tokens % n:
+        raise ConfigError(f"{key} does not divide the {tokens} video tokens of a training clip of the {policy.kind} "
+                          f"policy ({tokens_key})")
+
+
 def seed_for(base: int, input_index: int, candidate: int) -> int:
     """The recorded seed of candidate ``candidate`` of input ``input_index`` (63-bit, deterministic)."""
     return (base * 1_000_003 * 1_000_033 + input_index * 1_000_033 + candidate * 7919 + 1) % (2**63 - 1)
@@ -125,4 +149,4 @@ def to_uint8(frames: Tensor) -> np.ndarray:
     return (frames.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
 
 
-__all__ = ["Condition", "VideoPolicy", "seed_for", "to_uint8"]
+__all__ = ["Condition", "VideoPolicy", "check_sequence_parallel", "seed_for", "to_uint8"]

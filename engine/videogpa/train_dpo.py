@@ -14,6 +14,15 @@ reference is then a frozen copy). The recipe's ``optimizer``, ``schedule`` (step
 ``distributed`` (ZeRO stage, bf16, grad accumulation, activation checkpointing) and ``logging`` sections apply;
 ``data.batch_size`` is the number of pairs per micro-batch and rank.
 
+Sequence parallelism (``distributed.sequence_parallel: N``, DeepSpeed-Ulysses): the world forms world / N
+data-parallel groups of N consecutive ranks; the ranks of a group read the same pairs (the sampler splits
+the pairs over the groups) and each keeps 1 / N of every clip's tokens inside the policy network (the own
+DiT: ``engine.models.sequence_parallel``; Wan / CogVideoX: ``engine.videogpa.diffusers_sp``), for the
+policy and the reference forwards alike. The network's prediction is all-gathered, so the per-sample errors,
+the DPO loss and the logged parts are the whole clip's on every rank of a group, and the gradients summed over
+a group are N times the whole clip's (DeepSpeed's mean over N x DP ranks is the data-parallel mean). The
+implicit-accuracy evaluation (``eval()`` mode) runs whole clips, its pairs split over all ranks.
+
 Files (``<run>/train/``): ``metrics.jsonl`` and tensorboard events (DPO loss, implicit accuracy, reward
 margin, errors, winner/loser mean scores, step time), ``checkpoints/step_N`` (DeepSpeed state without
 the frozen weights, ``adapter/`` or ``model.safetensors``, RNG; atomic; a killed stage resumes from the newest). Output (``<run>/final/``,
@@ -37,7 +46,8 @@ from torch import Tensor
 
 from engine.checkpoint import consolidated_state_dict, save_module_weights
 from engine.data.sampler import ResumableBatchSampler
-from engine.distributed import World, barrier, mean_over_ranks
+from engine.distributed import ParallelLayout, World, barrier, mean_over_ranks, parallel_layout
+from engine.models.sequence_parallel import SequenceParallel, set_sequence_parallel
 from engine.objectives.dpo import DPOModule
 from engine.objectives.video_loss import sample_seed
 from engine.trainer import MicroBatch, Task, Trainer
@@ -46,6 +56,7 @@ from engine.atomic import atomic_save, publish_dir, temp_path
 from engine.videogpa.io import read_jsonl, read_marker, write_marker
 from engine.videogpa.lora import add_lora, frozen_copy, parameter_bytes, save_adapter
 from engine.videogpa.policy import VideoPolicy
+from engine.videogpa.policy_base import check_sequence_parallel
 
 log = logging.getLogger("geoforge.videogpa")
 PARTS = ("loss", "implicit_acc", "reward_margin", "err_w", "err_l", "ref_err_w", "ref_err_l")
@@ -209,8 +220,11 @@ def _dpo_module_from_adapter(recipe, policy: VideoPolicy) -> DPOModule:
 class DPOTask(Task):
     """Diffusion-DPO of the policy on the preference pairs, as a task of the one trainer."""
 
-    def __init__(self, recipe, policy: VideoPolicy, dataset: PairSet, world: World):
+    def __init__(self, recipe, policy: VideoPolicy, dataset: PairSet, world: World,
+                 layout: ParallelLayout | None = None):
         self.recipe, self.policy, self.dataset, self.world = recipe, policy, dataset, world
+        # the ranks of a sequence-parallel group train on the same pairs: the sampler splits over DP groups
+        self.data_parallel = (layout.dp_rank, layout.dp_size) if layout is not None else (world.rank, world.size)
         self.module = build_dpo_module(recipe, policy)
         self.lora = recipe.videogpa.lora.enabled
 
@@ -219,8 +233,9 @@ class DPOTask(Task):
 
     def micro_batches(self, start: int) -> Iterator[list[int]]:
         r = self.recipe
+        dp_rank, dp_size = self.data_parallel
         sampler = ResumableBatchSampler(len(self.dataset), r.data.batch_size, r.distributed.grad_accum,
-                                        self.world.size, self.world.rank, seed=r.seed, start=start)
+                                        dp_size, dp_rank, seed=r.seed, start=start)
         return ([i for i, _ in batch] for batch in sampler)
 
     def prepare(self, indices: list[int], step: int, timer) -> MicroBatch:
@@ -271,11 +286,29 @@ def run_train_stage(recipe, run_dir: Path, world, policy: VideoPolicy, show_prog
     if cached:
         cache_latents(policy, run_dir, sorted({p["winner"] for p in pairs} | {p["loser"] for p in pairs}), world)
     dataset = PairSet(run_dir, pairs, policy.frames, cached)
-    task = DPOTask(recipe, policy, dataset, world)
+    layout = parallel_layout(world, recipe.distributed.sequence_parallel)   # DP x SP (Ulysses) groups
+    check_sequence_parallel(policy, layout.sp_size)
+    if layout.sp_size > 1:
+        policy.enable_sequence_parallel()   # before the reference copy: both networks split their tokens
+        set_sequence_parallel(SequenceParallel(layout.sp_group, layout.sp_size, layout.sp_rank))
+    try:
+        return _train(recipe, run_dir, world, policy, dataset, layout)
+    finally:
+        set_sequence_parallel(None)
+
+
+def _train(recipe, run_dir: Path, world, policy: VideoPolicy, dataset: PairSet, layout: ParallelLayout
+           ) -> dict[str, Any]:
+    vg, cached = recipe.videogpa, dataset.cached
+    task = DPOTask(recipe, policy, dataset, world, layout)
     module = task.module
     held_bytes = parameter_bytes(module.network, module.reference)
     stage_dir = run_dir / "train"
     trainer = Trainer(recipe, task, stage_dir, world)
+    d = recipe.distributed
+    trainer.log.info(f"videogpa train: {world.size} rank(s) on {world.device.type} ({layout.describe()}) | policy "
+                     f"{policy.kind} | DeepSpeed ZeRO-{d.zero_stage}{' bf16' if d.bf16 else ' fp32'} | "
+                     f"{trainer.trained_parameters / 1e6:.2f}M trained parameters | {len(dataset)} pairs")
     trainer.resume("auto")
 
     eval_idx = list(range(min(vg.dpo.eval_pairs, len(dataset))))
