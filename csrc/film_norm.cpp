@@ -20,6 +20,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 
 // The row loops are compiled three times (AVX-512, AVX2 + FMA, baseline x86-64) and the widest one the CPU
 // runs is picked at load time (GCC function multi-versioning): cpp_extension builds without -march=native,
@@ -35,6 +37,28 @@ namespace {
 constexpr int64_t kGrainElements = 1 << 14;  // elements per parallel task
 
 int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(cols, 1)); }
+
+// Loads and stores of the storage types. bfloat16 by bit operations (round to nearest even, NaN kept NaN) that
+// GCC vectorises; c10::BFloat16's own conversion does not vectorise, which left the bf16 rows scalar.
+inline float ld(float v) { return v; }
+inline float ld(c10::BFloat16 v) {
+  const uint32_t u = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+template <typename T>
+inline T st(float v) {
+  return v;
+}
+template <>
+inline c10::BFloat16 st<c10::BFloat16>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint16_t bits = (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
+  return c10::BFloat16(bits, c10::BFloat16::from_bits());
+}
 
 struct Mod {  // a [G, R, D] modulation view
   int64_t sg, sr, r;
@@ -63,7 +87,7 @@ GF_ROW_CLONES void fwd_range(const XT* x, const float* w, const MT* scale, const
     float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
     for (int64_t c = 0; c < cols; ++c) {
-      const float v = static_cast<float>(xr[c]);
+      const float v = ld(xr[c]);
       ss += v * v;
     }
     const float rs = 1.f / std::sqrt(ss / static_cast<float>(cols) + eps);
@@ -73,8 +97,8 @@ GF_ROW_CLONES void fwd_range(const XT* x, const float* w, const MT* scale, const
     OT* yr = y + r * cols;
 #pragma omp simd
     for (int64_t c = 0; c < cols; ++c) {
-      const float n = static_cast<float>(xr[c]) * rs * w[c];
-      yr[c] = static_cast<OT>(n * (1.f + static_cast<float>(sr[c])) + static_cast<float>(hr[c]));
+      const float n = ld(xr[c]) * rs * w[c];
+      yr[c] = st<OT>(n * (1.f + ld(sr[c])) + ld(hr[c]));
     }
   }
 }
@@ -101,19 +125,19 @@ GF_ROW_CLONES void bwd_range(const OT* g, const XT* x, const float* w, const MT*
     if (dscale != nullptr || dshift != nullptr || dw != nullptr) {
       MT* dsr = dscale == nullptr ? nullptr : dscale + r * ds_stride;
       MT* dhr = dshift == nullptr ? nullptr : dshift + r * dh_stride;
-      for (int64_t c = 0; c < cols; ++c) {  // not `omp simd`: the optional outputs are branches
-        const float gv = static_cast<float>(gr[c]);
-        const float xh = static_cast<float>(xr[c]) * rs;
-        const float gs = gv * (1.f + static_cast<float>(sr[c]));
+      for (int64_t c = 0; c < cols; ++c) {  // partial gradients (rare): the optional outputs are branches
+        const float gv = ld(gr[c]);
+        const float xh = ld(xr[c]) * rs;
+        const float gs = gv * (1.f + ld(sr[c]));
         dot += gs * w[c] * xh;
-        if (dsr != nullptr) dsr[c] = static_cast<MT>(gv * xh * w[c]);
-        if (dhr != nullptr) dhr[c] = static_cast<MT>(gv);
+        if (dsr != nullptr) dsr[c] = st<MT>(gv * xh * w[c]);
+        if (dhr != nullptr) dhr[c] = st<MT>(gv);
         if (dw != nullptr) dw[c] += gs * xh;
       }
     } else {
 #pragma omp simd reduction(+ : dot)
       for (int64_t c = 0; c < cols; ++c)
-        dot += static_cast<float>(gr[c]) * (1.f + static_cast<float>(sr[c])) * w[c] * static_cast<float>(xr[c]);
+        dot += ld(gr[c]) * (1.f + ld(sr[c])) * w[c] * ld(xr[c]);
       dot *= rs;
     }
     if (dx == nullptr) continue;
@@ -121,9 +145,9 @@ GF_ROW_CLONES void bwd_range(const OT* g, const XT* x, const float* w, const MT*
     XT* dxr = dx + r * cols;
 #pragma omp simd
     for (int64_t c = 0; c < cols; ++c) {
-      const float xv = static_cast<float>(xr[c]);
-      const float gw = static_cast<float>(gr[c]) * (1.f + static_cast<float>(sr[c])) * w[c];
-      dxr[c] = static_cast<XT>(rs * (gw - xv * k));
+      const float xv = ld(xr[c]);
+      const float gw = ld(gr[c]) * (1.f + ld(sr[c])) * w[c];
+      dxr[c] = st<XT>(rs * (gw - xv * k));
     }
   }
 }
@@ -138,42 +162,47 @@ void bwd_rows(const OT* g, const XT* x, const float* w, const MT* scale, Mod ms,
   });
 }
 
-// The common case (everything float32, all outputs wanted) without branches in the inner loop.
-GF_ROW_CLONES void bwd_range_f32_all(const float* g, const float* x, const float* w, const float* scale, Mod ms,
-                                     const float* rstd, float* dx, float* dscale, int64_t ds_stride, float* dshift,
-                                     int64_t dh_stride, float* dw, int64_t begin, int64_t end, int64_t cols) {
+// The training case (dx, dscale, dshift and dw all wanted), any dtypes, without branches in the inner loops.
+template <typename XT, typename MT, typename OT>
+GF_ROW_CLONES void bwd_range_all(const OT* g, const XT* x, const float* w, const MT* scale, Mod ms, const float* rstd,
+                                 XT* dx, MT* dscale, int64_t ds_stride, MT* dshift, int64_t dh_stride, float* dw,
+                                 int64_t begin, int64_t end, int64_t cols) {
   const float inv_cols = 1.f / static_cast<float>(cols);
   for (int64_t r = begin; r < end; ++r) {
-    const float* gr = g + r * cols;
-    const float* xr = x + r * cols;
-    const float* sr = scale + ms.offset(r);
-    float* dsr = dscale + r * ds_stride;
-    float* dhr = dshift + r * dh_stride;
+    const OT* gr = g + r * cols;
+    const XT* xr = x + r * cols;
+    const MT* sr = scale + ms.offset(r);
+    MT* dsr = dscale + r * ds_stride;
+    MT* dhr = dshift + r * dh_stride;
     const float rs = rstd[r];
     float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
     for (int64_t c = 0; c < cols; ++c) {
-      const float gv = gr[c];
-      const float xh = xr[c] * rs;
-      const float gs = gv * (1.f + sr[c]);
+      const float gv = ld(gr[c]);
+      const float xh = ld(xr[c]) * rs;
+      const float gs = gv * (1.f + ld(sr[c]));
       dot += gs * w[c] * xh;
-      dsr[c] = gv * xh * w[c];
-      dhr[c] = gv;
+      dsr[c] = st<MT>(gv * xh * w[c]);
+      dhr[c] = st<MT>(gv);
       dw[c] += gs * xh;
     }
     const float k = dot * inv_cols * rs;
-    float* dxr = dx + r * cols;
+    XT* dxr = dx + r * cols;
 #pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) dxr[c] = rs * (gr[c] * (1.f + sr[c]) * w[c] - xr[c] * k);
+    for (int64_t c = 0; c < cols; ++c) {
+      const float gw = ld(gr[c]) * (1.f + ld(sr[c])) * w[c];
+      dxr[c] = st<XT>(rs * (gw - ld(xr[c]) * k));
+    }
   }
 }
 
-void bwd_rows_f32_all(const float* g, const float* x, const float* w, const float* scale, Mod ms, const float* rstd,
-                      float* dx, float* dscale, int64_t ds_stride, float* dshift, int64_t dh_stride, float* dw_part,
-                      int64_t rows, int64_t cols) {
+template <typename XT, typename MT, typename OT>
+void bwd_rows_all(const OT* g, const XT* x, const float* w, const MT* scale, Mod ms, const float* rstd, XT* dx,
+                  MT* dscale, int64_t ds_stride, MT* dshift, int64_t dh_stride, float* dw_part, int64_t rows,
+                  int64_t cols) {
   at::parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) {
-    bwd_range_f32_all(g, x, w, scale, ms, rstd, dx, dscale, ds_stride, dshift, dh_stride,
-                      dw_part + at::get_thread_num() * cols, begin, end, cols);
+    bwd_range_all<XT, MT, OT>(g, x, w, scale, ms, rstd, dx, dscale, ds_stride, dshift, dh_stride,
+                              dw_part + at::get_thread_num() * cols, begin, end, cols);
   });
 }
 
@@ -244,17 +273,17 @@ at::Tensor bwd(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, co
   float* dw_ptr = want_dw ? dw.data_ptr<float>() : nullptr;
   const int64_t ds_stride = dscale.has_value() ? dscale->stride(0) : 0;
   const int64_t dh_stride = dshift.has_value() ? dshift->stride(0) : 0;
-  if (x.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat && g.scalar_type() == at::kFloat &&
-      dx.has_value() && dscale.has_value() && dshift.has_value() && want_dw) {
-    bwd_rows_f32_all(g.data_ptr<float>(), x.data_ptr<float>(), w.data_ptr<float>(), scale.data_ptr<float>(),
-                     Mod(scale), rstd.data_ptr<float>(), dx->data_ptr<float>(), dscale->data_ptr<float>(), ds_stride,
-                     dshift->data_ptr<float>(), dh_stride, dw_ptr, rows, cols);
-    return dw;
-  }
+  const bool all = dx.has_value() && dscale.has_value() && dshift.has_value() && want_dw;
   dispatch(x.scalar_type(), scale.scalar_type(), g.scalar_type(), [&](auto xv, auto mv, auto ov) {
     using XT = decltype(xv);
     using MT = decltype(mv);
     using OT = decltype(ov);
+    if (all) {
+      bwd_rows_all<XT, MT, OT>(g.data_ptr<OT>(), x.data_ptr<XT>(), w.data_ptr<float>(), scale.data_ptr<MT>(),
+                               Mod(scale), rstd.data_ptr<float>(), dx->data_ptr<XT>(), dscale->data_ptr<MT>(),
+                               ds_stride, dshift->data_ptr<MT>(), dh_stride, dw_ptr, rows, cols);
+      return;
+    }
     bwd_rows<XT, MT, OT>(g.data_ptr<OT>(), x.data_ptr<XT>(), w.data_ptr<float>(), scale.data_ptr<MT>(), Mod(scale),
                          rstd.data_ptr<float>(), dx.has_value() ? dx->data_ptr<XT>() : nullptr,
                          dscale.has_value() ? dscale->data_ptr<MT>() : nullptr, ds_stride,

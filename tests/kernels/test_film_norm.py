@@ -227,6 +227,25 @@ def test_cpu_threads_reduce_dw():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("backend", ["cpu"])
+def test_bf16_stores_round_like_torch(backend):
+    """bf16 outputs are the float32 results rounded to nearest even, as ``.to(torch.bfloat16)`` rounds them (the
+    C++ path converts with its own vectorised bit operations), NaN and infinities included. (Not Triton here: the
+    interpreter truncates float32 -> bf16, where compiled Triton rounds to nearest even.)"""
+    x, w, mods, _, _ = make(((3, 17), 40, "packed"), torch.bfloat16)
+    ss = mods[0].detach().clone()
+    ss[0, 0, 40] = float("nan")   # shift NaN -> y NaN there
+    ss[0, 1, 41] = float("inf")
+    ss[1, 2, 42] = -float("inf")
+    with torch.no_grad():
+        got = film_norm.film_rms_norm(x, w, ss, backend=backend)
+        want = film_norm.film_rms_norm(x.float(), w, ss.float(), backend=backend).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16)) or (
+        torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~got.isnan()], want[~want.isnan()]))
+    assert got[0, 0, 0].isnan() and got[0, 1, 1] == float("inf") and got[1, 2, 2] == -float("inf")
+
+
 # ----------------------------------------------------------------------------- dtypes and the resolver
 @pytest.mark.parametrize("backend", FUSED)
 def test_fp16_refused_on_fused_paths(backend):
