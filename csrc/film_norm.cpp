@@ -263,7 +263,8 @@ at::Tensor bwd(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w, co
     if (!t.has_value()) return;
     TORCH_CHECK(t->dim() == 2 && t->size(0) == rows && t->size(1) == cols && t->stride(1) == 1 &&
                     t->scalar_type() == dtype,
-                "film_norm.bwd: ", name, " must be [", rows, ", ", cols, "] rows of ", dtype, " with a unit last stride");
+                "film_norm.bwd: ", name, " must be [", rows, ", ", cols, "] rows of ", dtype,
+                " with a unit last stride");
   };
   check_out(dx, "dx", x.scalar_type());
   check_out(dscale, "dscale", scale.scalar_type());
