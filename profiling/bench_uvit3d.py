@@ -26,24 +26,34 @@ embedding is narrower than the 720 pose inputs, so nothing is folded), ``medium`
 embedding, 1 block per level and 1 mid block, 128x128, 2 frames) and ``full`` (DFoT's RealEstate10K model, 458.8M parameters, 256x256; ``--full-frames``, default 2 on CPU). Dropout and
 DFoT's per-level checkpointing are off in every provider so that the same work is timed.
 
-Measured here (branch film-kernel after e9dc1aa, AMD EPYC, 1 thread, torch 2.13 CPU, the 2 cores shared with other
-jobs at load 4-5; wall times swung 2x, so the process CPU time is the number to read). fwd + bwd per call, CPU
-seconds (min over 5 calls) of two back-to-back runs, ratio vs eager of the same run:
+Measured here (branch film-kernel, AMD EPYC, 1 thread, torch 2.13 CPU, the 2 cores shared with other jobs: load
+4-5 for runs 1-2, ~1 for run 3; wall times swung 2x under load, so the process CPU time is the number to read).
+fwd + bwd per call, CPU seconds (min over 5 calls) of three runs, ratio vs eager of the same run:
 
-    config   eager         geoforge                   gf-refnorm                 gf-nofold     official
-    small    0.29 / 0.31   0.29 / 0.32 (0.98x/0.98x)  0.28 / 0.30 (1.02x/1.05x)  -             0.32 / 0.32 (0.91x/0.97x)
-    medium   3.19 / 2.93   2.87 / 2.64 (1.11x/1.11x)  2.93 / 2.43 (1.09x/1.21x)  3.01 / 2.58   2.79 / 2.91 (1.15x/1.01x)
-    peak MB: small 73 / 61-65 / 58-64 / - / 65-66; medium 401-404 / 290-317 / 267-307 / 343-362 / 379-394
+    config  provider    run 1   run 2   run 3        ratio (1 / 2 / 3)    peak MB (1 / 2 / 3)
+    small   eager       0.29    0.31    0.29         1.00                 73 / 73 / 73
+            geoforge    0.29    0.32    0.30         0.98 / 0.98 / 0.95   61 / 65 / 62
+            gf-refnorm  0.28    0.30    0.28         1.02 / 1.05 / 1.02   64 / 58 / 53
+            official    0.32    0.32    0.30         0.91 / 0.97 / 0.96   66 / 65 / 64
+    medium  eager       3.19    2.93    2.46         1.00                 404 / 401 / 404
+            geoforge    2.87    2.64    2.29         1.11 / 1.11 / 1.07   290 / 317 / 298
+            gf-refnorm  2.93    2.43    2.57         1.09 / 1.21 / 0.96   267 / 307 / 322
+            gf-nofold   3.01    2.58    2.59         1.06 / 1.13 / 0.95   343 / 362 / 366
+            official    2.79    2.91    3.05         1.15 / 1.01 / 0.81   394 / 379 / 393
+
+The providers run one after the other, and the order shows: ``geoforge`` vs ``gf-refnorm`` (the same model with
+the fused and the reference RMSNorm + FiLM) timed interleaved in one process (8 / 3 calls each, min) gave
+0.270 vs 0.271 s (small) and 2.54 vs 2.52 s (medium): equal.
 
 On CPU the step is GEMM/conv-bound (the transformer blocks: ~62% matmul, ~25% attention in a profile), so the
 implementations take the same time within this machine's run-to-run noise (+-10%). The fused RMSNorm + FiLM
-(``geoforge`` vs ``gf-refnorm``) is 2.5-4x faster than eager on the op itself (``bench_kernels.py --kernels
+(``geoforge`` vs ``gf-refnorm``) is 2.3-4.6x faster than eager on the op itself (``bench_kernels.py --kernels
 film_norm``), but the op is a small share of the step: timed alone at these configurations' shapes, all its
 calls take 2.4 ms (eager) / 1.3 ms (fused) of a ~300 ms small step and 6.5 / 2.1 ms of a ~2.7 s medium step
 (the full RE10K model at 256^2, 2 frames: 216 / 81 ms), i.e. it moves the CPU step by 0.2-0.3%, far below the
-noise; the two runs above even disagree on the sign. Folding the pose embedding (``gf-nofold``) measured ~5%
-faster at commit 8328758 and +5% / -2% in these two runs; with the view-based q/k/v the peak memory is ~20-25%
-below the official code's (the CPU peak itself varies by ~10% between runs).
+noise. Folding the pose embedding (``gf-nofold``) measured ~5% faster at commit 8328758 and +5% / -2% / +13% in
+these runs; with the view-based q/k/v the peak memory is ~20-25% below the official code's (the CPU peak itself
+varies by ~10% between runs).
 The gains the issue aims for (fused element-wise kernels, flash attention) are GPU ones, where matmuls are two
 orders of magnitude faster and the memory-bound element-wise passes are a real share: run this with
 ``--device cuda`` where a GPU is lent.

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.models.attention import attention
-from kernels.film_norm import film_rms_norm
 from engine.models.rope import apply_rope
 from engine.models.uvit3d.folded import FoldedEmb
+from kernels.film_norm import film_rms_norm
 
 
 def film(normed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
