@@ -45,7 +45,8 @@ except ImportError:  # pragma: no cover - platforms without triton use the cpu /
 EPS = 1e-6
 CSRC = Path(__file__).resolve().parent.parent / "csrc" / "film_norm.cpp"
 FUSED_DTYPES = (torch.float32, torch.bfloat16)
-MAX_TRITON_COLS = 8192  # widest row one program holds (the backward keeps three [BLOCK_R, BLOCK_D] tiles live)
+MAX_TRITON_COLS = 4096  # widest row one program holds: the backward keeps three [BLOCK_R, BLOCK_D] tiles live and
+# spills at 8192 in bf16 on sm_90 even at 32 warps (compile lane); wider rows take the reference under ``auto``
 
 
 def film_rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, scale: torch.Tensor,
@@ -159,8 +160,11 @@ if triton is not None:
 
 
 def _num_warps(elements: int) -> int:
-    """Warps for a program holding ``elements`` values per tile: 8 values per thread, 4 to 16 warps."""
-    return max(4, min(16, elements // 256))
+    """Warps for a program holding ``elements`` values per tile: 8 values per thread, 4 to 32 warps.
+
+    From the compile lane (sm_80 / sm_90): the backward holds three tiles; 4096 values per tile fit at 16 warps
+    (at most 128 registers, no spill); 8192 spill at 16 warps and still 8 bytes (bf16, sm_90) at 32."""
+    return max(4, min(32, elements // 256))
 
 
 def launch_config(rows: int, cols: int, interpreting: bool | None = None) -> tuple[int, int, int]:
@@ -223,11 +227,12 @@ def _mod_args(m: torch.Tensor) -> tuple[int, int, int]:
     return m.stride(0), m.stride(1), m.shape[1]
 
 
-def compile_specs(rows: int = 8192, widths: Sequence[int] = (576, 1152, 4096),
+def compile_specs(rows: int = 8192, widths: Sequence[int] = (576, 1152, MAX_TRITON_COLS),
                   dtypes: Sequence[tuple[str, str, str]] = (("bf16", "bf16", "bf16"), ("fp32", "bf16", "fp32"),
                                                             ("fp32", "fp32", "fp32"))) -> list[dict]:
     """The kernel variants ``_TritonFilm`` launches on a GPU for ``rows`` tokens of ``widths`` channels (the
-    U-ViT3D's transformer levels 576 and 1152, a wide DiT), as ahead-of-time compile specs for ``kernels._aot``.
+    U-ViT3D's transformer levels 576 and 1152, the widest row allowed), as ahead-of-time compile specs for
+    ``kernels._aot``.
     ``dtypes``: (x, modulation, output) storage: all bf16, the autocast mix (float32 residual stream, bf16
     FiLM), all float32."""
     specs = []
@@ -362,11 +367,14 @@ class _FusedFilmNorm(torch.autograd.Function):
 
 def resolve(backend: str, *tensors: torch.Tensor | None) -> str:
     """The concrete backend of a call: ``auto`` takes the reference for float64 (the fused paths are float32 /
-    bfloat16); a forced fused backend refuses other dtypes (float16 included, as ``kernels.align`` does)."""
+    bfloat16) and for CUDA rows wider than ``MAX_TRITON_COLS``; a forced fused backend refuses other dtypes
+    (float16 included, as ``kernels.align`` does). ``tensors[0]`` is x."""
     dtypes = [t.dtype for t in tensors if t is not None]
     device = tensors[0].device
     if _backend.check_backend(backend) == "auto" and any(d == torch.float64 for d in dtypes):
         return _backend.resolve("film_norm", "reference", device)
+    if backend == "auto" and device.type == "cuda" and tensors[0].shape[-1] > MAX_TRITON_COLS:
+        return _backend.resolve("film_norm", "reference", device)   # wider than a Triton program holds
     chosen = _backend.resolve("film_norm", backend, device)
     if chosen != "reference":
         _refuse(dtypes, chosen)

@@ -281,10 +281,10 @@ def test_bad_shapes():
 # ----------------------------------------------------------------------------- launch configuration
 def test_launch_config_holds_whole_rows():
     pytest.importorskip("triton")
-    for rows, cols in ((1, 5), (37, 192), (8192, 1152), (8192, 576), (4096, 8192)):
+    for rows, cols in ((1, 5), (37, 192), (8192, 1152), (8192, 576), (4096, 4096)):
         block_r, block_d, warps = film_norm.launch_config(rows, cols, interpreting=False)
-        assert block_d >= cols and block_r * block_d <= max(4096, block_d) and 4 <= warps <= 16
-    with pytest.raises(ValueError, match="8192"):
+        assert block_d >= cols and block_r * block_d <= max(4096, block_d) and 4 <= warps <= 32
+    with pytest.raises(ValueError, match=str(film_norm.MAX_TRITON_COLS)):
         film_norm.launch_config(4, film_norm.MAX_TRITON_COLS + 1, interpreting=False)
 
 
@@ -321,3 +321,10 @@ def test_cuda_triton_against_oracle_and_reference(case, mix):
     assert_all(got, want, tol, "cuda triton vs oracle")
     assert_all(got, run("reference", xc, wc, mc, packed, gc), tol | {"atol": 2 * tol["atol"]},
                "cuda triton vs reference")
+
+
+@pytest.mark.gpu
+def test_cuda_auto_takes_the_reference_for_rows_wider_than_a_program():
+    x = torch.randn(4, film_norm.MAX_TRITON_COLS + 8, device="cuda")
+    assert film_norm.resolve("auto", x) == "reference"
+    assert film_norm.resolve("auto", x[:, :film_norm.MAX_TRITON_COLS]) == "triton"
