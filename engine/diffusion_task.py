@@ -43,7 +43,7 @@ class DiffusionTask(Task):
                                       released_size=released)
                         if gf.enabled else None)   # frozen GF teacher (or its cache), or None
         torch.manual_seed(recipe.seed)   # identical initial weights on every rank
-        backbone = build_model(recipe.model)   # model.arch: the video DiT or DFoT's U-ViT3D
+        backbone = build_model(recipe.model, recipe.backend)   # model.arch: the video DiT or DFoT's U-ViT3D
         if recipe.model.pretrained:
             chosen = load_backbone_weights(recipe.model.pretrained, backbone, recipe.model.pretrained_weights)
             if world.is_main:

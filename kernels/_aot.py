@@ -67,9 +67,9 @@ def cuobjdump() -> str:
 
 
 def modules() -> list[ModuleType]:
-    from kernels import align, reproject
+    from kernels import align, film_norm, reproject
 
-    return [align, reproject]
+    return [align, reproject, film_norm]
 
 
 def jit_function(module: ModuleType, name: str) -> JITFunction:

@@ -1,18 +1,20 @@
 """Benchmark the fused kernels against the PyTorch eager reference and torch.compile, side by side.
 
-    python profiling/bench_kernels.py [--quick] [--kernels align,reproject] [--device cpu|cuda]
+    python profiling/bench_kernels.py [--quick] [--kernels align,reproject,film_norm] [--device cpu|cuda]
                                       [--peak-gbps GB/s] [--threads N] [--no-plot] [--csv PATH]
 
 Each kernel's cases come from ``profiling/bench_<kernel>.py`` (``cases(quick, device)``); the harness
 (``profiling/_harness.py``) times them (p50/p20/p80), measures peak memory (CUDA: max_memory_allocated;
 CPU: the torch profiler's memory accounting), prints one table with every provider's speed-up and memory
-saving against the eager reference of the same run, the bytes formulas, appends CSV rows to
+saving against the eager reference of the same run (and, for a kernel module with a ``summary()``, its own lines,
+e.g. film_norm's process CPU times), the bytes formulas, appends CSV rows to
 ``profiling/results/kernels.csv`` and draws ``profiling/results/<kernel>.png``.
 
 On CUDA the table has the achieved fraction of the memory-bandwidth roofline, against an assumed peak
 (by device name: H100 3350 GB/s, H200 4800 GB/s, A100 2039 GB/s; ``--peak-gbps`` overrides).
 ``--quick``: small sweeps (alignment N = 1024 and 4096 at full dims, its loss tail at N = 4096,
-reprojection S=10 at 256x256); a couple of minutes on 2 CPU cores.
+reprojection S=10 at 256x256, RMSNorm + FiLM at the U-ViT3D's two transformer widths); a couple of minutes on
+2 CPU cores.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import torch  # noqa: E402
 
 from profiling import _harness  # noqa: E402
 
-KERNELS = ("align", "reproject")
+KERNELS = ("align", "reproject", "film_norm")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,14 +69,19 @@ def main(argv=None) -> int:
           f"{_harness.device_label(device)}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
           flush=True)
     start = time.perf_counter()
-    results = []
+    results, modules = [], []
     for kernel in kernels:
         module = importlib.import_module(f"profiling.bench_{kernel}")
+        modules.append(module)
         cases = module.cases(args.quick, device.type)
         print(f"[{kernel}] {len(cases)} cases", flush=True)
         results += _harness.run_cases(cases, device, warmup=1, repeat=args.repeat or (3 if args.quick else 5),
                                       budget_s=4.0 if args.quick else 20.0)
     _harness.report(results, device, peak_gbps=peak, csv_path=args.csv, draw=not args.no_plot)
+    for module in modules:
+        text = module.summary() if hasattr(module, "summary") else ""
+        if text:
+            print(text)
     print(f"total {time.perf_counter() - start:.1f} s")
     return 0 if all(r.error is None for r in results) else 1
 

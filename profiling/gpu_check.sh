@@ -89,7 +89,7 @@ if ! grep -qE "[0-9]+ passed" "$OUT/gpu_lane.log"; then   # all skipped on a GPU
   echo "| gpu_lane_ran | FAIL | 0 | no GPU-lane test ran (all skipped?): see gpu_lane.log |" >> "$SUMMARY"; FAILED=1
 fi
 
-stage kernels 120 "align|reproject|total|GB/s" "$PY" profiling/bench_kernels.py --quick --device cuda --no-plot \
+stage kernels 120 "align|reproject|film_norm|total|GB/s" "$PY" profiling/bench_kernels.py --quick --device cuda --no-plot \
   --csv "$OUT/kernels.csv"
 
 stage train_tiny 90 "step|data|peak|bench_train" "$PY" profiling/bench_train.py --recipe gf_tiny \

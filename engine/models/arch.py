@@ -66,12 +66,13 @@ class ModelConfig(DiTConfig):
             raise ConfigError("temporal_patch_size: the U-ViT3D has one token frame per frame (must be 1)")
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
+def build_model(cfg: ModelConfig, backend: str = "auto") -> nn.Module:
     """The backbone of ``cfg.arch`` (weights not loaded; see
-    ``engine.models.uvit3d.checkpoint.load_backbone_weights``)."""
+    ``engine.models.uvit3d.checkpoint.load_backbone_weights``). ``backend``: the recipe's fused-kernel backend
+    (the U-ViT3D's RMSNorm + FiLM kernel)."""
     if getattr(cfg, "arch", "dit") == "uvit3d":
         ucfg = replace(cfg.uvit3d_config(), external_cond_dropout=0.0)   # the trainer draws model.cond_dropout
-        return UViT3D(ucfg)
+        return UViT3D(ucfg, backend=backend)
     return VideoDiT(cfg)
 
 

@@ -7,7 +7,8 @@ Layouts: convolutional blocks take ``x [N, C, H, W]`` (N = batch x frames) and a
 
 - ``ResBlock``: GroupNorm(32) -> SiLU -> conv3x3; ``(scale, shift)`` = 1x1 conv of emb;
   ``GroupNorm(h) (1 + scale) + shift`` -> SiLU -> conv3x3; residual.
-- ``TransformerBlock`` (ViT-22B parallel block): ``h = RMSNorm(x) (1 + scale) + shift`` (FiLM from emb),
+- ``TransformerBlock`` (ViT-22B parallel block): ``h = RMSNorm(x) (1 + scale) + shift`` (FiLM from emb; one fused
+  kernel, ``kernels.film_norm``, on the backend the recipe's ``backend:`` names),
   one fused linear to ``(q, k, v | mlp hidden 4C)``, QK-RMSNorm, 3D RoPE, full attention through
   GeoForge's backend (``engine.models.attention``), ``x + attn_out(a) + mlp_out(SiLU(mlp))``; under sequence
   parallelism on a token slice, attention through the Ulysses all-to-all (``engine.models.sequence_parallel``).
@@ -26,6 +27,7 @@ from engine.models.attention import attention
 from engine.models.rope import apply_rope
 from engine.models.sequence_parallel import ulysses_attention
 from engine.models.uvit3d.folded import FoldedEmb
+from kernels.film_norm import film_rms_norm
 
 
 def film(normed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -50,24 +52,29 @@ class ResBlock(nn.Module):
 
 
 class FiLMRMSNorm(nn.Module):
-    """RMSNorm (eps 1e-6, learned weight) modulated per token: DFoT's ``NormalizeWithCond``."""
+    """RMSNorm (eps 1e-6, learned weight) modulated per token: DFoT's ``NormalizeWithCond``.
 
-    def __init__(self, dim: int, emb_dim: int):
+    Computed by the fused ``kernels.film_norm.film_rms_norm`` on ``backend`` (``auto``: Triton on CUDA, C++ on
+    CPU, the plain ``nn.RMSNorm`` + ``addcmul`` reference for float64), reading the FiLM layer's packed
+    ``(scale | shift)`` output in place. Parameters and state-dict keys are DFoT's (``emb_layer``, ``norm.weight``).
+    """
+
+    def __init__(self, dim: int, emb_dim: int, backend: str = "auto"):
         super().__init__()
         self.emb_layer = nn.Linear(emb_dim, 2 * dim)
         self.norm = nn.RMSNorm(dim, eps=1e-6)
+        self.backend = backend
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | FoldedEmb) -> torch.Tensor:
         ss = emb.tokens(self.emb_layer) if isinstance(emb, FoldedEmb) else self.emb_layer(emb)
-        scale, shift = ss.chunk(2, dim=-1)
-        return film(self.norm(x), scale, shift)
+        return film_rms_norm(x, self.norm.weight, ss, eps=self.norm.eps, backend=self.backend)
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, emb_dim: int, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, emb_dim: int, dropout: float = 0.0, backend: str = "auto"):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
-        self.norm = FiLMRMSNorm(dim, emb_dim)
+        self.norm = FiLMRMSNorm(dim, emb_dim, backend)
         self.fused_dims = (3 * dim, 4 * dim)
         self.fused_attn_mlp_proj = nn.Linear(dim, sum(self.fused_dims))
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)

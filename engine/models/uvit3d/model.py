@@ -64,9 +64,11 @@ FOLD_MODES = ("auto", "always", "never")
 
 class UViT3D(nn.Module):
     """See the module docstring. ``fold_pose``: where the pose patch embedding is folded into the blocks'
-    FiLM layers (``engine.models.uvit3d.folded``): ``auto`` (where it saves work), ``always``, ``never``."""
+    FiLM layers (``engine.models.uvit3d.folded``): ``auto`` (where it saves work), ``always``, ``never``.
+    ``backend``: the fused kernels' backend (``kernels._backend``; the recipe's ``backend:``), used by the
+    transformer blocks' RMSNorm + FiLM (``kernels.film_norm``)."""
 
-    def __init__(self, cfg: UViT3DConfig, fold_pose: str = "auto"):
+    def __init__(self, cfg: UViT3DConfig, fold_pose: str = "auto", backend: str = "auto"):
         super().__init__()
         if fold_pose not in FOLD_MODES:
             raise ValueError(f"fold_pose must be one of {FOLD_MODES}, got {fold_pose!r}")
@@ -82,7 +84,8 @@ class UViT3D(nn.Module):
 
         def blocks(level: int, count: int) -> list[nn.Module]:
             if cfg.is_transformer(level):
-                return [TransformerBlock(ch[level], cfg.num_heads, e, cfg.block_dropouts[level]) for _ in range(count)]
+                return [TransformerBlock(ch[level], cfg.num_heads, e, cfg.block_dropouts[level], backend)
+                        for _ in range(count)]
             return [ResBlock(ch[level], e) for _ in range(count)]
 
         self.down_blocks = nn.ModuleList(
