@@ -84,6 +84,18 @@ class _CppFilm:
         return part.sum(dim=0) if want_dw else None
 
 
+class _MetaFilm:
+    """Shape-only rows for meta tensors: the fused autograd function then saves exactly what it saves on a
+    real device (x, w, the modulation view, rstd), so memory accounting on the meta device
+    (``profiling/bench_train.py --model``) counts the fused path, not the reference's intermediates."""
+
+    def fwd(self, x, w, scale, shift, y, eps):
+        return torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+
+    def bwd(self, g, x, w, scale, rstd, dx, dscale, dshift, want_dw):
+        return torch.empty(w.shape, dtype=torch.float32, device=w.device) if want_dw else None
+
+
 @functools.lru_cache(maxsize=None)
 def _load_cpp_extension():
     from torch.utils import cpp_extension
@@ -393,6 +405,8 @@ def film_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, scale: torch.Ten
         if m.shape[-1] != cols or m.dim() > x.dim() or any(
                 a not in (1, b) for a, b in zip(m.shape[-x.dim():][::-1], x.shape[::-1])):
             raise ValueError(f"film_rms_norm: {name} {tuple(m.shape)} does not broadcast to x {tuple(x.shape)}")
+    if x.device.type == "meta" and backend == "auto" and x.dtype != torch.float64:
+        return _FusedFilmNorm.apply(x, weight, scale, shift, eps, _MetaFilm())
     chosen = resolve(backend, x, weight, s, h)
     if chosen == "reference" or x.numel() == 0:
         return film_rms_norm_reference(x, weight, scale, shift, eps)

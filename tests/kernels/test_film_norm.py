@@ -328,3 +328,30 @@ def test_cuda_auto_takes_the_reference_for_rows_wider_than_a_program():
     x = torch.randn(4, film_norm.MAX_TRITON_COLS + 8, device="cuda")
     assert film_norm.resolve("auto", x) == "reference"
     assert film_norm.resolve("auto", x[:, :film_norm.MAX_TRITON_COLS]) == "triton"
+
+
+def _saved(x: torch.Tensor, w: torch.Tensor, ss: torch.Tensor, backend: str) -> list[tuple]:
+    """(shape, dtype) of every tensor the autograd graph of one call saves."""
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        film_norm.film_rms_norm(x, w, ss, backend=backend)
+    return saved
+
+
+def test_meta_tensors_save_what_the_fused_path_saves():
+    """Memory accounting on the meta device (bench_train --model) sees the fused path's saved tensors (x, w,
+    the modulation view, rstd), not the reference's intermediates; backward runs shape-only."""
+    rows, cols = 6, 24
+    args = {dev: (torch.randn(rows, cols, device=dev, requires_grad=True),
+                  torch.randn(cols, device=dev, requires_grad=True),
+                  torch.randn(rows, 2 * cols, device=dev, requires_grad=True)) for dev in ("cpu", "meta")}
+    assert _saved(*args["meta"], backend="auto") == _saved(*args["cpu"], backend="cpu")
+    assert _saved(*args["meta"], backend="auto") != _saved(*args["cpu"], backend="reference")
+    x, w, ss = args["meta"]
+    film_norm.film_rms_norm(x, w, ss).sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape and ss.grad.shape == ss.shape
