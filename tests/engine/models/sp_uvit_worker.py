@@ -24,6 +24,7 @@ from engine.objectives.flow_matching import FlowMatchingConfig
 from engine.objectives.geometry_forcing import DinoTermConfig, GFConfig
 from engine.objectives.gf_released import RELEASED_KEY
 from engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
+from sp_compare import grad_error, part_error
 from engine.teacher.spec import BATCH_PREFIX, DINO_KEY, vggt_key
 
 
@@ -93,22 +94,11 @@ def main() -> None:
     full_parts, full_grads = run()
     set_sequence_parallel(SequenceParallel(dist.new_group(list(range(n))), n, rank))
     parts, grads = run()
-    keys = sorted(parts)
-    t = torch.tensor([parts[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    mean_parts = dict(zip(keys, (t / n).tolist()))
-    part_err = max(abs(mean_parts[k] - full_parts[k]) / max(abs(full_parts[k]), 1e-12) for k in keys)
-    grad_err, worst = 0.0, ""
+    part_err = part_error(full_parts, parts, n, mean_over_ranks=True)
     # relative to the parameter's gradient, floored at 1e-3 of the whole gradient's norm: the conv bias before a
     # ResBlock's GroupNorm has a gradient that is 0 but for rounding (~1e-10), which no relative test can compare
     floor = 1e-3 * float(torch.stack([g.norm() for g in full_grads.values()]).norm())
-    for k, g_full in full_grads.items():
-        g_sp = grads[k].clone()
-        dist.all_reduce(g_sp)
-        err = float((g_sp / n - g_full).norm()) / max(float(g_full.norm()), floor)
-        if err > grad_err:
-            grad_err, worst = err, k
-    missing = sorted(set(full_grads) - set(grads))
+    grad_err, worst, missing = grad_error(full_grads, grads, n, floor)
     if rank == 0:
         print("RESULT " + json.dumps({"part_err": part_err, "grad_err": grad_err, "worst": worst, "missing": missing,
                                       "parts": full_parts, "params": len(full_grads), "sharded": sharded}),

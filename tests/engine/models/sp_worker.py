@@ -19,6 +19,7 @@ from engine.objectives.geometry_forcing import GFConfig
 from engine.objectives.gf_released import RELEASED_KEY
 from engine.teacher.spec import BATCH_PREFIX, vggt_key
 from engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
+from sp_compare import grad_error, part_error
 
 
 def main() -> None:
@@ -67,19 +68,8 @@ def main() -> None:
     set_sequence_parallel(SequenceParallel(dist.new_group(list(range(n))), n, rank))
     parts, grads = run()
     # what the logs see: the mean over the ranks; what the optimizer sees: DeepSpeed's mean of the gradients
-    keys = sorted(parts)
-    t = torch.tensor([parts[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    mean_parts = dict(zip(keys, (t / n).tolist()))
-    part_err = max(abs(mean_parts[k] - full_parts[k]) / max(abs(full_parts[k]), 1e-12) for k in keys)
-    grad_err, worst = 0.0, ""
-    for k, g_full in full_grads.items():
-        g_sp = grads[k].clone()
-        dist.all_reduce(g_sp)
-        err = float((g_sp / n - g_full).norm() / g_full.norm().clamp_min(1e-30))
-        if err > grad_err:
-            grad_err, worst = err, k
-    missing = sorted(set(full_grads) - set(grads))
+    part_err = part_error(full_parts, parts, n, mean_over_ranks=True)
+    grad_err, worst, missing = grad_error(full_grads, grads, n)
     if rank == 0:
         print("RESULT " + json.dumps({"part_err": part_err, "grad_err": grad_err, "worst": worst, "missing": missing,
                                       "parts": full_parts, "params": len(full_grads)}), flush=True)

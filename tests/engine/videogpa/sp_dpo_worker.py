@@ -19,6 +19,8 @@ from engine.videogpa.policy import Condition, build_policy
 from engine.videogpa.train_dpo import build_dpo_module, pair_noise
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
+from sp_compare import grad_error, part_error  # noqa: E402
 from test_diffusers_policies import TINY  # noqa: E402
 
 DIFFUSERS_GEOMETRY = ["videogpa.generate.frames=9", "videogpa.generate.height=32", "videogpa.generate.width=32"]
@@ -115,19 +117,11 @@ def main() -> None:
         parts, grads = run()
         set_sequence_parallel(None)
         sharded_calls = calls["all_to_all"] - before
-        part_err = max(abs(parts[k] - full_parts[k]) / max(abs(full_parts[k]), 1e-12) for k in full_parts)
-        t = torch.tensor([part_err], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)   # the worst rank: each must hold the whole-clip values
-        grad_err, worst = 0.0, ""
-        for k, g_full in full_grads.items():
-            g_sp = grads[k].clone()
-            dist.all_reduce(g_sp)
-            err = float((g_sp / n - g_full).norm() / g_full.norm().clamp_min(1e-30))
-            if err > grad_err:
-                grad_err, worst = err, k
-        results[case["name"]] = {"part_err": float(t), "grad_err": grad_err, "worst": worst, "parts": full_parts,
+        part_err = part_error(full_parts, parts, n, mean_over_ranks=False)   # every rank: the whole-clip values
+        grad_err, worst, missing = grad_error(full_grads, grads, n)
+        results[case["name"]] = {"part_err": part_err, "grad_err": grad_err, "worst": worst, "parts": full_parts,
                                  "params": len(full_grads), "all_to_all": sharded_calls,
-                                 "missing": sorted(set(full_grads) - set(grads))}
+                                 "missing": missing}
     if rank == 0:
         print("RESULT " + json.dumps(results), flush=True)
     dist.destroy_process_group()
