@@ -9,7 +9,9 @@ policy must equal the base with the LoRA merged by hand (W + scale * alpha / r *
 prediction and in generation; bad files fail naming the key and the file; DPO continues the adapter with
 the base as reference; GeoForge's saved adapter loads back to the same network. Nothing is downloaded."""
 import json
+import os
 import re
+import sys
 
 import pytest
 import torch
@@ -23,24 +25,11 @@ from engine.videogpa.lora import adapters_disabled, save_adapter  # noqa: E402
 from engine.videogpa.policy import Condition, build_policy  # noqa: E402
 from engine.videogpa.train_dpo import build_dpo_module  # noqa: E402
 
-LAYERS = 2
-TINY = {
-    "cogvideox_i2v": {
-        "transformer": dict(num_attention_heads=2, attention_head_dim=16, in_channels=8, out_channels=4, time_embed_dim=8,
-                            text_embed_dim=16, num_layers=LAYERS, sample_width=4, sample_height=4, sample_frames=9,
-                            patch_size=2, temporal_compression_ratio=4, max_text_seq_length=8,
-                            use_rotary_positional_embeddings=True),
-        "vae": dict(down_block_types=["CogVideoXDownBlock3D"] * 4, up_block_types=["CogVideoXUpBlock3D"] * 4,
-                    block_out_channels=[8, 8, 8, 8], latent_channels=4, layers_per_block=1, norm_num_groups=2,
-                    temporal_compression_ratio=4),
-    },
-    "wan_ti2v": {
-        "transformer": dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=12, in_channels=4,
-                            out_channels=4, text_dim=16, freq_dim=16, ffn_dim=16, num_layers=LAYERS, rope_max_seq_len=32),
-        "vae": dict(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
-                    latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.5, 1.0, 2.0]),
-    },
-}
+sys.path.insert(0, os.path.dirname(__file__))
+from test_diffusers_policies import TINY as ONE_LAYER  # noqa: E402
+
+LAYERS = 2   # the tiny policies of test_diffusers_policies with two layers (the key mapping numbers blocks)
+TINY = {kind: {**cfg, "transformer": {**cfg["transformer"], "num_layers": LAYERS}} for kind, cfg in ONE_LAYER.items()}
 KINDS = list(TINY)
 RANK, ALPHA = 64, 128.0        # the release's LoRA (adapter_config.json; train/*/03_train.py defaults)
 
