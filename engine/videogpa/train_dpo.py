@@ -142,19 +142,33 @@ def prepare_batch(policy: VideoPolicy, batch: dict[str, Any], cached: bool, seed
 
 
 @torch.no_grad()
+def eval_share(indices: list[int], rank: int, size: int, batch_size: int = 4) -> tuple[list[int], int]:
+    """This rank's share of the evaluation pairs and the number of batches *every* rank runs: the same on all
+    ranks, because under ZeRO-3 each forward gathers the partitioned parameters collectively, so a rank with
+    fewer forwards would leave the others waiting (9 pairs on 2 ranks: 5 and 4 pairs, 2 batches each)."""
+    per_rank = -(-len(indices) // size)
+    return indices[rank::size], -(-per_rank // batch_size)
+
+
 def implicit_accuracy(module: DPOModule, policy: VideoPolicy, dataset: PairSet, indices: list[int], draws: int,
-                      seed: int, cached: bool, batch_size: int = 4) -> dict[str, float]:
+                      seed: int, cached: bool, batch_size: int = 4, batches: int | None = None) -> dict[str, float]:
     """Implicit accuracy and mean reward margin of ``module`` on the pairs ``indices``, each with ``draws``
-    fixed noise draws (independent of training steps). Returns sums and counts for cross-rank reduction."""
+    fixed noise draws (independent of training steps). Returns sums and counts for cross-rank reduction.
+    ``batches`` (:func:`eval_share`): forwards per draw; a batch past the end of ``indices`` runs pair 0 and
+    counts nothing (it only keeps the ranks' collectives in step)."""
+    batches = -(-len(indices) // batch_size) if batches is None else batches
     correct, margin, count = 0.0, 0.0, 0
     was_training = module.training
     module.eval()
     try:
         for draw in range(draws):
-            for start in range(0, len(indices), batch_size):
-                batch = collate([dataset[i] for i in indices[start:start + batch_size]])
+            for b in range(batches):
+                chunk = indices[b * batch_size:(b + 1) * batch_size]
+                batch = collate([dataset[i] for i in chunk or [0]])
                 x_w, x_l, cond, noise = prepare_batch(policy, batch, cached, seed + 7_777_777, -1 - draw)
                 e_w, e_l, r_w, r_l = module.errors(x_w, x_l, cond, noise)
+                if not chunk:
+                    continue
                 logit = -module.beta * ((e_w - e_l) - (r_w - r_l))
                 correct += float((logit > 0).sum())
                 margin += float(logit.sum())
@@ -311,13 +325,12 @@ def _train(recipe, run_dir: Path, world, policy: VideoPolicy, dataset: PairSet, 
                      f"{trainer.trained_parameters / 1e6:.2f}M trained parameters | {len(dataset)} pairs")
     trainer.resume("auto")
 
-    eval_idx = list(range(min(vg.dpo.eval_pairs, len(dataset))))
-    mine_eval = eval_idx[world.rank::world.size]
+    mine_eval, eval_batches = eval_share(list(range(min(vg.dpo.eval_pairs, len(dataset)))), world.rank, world.size)
     before_file = stage_dir / "eval_before.json"
     before = read_marker(before_file)
     if before is None:
         before = _reduce_accuracy(implicit_accuracy(module, policy, dataset, mine_eval, vg.dpo.eval_draws,
-                                                    recipe.seed, cached), world)
+                                                    recipe.seed, cached, batches=eval_batches), world)
         if world.is_main:
             write_marker(before_file, before)
 
@@ -325,7 +338,7 @@ def _train(recipe, run_dir: Path, world, policy: VideoPolicy, dataset: PairSet, 
     finish = trainer.fit()
     train_seconds = time.perf_counter() - began
     after = _reduce_accuracy(implicit_accuracy(module, policy, dataset, mine_eval, vg.dpo.eval_draws,
-                                               recipe.seed, cached), world)
+                                               recipe.seed, cached, batches=eval_batches), world)
     summary = {
         "steps": recipe.schedule.steps, "train_pairs": len(dataset), "reference": vg.reference_mode(), "lora": vg.lora.enabled,
         "implicit_acc_before": before["implicit_acc"], "implicit_acc_after": after["implicit_acc"],
@@ -343,5 +356,5 @@ def _train(recipe, run_dir: Path, world, policy: VideoPolicy, dataset: PairSet, 
     return summary
 
 
-__all__ = ["DPOTask", "PairSet", "build_dpo_module", "cache_latents", "implicit_accuracy", "pair_noise",
+__all__ = ["DPOTask", "PairSet", "build_dpo_module", "cache_latents", "eval_share", "implicit_accuracy", "pair_noise",
            "prepare_batch", "run_train_stage"]
