@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:   # profiling/ is not an installed package
     sys.path.insert(0, str(ROOT))
 
-from profiling import bench_train  # noqa: E402
-from profiling.bench_train import _uvit_flash_attention, print_model, uvit3d_counts  # noqa: E402
+from profiling import train_model  # noqa: E402
+from profiling.train_model import _uvit_flash_attention, print_model, uvit3d_counts  # noqa: E402
 
 # 2 levels: a ResBlock level (32 ch, 8x8 after the 2x2 patch) and a transformer middle (64 ch, 2 heads, 4x4)
 TOY = UViT3DConfig(channels=[32, 64], emb_channels=64, block_types=["ResBlock", "TransformerBlock"],
@@ -147,9 +147,9 @@ def test_model_runs_for_the_paper_recipes():
     c = gf["uvit3d"]
     assert c["transformer_blocks"] == 32 and c["res_blocks"] == 12 and c["checkpointed_blocks"] == 44
     # the attention of the transformer levels, exactly: 4 L^2 C per clip and block, flash: 1 + 2.5 passes
-    attn = sum(blocks * 4 * tok * tok * ch for tok, ch, blocks in bench_train.uvit3d_level_tokens(RE10K, 16, 256))
+    attn = sum(blocks * 4 * tok * tok * ch for tok, ch, blocks in train_model.uvit3d_level_tokens(RE10K, 16, 256))
     assert c["flops_by_op"]["attention"] == 4 * 3.5 * attn
-    sp1 = bench_train.sp_model(bench_train.load_recipe("gf_re10k_paper"), 8, "h100", 0.4, 1)
-    sp2 = bench_train.sp_model(bench_train.load_recipe("gf_re10k_paper"), 8, "h100", 0.4, 2)
+    sp1 = train_model.sp_model(train_model.load_recipe("gf_re10k_paper"), 8, "h100", 0.4, 1)
+    sp2 = train_model.sp_model(train_model.load_recipe("gf_re10k_paper"), 8, "h100", 0.4, 2)
     assert sp1["acts_gib"] == pytest.approx(gf["acts_gib"]) and sp1["step_s"] == pytest.approx(gf["step_s"])
     assert sp2["acts_gib"] < sp1["acts_gib"] and sp2["acts_gib"] > sp1["acts_gib"] / 2   # ResBlock levels whole
