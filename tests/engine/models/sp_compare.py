@@ -1,9 +1,20 @@
-"""The one comparison of a sequence-parallel run against the whole-clip run, shared by the SP workers
-(``sp_worker.py``, ``sp_uvit_worker.py``, ``tests/engine/videogpa/sp_dpo_worker.py``)."""
+"""What the SP workers (``sp_worker.py``, ``sp_uvit_worker.py``, ``tests/engine/videogpa/sp_dpo_worker.py``)
+share: the gloo process group, and the one comparison of a sequence-parallel run against the whole-clip run."""
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
+
+
+def init_gloo() -> tuple[int, int]:
+    """Join the launcher's process group over gloo (CPU); returns (rank, world size)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    return dist.get_rank(), dist.get_world_size()
 
 
 def part_error(full: dict[str, float], sharded: dict[str, float], n: int, mean_over_ranks: bool) -> float:

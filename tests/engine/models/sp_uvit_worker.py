@@ -10,7 +10,6 @@ with and without it)."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import torch
@@ -24,17 +23,13 @@ from engine.objectives.flow_matching import FlowMatchingConfig
 from engine.objectives.geometry_forcing import DinoTermConfig, GFConfig
 from engine.objectives.gf_released import RELEASED_KEY
 from engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
-from sp_compare import grad_error, part_error
+from sp_compare import grad_error, init_gloo, part_error
 from engine.teacher.spec import BATCH_PREFIX, DINO_KEY, vggt_key
 
 
 def main() -> None:
     case = json.loads(sys.argv[1])
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    rank, n = dist.get_rank(), dist.get_world_size()
+    rank, n = init_gloo()
     torch.manual_seed(0)
     frames, res = case["frames"], case["resolution"]
     drop = case.get("dropout", 0.0)

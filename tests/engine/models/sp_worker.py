@@ -5,7 +5,6 @@ slices' gradients summed over the group / 2: what DeepSpeed's average over the r
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import torch
@@ -19,16 +18,12 @@ from engine.objectives.geometry_forcing import GFConfig
 from engine.objectives.gf_released import RELEASED_KEY
 from engine.teacher.spec import BATCH_PREFIX, vggt_key
 from engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
-from sp_compare import grad_error, part_error
+from sp_compare import grad_error, init_gloo, part_error
 
 
 def main() -> None:
     case = json.loads(sys.argv[1])
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    rank, n = dist.get_rank(), dist.get_world_size()
+    rank, n = init_gloo()
     torch.manual_seed(0)
     frames, res, patch = case["frames"], case["resolution"], case["patch"]
     cfg = DiTConfig(hidden_dim=64, depth=3, num_heads=4, patch_size=patch, camera=case.get("camera", "none"),

@@ -20,7 +20,7 @@ from engine.videogpa.train_dpo import build_dpo_module, pair_noise
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
-from sp_compare import grad_error, part_error  # noqa: E402
+from sp_compare import grad_error, init_gloo, part_error  # noqa: E402
 from test_diffusers_policies import TINY  # noqa: E402
 
 DIFFUSERS_GEOMETRY = ["videogpa.generate.frames=9", "videogpa.generate.height=32", "videogpa.generate.width=32"]
@@ -83,11 +83,7 @@ def inputs(policy, recipe, kind: str):
 
 def main() -> None:
     cases = json.loads(sys.argv[1])
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    rank, n = dist.get_rank(), dist.get_world_size()
+    rank, n = init_gloo()
     group = dist.new_group(list(range(n)))
     calls = {"all_to_all": 0}
     all_to_all = dist.all_to_all_single
