@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from engine.atomic import TEMP_PREFIX, atomic_write_json, atomic_write_text, publish_dir, temp_path
-from engine.distributed import World, barrier
+from geoforge.engine.atomic import TEMP_PREFIX, atomic_write_json, atomic_write_text, publish_dir, temp_path
+from geoforge.engine.distributed import World, barrier
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 MANIFEST = "MANIFEST.json"
@@ -110,7 +110,7 @@ def _gather(part: dict, world: World | None) -> dict:
 def write_manifest(directory: Path, world: World | None = None) -> dict:
     """Hash every file under ``directory`` into ``MANIFEST.json``. With ``world``: collective, each rank
     hashes a share of the files and rank 0 writes the manifest."""
-    from engine.distributed import broadcast_object
+    from geoforge.engine.distributed import broadcast_object
 
     directory = Path(directory)
     names = None

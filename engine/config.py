@@ -29,13 +29,13 @@ from typing import Any, Literal
 
 import yaml
 
-from engine.models.arch import ModelConfig
-from engine.objectives.dfot_diffusion import DFoTDiffusionConfig
-from engine.objectives.flow_matching import FlowMatchingConfig
-from engine.objectives.geometry_forcing import GFConfig, check_gf_recipe
-from engine.schema import ConfigError, build, to_dict
-from engine.teacher.spec import TeacherConfig
-from engine.videogpa.config import VideoGPAConfig
+from geoforge.engine.models.arch import ModelConfig
+from geoforge.engine.objectives.dfot_diffusion import DFoTDiffusionConfig
+from geoforge.engine.objectives.flow_matching import FlowMatchingConfig
+from geoforge.engine.objectives.geometry_forcing import GFConfig, check_gf_recipe
+from geoforge.engine.schema import ConfigError, build, to_dict
+from geoforge.engine.teacher.spec import TeacherConfig
+from geoforge.engine.videogpa.config import VideoGPAConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 

@@ -16,16 +16,16 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import save_module_weights
-from engine.config import Recipe
-from engine.data.builder import build_loader
-from engine.distributed import ParallelLayout, World
-from engine.eval.validate import validate, validation_batch, write_sample_video
-from engine.models.arch import build_model, checkpointed_blocks
-from engine.models.uvit3d.checkpoint import load_backbone_weights
-from engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
-from engine.teacher.builder import build_teacher
-from engine.trainer import MicroBatch, Task, Trainer
+from geoforge.engine.checkpoint import save_module_weights
+from geoforge.engine.config import Recipe
+from geoforge.engine.data.builder import build_loader
+from geoforge.engine.distributed import ParallelLayout, World
+from geoforge.engine.eval.validate import validate, validation_batch, write_sample_video
+from geoforge.engine.models.arch import build_model, checkpointed_blocks
+from geoforge.engine.models.uvit3d.checkpoint import load_backbone_weights
+from geoforge.engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
+from geoforge.engine.teacher.builder import build_teacher
+from geoforge.engine.trainer import MicroBatch, Task, Trainer
 
 
 class DiffusionTask(Task):

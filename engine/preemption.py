@@ -77,7 +77,7 @@ class Preemption:
 
     def agreed(self) -> bool:
         """True on every rank if any rank got a signal. Collective: every rank calls it at the same point."""
-        from engine.distributed import any_rank
+        from geoforge.engine.distributed import any_rank
 
         stop = any_rank(self.requested())
         if stop and self.signal_name is None:

@@ -11,9 +11,9 @@ import logging
 import time
 from pathlib import Path
 
-from engine.atomic import atomic_write_text
-from engine.config import Recipe, recipe_to_yaml
-from engine.distributed import World
+from geoforge.engine.atomic import atomic_write_text
+from geoforge.engine.config import Recipe, recipe_to_yaml
+from geoforge.engine.distributed import World
 
 log = logging.getLogger("geoforge")
 
@@ -97,7 +97,7 @@ class RunLog:
         """Validation metrics to metrics.jsonl and tensorboard (scalars, frame strip, videos)."""
         if not self.main:
             return
-        from engine.eval.validate import write_validation
+        from geoforge.engine.eval.validate import write_validation
 
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **result.metrics}) + "\n")

@@ -148,7 +148,7 @@ class RunLock:
 def acquire_run_lock(run_dir: Path, world, warn=print) -> RunLock:
     """Collective: rank 0 takes the lock of ``run_dir``; on every rank raise :class:`RunDirLocked` if it
     is held by another live run. Returns the lock (call ``release()`` at the end, on every rank)."""
-    from engine.distributed import broadcast_object
+    from geoforge.engine.distributed import broadcast_object
 
     lock = RunLock(run_dir)
     error = None

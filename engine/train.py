@@ -25,17 +25,17 @@ if __package__ in (None, ""):   # run as a script: engine/ must not shadow top-l
     sys.path[:] = [p for p in sys.path if Path(p).resolve() != Path(__file__).resolve().parent]
 
 
-from engine.checkpoint import CheckpointError, CheckpointWriteError
-from engine.config import ConfigError, Recipe, load_recipe
-from engine.diffusion_task import DiffusionTask
-from engine.distributed import World, broadcast_object, init_world, parallel_layout, shutdown
-from engine.eval.run_report import write_run_report
-from engine.models.attention import attention_backend, set_attention_backend
-from engine.models.sequence_parallel import SequenceParallel, set_sequence_parallel
-from engine.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption
-from engine.run_dir import resolve_run_dir, write_resolved_recipe
-from engine.run_lock import RunDirLocked, acquire_run_lock
-from engine.trainer import NonFiniteLossError, Trainer
+from geoforge.engine.checkpoint import CheckpointError, CheckpointWriteError
+from geoforge.engine.config import ConfigError, Recipe, load_recipe
+from geoforge.engine.diffusion_task import DiffusionTask
+from geoforge.engine.distributed import World, broadcast_object, init_world, parallel_layout, shutdown
+from geoforge.engine.eval.run_report import write_run_report
+from geoforge.engine.models.attention import attention_backend, set_attention_backend
+from geoforge.engine.models.sequence_parallel import SequenceParallel, set_sequence_parallel
+from geoforge.engine.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption
+from geoforge.engine.run_dir import resolve_run_dir, write_resolved_recipe
+from geoforge.engine.run_lock import RunDirLocked, acquire_run_lock
+from geoforge.engine.trainer import NonFiniteLossError, Trainer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             write_resolved_recipe(recipe, run_dir)
         try:
             if recipe.videogpa is not None:   # VideoGPA post-training: generate -> score -> pairs -> train (DPO)
-                from engine.videogpa.pipeline import run_pipeline
+                from geoforge.engine.videogpa.pipeline import run_pipeline
 
                 summary = run_pipeline(recipe, run_dir, world, stage=args.stage)
             else:

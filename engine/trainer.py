@@ -39,14 +39,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from engine import preemption
-from engine.checkpoint import atomic_checkpoint_dir, load_checkpoint, resume_checkpoint, write_checkpoint_files
-from engine.config import Recipe
-from engine.distributed import World, any_rank, deepspeed_config, mean_over_ranks, sum_over_ranks
-from engine.ema import ShardedEMA
-from engine.models.attention import attention_report
-from engine.models.checkpointing import enable_activation_checkpointing
-from engine.run_dir import RunLog
+from geoforge.engine import preemption
+from geoforge.engine.checkpoint import atomic_checkpoint_dir, load_checkpoint, resume_checkpoint, write_checkpoint_files
+from geoforge.engine.config import Recipe
+from geoforge.engine.distributed import World, any_rank, deepspeed_config, mean_over_ranks, sum_over_ranks
+from geoforge.engine.ema import ShardedEMA
+from geoforge.engine.models.attention import attention_report
+from geoforge.engine.models.checkpointing import enable_activation_checkpointing
+from geoforge.engine.run_dir import RunLog
 
 
 class NonFiniteLossError(RuntimeError):

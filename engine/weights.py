@@ -94,7 +94,7 @@ def save_safetensors(state: Mapping[str, torch.Tensor], path: str | os.PathLike)
     """Write ``state`` as safetensors (contiguous CPU tensors), atomically."""
     from safetensors.torch import save_file
 
-    from engine.atomic import atomic_save
+    from geoforge.engine.atomic import atomic_save
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     return atomic_save(path, lambda tmp: save_file(tensors, str(tmp)))
@@ -104,7 +104,7 @@ def read_state_dict(file: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The flat ``{name: tensor}`` state dict (on CPU) of a local ``.safetensors`` file or weights-only
     torch pickle; ValueError naming the file for anything else. A file of a GeoForge checkpoint is first
     checked against the checkpoint's manifest (``CheckpointError`` naming it if truncated or damaged)."""
-    from engine.checkpoint import verify_file
+    from geoforge.engine.checkpoint import verify_file
 
     path = Path(file)
     verify_file(path)

@@ -14,9 +14,9 @@ divides by 4 into ``n_spills``).
 
 Under ``TRITON_INTERPRET=1`` (the CPU tests) ``@triton.jit`` yields interpreter functions, triton.language's
 own jitted helpers (``tl.sum``, ...) included, and nothing can be compiled; the compile lane therefore runs
-in a process without it (the test starts ``python -m kernels._aot --json``).
+in a process without it (the test starts ``python -m geoforge.kernels._aot --json``).
 
-    python -m kernels._aot [--json out.json] [--workers N]   # the table for sm_80 and sm_90; rc 1 on an
+    python -m geoforge.kernels._aot [--json out.json] [--workers N]   # the table for sm_80 and sm_90; rc 1 on an
                                                               # error or a spill
 """
 from __future__ import annotations
@@ -67,7 +67,7 @@ def cuobjdump() -> str:
 
 
 def modules() -> list[ModuleType]:
-    from kernels import align, film_norm, reproject
+    from geoforge.kernels import align, film_norm, reproject
 
     return [align, reproject, film_norm]
 
@@ -76,7 +76,7 @@ def jit_function(module: ModuleType, name: str) -> JITFunction:
     value = getattr(module, name)
     if not isinstance(value, JITFunction):
         raise RuntimeError(f"{module.__name__}.{name} is not a JITFunction: compile ahead of time in a process "
-                           "without TRITON_INTERPRET=1 (python -m kernels._aot)")
+                           "without TRITON_INTERPRET=1 (python -m geoforge.kernels._aot)")
     return value
 
 

@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
-from kernels import _backend
+from geoforge.kernels import _backend
 
 try:
     import triton

@@ -34,7 +34,7 @@ from typing import Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-from kernels import _backend
+from geoforge.kernels import _backend
 
 try:
     import triton

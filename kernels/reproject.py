@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kernels._backend import check_grid, device_guard, resolve
+from geoforge.kernels._backend import check_grid, device_guard, resolve
 
 try:
     import triton

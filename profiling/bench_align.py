@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import align
+from geoforge.kernels import align
 from profiling._harness import Case
 
 IN, HID, TGT, SHID = 1152, 2048, 2048, 2048

@@ -35,8 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.data.decode import choose_backend, decode_clip, decode_clips, installed, probe, supports  # noqa: E402
-from engine.data.video_io import encode_video  # noqa: E402
+from geoforge.engine.data.decode import choose_backend, decode_clip, decode_clips, installed, probe, supports  # noqa: E402
+from geoforge.engine.data.video_io import encode_video  # noqa: E402
 from profiling._harness import RESULTS, device_label, git_commit  # noqa: E402
 
 CODECS = {"vp9": ("webm", "libvpx-vp9", {"crf": "32", "b:v": "0", "deadline": "realtime", "cpu-used": "8"}),

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from kernels import film_norm
+from geoforge.kernels import film_norm
 from profiling._harness import Case
 
 QUICK = [(8192, 576), (2048, 1152)]

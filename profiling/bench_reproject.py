@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from kernels.reproject import reprojection_error, unproject_depth
+from geoforge.kernels.reproject import reprojection_error, unproject_depth
 from profiling._harness import Case
 
 BYTES_FORMULA = "4*N*(2C+2) + 24*N + 8*N*S + 16*N, N=S*H*W"

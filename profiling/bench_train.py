@@ -60,7 +60,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from engine.config import Recipe, load_recipe  # noqa: E402
+from geoforge.engine.config import Recipe, load_recipe  # noqa: E402
 from profiling.train_model import GPUS, print_model  # noqa: E402
 
 PHASES = ("data", "teacher", "dit_fwd", "align", "backward", "optimizer")
@@ -107,15 +107,15 @@ def _device(recipe: Recipe) -> torch.device:
 
 
 def _world(device: torch.device):
-    from engine.distributed import init_world
+    from geoforge.engine.distributed import init_world
 
     return init_world(device.type)   # a single-rank process group (DeepSpeed wants one)
 
 
 def build_config(name: str, recipe: Recipe, device: torch.device) -> Config:
     """The trainer (same initial weights as engine/train.py) of ``recipe`` with a phase timer."""
-    from engine.diffusion_task import DiffusionTask
-    from engine.trainer import Trainer
+    from geoforge.engine.diffusion_task import DiffusionTask
+    from geoforge.engine.trainer import Trainer
 
     world = _world(device)
     timer = PhaseTimer(device)
@@ -230,9 +230,9 @@ def report(configs: list[Config], csv_path: Path | None = None) -> str:
 
 def _cache_for(recipe: Recipe, steps: int, directory: Path) -> Path:
     """A teacher cache holding every window the first ``steps`` micro-batches of ``recipe`` draw."""
-    from engine.data.builder import build_dataset
-    from engine.teacher.cache import build_cache
-    from engine.distributed import World
+    from geoforge.engine.data.builder import build_dataset
+    from geoforge.engine.teacher.cache import build_cache
+    from geoforge.engine.distributed import World
 
     n = len(build_dataset(recipe.data, World(0, 0, 1, 1, torch.device("cpu")), recipe.seed))
     epochs = math.ceil(steps / max(1, n // recipe.data.batch_size))
@@ -350,8 +350,8 @@ def dump_batch(recipe: Recipe, path: Path) -> Path:
     """One batch through the recipe's module: save what recomputes its GF losses (``alignment_snapshot``)."""
     from safetensors.torch import save_file
 
-    from engine.diffusion_task import DiffusionTask
-    from engine.objectives.geometry_forcing import alignment_snapshot
+    from geoforge.engine.diffusion_task import DiffusionTask
+    from geoforge.engine.objectives.geometry_forcing import alignment_snapshot
 
     if not recipe.gf.enabled:
         raise ValueError("--dump-batch needs a recipe with gf.enabled: true")

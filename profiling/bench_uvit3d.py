@@ -77,8 +77,8 @@ from einops import rearrange
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.models.uvit3d import RE10K, UViT3D, UViT3DConfig, ray_condition  # noqa: E402
-from engine.models.uvit3d import blocks as uvit_blocks  # noqa: E402
+from geoforge.engine.models.uvit3d import RE10K, UViT3D, UViT3DConfig, ray_condition  # noqa: E402
+from geoforge.engine.models.uvit3d import blocks as uvit_blocks  # noqa: E402
 from profiling._harness import Case, append_csv, device_label, format_table, run_case  # noqa: E402
 
 CONFIGS = {

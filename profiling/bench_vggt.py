@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.models.vggt import VGGT  # noqa: E402
+from geoforge.engine.models.vggt import VGGT  # noqa: E402
 from profiling._harness import Case, append_csv, device_label, format_table, run_case  # noqa: E402
 
 CONFIGS = {

@@ -41,16 +41,16 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from engine.checkpoint import latest_checkpoint  # noqa: E402
-from engine.config import load_recipe  # noqa: E402
-from engine.data.builder import build_dataset  # noqa: E402
-from engine.distributed import World  # noqa: E402
-from engine.eval.consistency import warp_consistency_error  # noqa: E402
-from engine.eval.image_metrics import psnr, ssim  # noqa: E402
-from engine.eval.run import load_model  # noqa: E402
-from engine.eval.run_report import heldout_recipe  # noqa: E402
-from engine.eval.validate import validate  # noqa: E402
-from engine.objectives.flow_matching import draw_noise, flow_matching_loss  # noqa: E402
+from geoforge.engine.checkpoint import latest_checkpoint  # noqa: E402
+from geoforge.engine.config import load_recipe  # noqa: E402
+from geoforge.engine.data.builder import build_dataset  # noqa: E402
+from geoforge.engine.distributed import World  # noqa: E402
+from geoforge.engine.eval.consistency import warp_consistency_error  # noqa: E402
+from geoforge.engine.eval.image_metrics import psnr, ssim  # noqa: E402
+from geoforge.engine.eval.run import load_model  # noqa: E402
+from geoforge.engine.eval.run_report import heldout_recipe  # noqa: E402
+from geoforge.engine.eval.validate import validate  # noqa: E402
+from geoforge.engine.objectives.flow_matching import draw_noise, flow_matching_loss  # noqa: E402
 
 METRICS = [("fm_train", "flow-matching loss (train, last 10%)", "lower"),
            ("fm_heldout", "flow-matching loss (held-out, fixed noise)", "lower"),

@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from engine.config import Recipe, load_recipe  # noqa: E402
+from geoforge.engine.config import Recipe, load_recipe  # noqa: E402
 
 # dense bf16 tensor-core peak (TFLOP/s) and memory (GiB) per GPU kind
 GPUS = {"h100": (989.0, 80.0), "h200": (989.0, 141.0), "a100": (312.0, 80.0)}
@@ -50,8 +50,8 @@ def teacher_flops(recipe: Recipe) -> dict[str, float]:
     VGGT-1B sizes unless ``teacher.vggt.config`` says otherwise: DINOv2-L patch embedding (24 blocks, 1024-d)
     on the P + 5 tokens of each frame, then per layer a frame block (context P + 5) and a global block
     (context S (P + 5)), 1024-d. Norms, RoPE and the 14x14 patch convolution are ignored (< 1%)."""
-    from engine.models.vggt.config import resolve_config
-    from engine.teacher.spec import teacher_size
+    from geoforge.engine.models.vggt.config import resolve_config
+    from geoforge.engine.teacher.spec import teacher_size
 
     gf, t, d = recipe.gf, recipe.teacher, recipe.data
     out = {"vggt": 0.0, "dino": 0.0}
@@ -64,7 +64,7 @@ def teacher_flops(recipe: Recipe) -> dict[str, float]:
     special = 1 + agg["num_register_tokens"]
     dim = agg["embed_dim"]
     if agg["patch_embed"] != "conv":
-        from engine.models.vggt import DINOV2_VARIANTS
+        from geoforge.engine.models.vggt import DINOV2_VARIANTS
 
         pd, pdepth, _ = DINOV2_VARIANTS[agg["patch_embed"]]
         out["vggt"] += pdepth * frames * vit_block_flops(pd, patches + special, patches + special)
@@ -72,7 +72,7 @@ def teacher_flops(recipe: Recipe) -> dict[str, float]:
     tokens = frames * (patches + special)
     out["vggt"] += layers * (vit_block_flops(dim, tokens, patches + special) + vit_block_flops(dim, tokens, tokens))
     if t.dino is not None:
-        from engine.models.vggt import DINOV2_VARIANTS
+        from geoforge.engine.models.vggt import DINOV2_VARIANTS
 
         dd, ddepth, _ = DINOV2_VARIANTS[t.dino.variant]
         dh, dw = teacher_size(d.resolution, d.resolution, t.dino.resolution)
@@ -99,7 +99,7 @@ def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=
 
 @contextlib.contextmanager
 def _uvit_flash_attention():
-    from engine.models.uvit3d import blocks as uvit_blocks
+    from geoforge.engine.models.uvit3d import blocks as uvit_blocks
 
     original = uvit_blocks.attention
     uvit_blocks.attention = _flash_attention_op
@@ -144,9 +144,9 @@ def uvit3d_counts(ucfg, batch: int, frames: int, resolution: int, checkpoint_all
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    from engine.models.uvit3d import UViT3D
-    from engine.models.uvit3d.blocks import TransformerBlock
-    from engine.models.uvit3d.folded import FoldedEmb
+    from geoforge.engine.models.uvit3d import UViT3D
+    from geoforge.engine.models.uvit3d.blocks import TransformerBlock
+    from geoforge.engine.models.uvit3d.folded import FoldedEmb
 
     key = repr((ucfg, batch, frames, resolution, checkpoint_all, device, dtype))
     if key in _UVIT_COUNTS:
@@ -310,7 +310,7 @@ def flops_model(recipe: Recipe, gpus: int, gpu: str, mfu: float) -> dict[str, An
         acts = uvit["acts_bytes"]
         name = "U-ViT3D"
     else:
-        from engine.models.dit import flops_per_token, num_params
+        from geoforge.engine.models.dit import flops_per_token, num_params
 
         m = recipe.model.resolved()
         tokens = (d.frames // m.temporal_patch_size) * (d.resolution // m.patch_size) ** 2  # per clip
@@ -325,7 +325,7 @@ def flops_model(recipe: Recipe, gpus: int, gpu: str, mfu: float) -> dict[str, An
     proj, p_head, teacher = 0.0, 0, {"vggt": 0.0, "dino": 0.0}
     teacher_mem = 0.0
     if gf.enabled:
-        from engine.models.vggt.config import resolve_config
+        from geoforge.engine.models.vggt.config import resolve_config
 
         agg = resolve_config(t.vggt.config)["aggregator"]
         c = 2 * agg["embed_dim"]
@@ -335,7 +335,7 @@ def flops_model(recipe: Recipe, gpus: int, gpu: str, mfu: float) -> dict[str, An
         proj = 3 * 2 * aligned * per_layer * len(t.layers)
         p_head = per_layer * len(t.layers)
         if gf.dino is not None:
-            from engine.models.vggt import DINOV2_VARIANTS
+            from geoforge.engine.models.vggt import DINOV2_VARIANTS
 
             cd = DINOV2_VARIANTS[t.dino.variant][0]
             pl = width * gf.dino.projector_hidden + gf.dino.projector_hidden ** 2 \
@@ -344,7 +344,7 @@ def flops_model(recipe: Recipe, gpus: int, gpu: str, mfu: float) -> dict[str, An
             p_head += pl
         if not t.cache:
             teacher = teacher_flops(recipe)
-            from engine.teacher.spec import teacher_size
+            from geoforge.engine.teacher.spec import teacher_size
 
             h, w = teacher_size(d.resolution, d.resolution, t.resolution)
             t_tokens = t.aligned_frames(d.frames) * ((h // 14) * (w // 14) + 5)

@@ -50,7 +50,7 @@ def compile_report() -> list:
 
 def pytest_terminal_summary(terminalreporter):
     if _COMPILE_ROWS:
-        from kernels._aot import table
+        from geoforge.kernels._aot import table
 
         rows = sorted(_COMPILE_ROWS, key=lambda r: (r.arch, r.kernel, r.dtype, r.size, r.constexprs))
         terminalreporter.section("compile lane: registers and spills per thread (cuobjdump of the sm_XX cubins)")

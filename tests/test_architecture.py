@@ -18,7 +18,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+NAMESPACE = "geoforge"          # the folders engine/ and kernels/ are imported as geoforge.engine, geoforge.kernels
 PACKAGES = ("engine", "kernels")
+
+
+def q(name: str) -> str:
+    """The import name of a module named by its folder path (``engine.models`` -> ``geoforge.engine.models``)."""
+    return f"{NAMESPACE}.{name}"
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,7 @@ def find_modules() -> dict[str, Path]:
             parts = list(path.relative_to(ROOT).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts = parts[:-1]
-            out[".".join(parts)] = path
+            out[".".join([NAMESPACE, *parts])] = path
     return out
 
 
@@ -94,7 +100,7 @@ def _edges(src: str, dst: str) -> list[str]:
 # (importer package, forbidden target package): each pair one rule of DESIGN §2 / docs/architecture.md
 ABOVE_MIDDLE = ("engine.sampling", "engine.eval", "engine.trainer", "engine.diffusion_task", "engine.videogpa",
                 "engine.train")
-FORBIDDEN = [
+FORBIDDEN_BY_FOLDER = [
     ("kernels", "engine"),
     *[("engine.models", p) for p in ("engine.teacher", "engine.objectives", "engine.data", *ABOVE_MIDDLE)],
     *[("engine.data", p) for p in ("engine.models", "engine.teacher", "engine.objectives", *ABOVE_MIDDLE)],
@@ -103,18 +109,19 @@ FORBIDDEN = [
     *[("engine.trainer", high) for high in ABOVE_MIDDLE[3:]],
     *[(low, high) for low in ("engine.diffusion_task", "engine.videogpa") for high in ABOVE_MIDDLE[3:] if low != high],
 ]
+FORBIDDEN = [(q(low), q(high)) for low, high in FORBIDDEN_BY_FOLDER]
 
 
 def test_the_graph_is_read():
     """The reader sees the imports it must judge: package-relative, in-function and module-level ones."""
-    assert {"engine.train", "engine.teacher.live", "kernels.align", "engine.models.dit"} <= set(MODULES)
-    assert "engine.models.vggt" in GRAPH["engine.teacher.live"]
-    assert "kernels.align" in GRAPH["engine.objectives.geometry_forcing"]
-    assert any(i.target == "engine.teacher.builder" for i in IMPORTS if i.importer == "engine.diffusion_task")
+    assert {q("engine.train"), q("engine.teacher.live"), q("kernels.align"), q("engine.models.dit")} <= set(MODULES)
+    assert q("engine.models.vggt") in GRAPH[q("engine.teacher.live")]
+    assert q("kernels.align") in GRAPH[q("engine.objectives.geometry_forcing")]
+    assert any(i.target == q("engine.teacher.builder") for i in IMPORTS if i.importer == q("engine.diffusion_task"))
 
 
 @pytest.mark.parametrize("low,high", [
-    pytest.param(a, b, id=f"{a}-not->{b}") for a, b in FORBIDDEN])
+    pytest.param(q(a), q(b), id=f"{a}-not->{b}") for a, b in FORBIDDEN_BY_FOLDER])
 def test_imports_point_down_the_layers(low, high):
     bad = _edges(low, high)
     assert not bad, f"{low} must not import {high}:\n  " + "\n  ".join(bad)
@@ -178,7 +185,7 @@ def test_no_module_imports_private_names_of_another():
 
 
 def test_no_module_reads_private_attributes_of_another_module():
-    """``import engine.x as m; m._helper`` is the same leak as ``from engine.x import _helper``."""
+    """``import geoforge.engine.x as m; m._helper`` is the same leak as ``from geoforge.engine.x import _helper``."""
     bad = []
     for module, path in MODULES.items():
         tree = ast.parse(path.read_text(), str(path))

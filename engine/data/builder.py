@@ -6,13 +6,13 @@ from pathlib import Path
 
 import torch
 
-from engine.config import DataConfig
-from engine.data.decode import installed
-from engine.data.minecraft import MinecraftClips, find_minecraft_clips
-from engine.data.re10k import Re10KClips, find_clips
-from engine.data.sampler import EpochIndexed, ResumableBatchSampler
-from engine.data.synthetic import ensure_synthetic_dataset
-from engine.distributed import World, barrier
+from geoforge.engine.config import DataConfig
+from geoforge.engine.data.decode import installed
+from geoforge.engine.data.minecraft import MinecraftClips, find_minecraft_clips
+from geoforge.engine.data.re10k import Re10KClips, find_clips
+from geoforge.engine.data.sampler import EpochIndexed, ResumableBatchSampler
+from geoforge.engine.data.synthetic import ensure_synthetic_dataset
+from geoforge.engine.distributed import World, barrier
 
 
 def build_dataset(data: DataConfig, world: World, seed: int) -> torch.utils.data.Dataset:
@@ -62,7 +62,7 @@ def build_loader(data: DataConfig, world: World, seed: int, grad_accum: int = 1,
     sampler = ResumableBatchSampler(len(dataset), data.batch_size, grad_accum, dp_size, dp_rank, seed=seed,
                                     start=start)
     if uses_dali(data, world):
-        from engine.data.dali_loader import PlannedLoader
+        from geoforge.engine.data.dali_loader import PlannedLoader
 
         return PlannedLoader(dataset, sampler, prefetch=4, device=world.device)
     workers = data.num_workers

@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from engine.data.decode import DataError, decode_clips
+from geoforge.engine.data.decode import DataError, decode_clips
 
 Decode = Callable[[list[tuple[object, list[int]]]], list[torch.Tensor]]
 

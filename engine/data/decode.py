@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.data.video_io import ResizeCrop, VideoSource, count_frames, decode_video, open_video, source_name
+from geoforge.engine.data.video_io import ResizeCrop, VideoSource, count_frames, decode_video, open_video, source_name
 
 log = logging.getLogger("geoforge.data")
 

@@ -17,7 +17,7 @@ Actions as DFoT conditions on them (``external_cond_stack`` with ``frame_skip`` 
 Synthetic sets (``write_minecraft_clips``, ``ensure_minecraft_dataset``) are rendered by
 ``engine.data.voxel_render`` (a walking camera in a voxel terrain whose moves are the actions).
 
-CLI: ``python -m engine.data.minecraft --out DIR --clips N [--frames 64] [--resolution 64] [--seed 0]
+CLI: ``geoforge-minecraft --out DIR --clips N [--frames 64] [--resolution 64] [--seed 0]
 [--split training]`` writes ``DIR/SPLIT/minecraft_<seed>_<n>.mp4`` + ``.npz`` (idempotent, atomic).
 """
 from __future__ import annotations
@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from engine.data.decode import BACKENDS, DataError, SkipBadClips, decode_clip, probe
-from engine.data.re10k import pixel_intrinsics, relative_extrinsics
-from engine.data.synthetic import ensure_generated
-from engine.data.video_io import ResizeCrop, encode_video
-from engine.data.voxel_render import NUM_ACTIONS, render_minecraft_clip
+from geoforge.engine.data.decode import BACKENDS, DataError, SkipBadClips, decode_clip, probe
+from geoforge.engine.data.re10k import pixel_intrinsics, relative_extrinsics
+from geoforge.engine.data.synthetic import ensure_generated
+from geoforge.engine.data.video_io import ResizeCrop, encode_video
+from geoforge.engine.data.voxel_render import NUM_ACTIONS, render_minecraft_clip
 
 log = logging.getLogger("geoforge.data")
 

@@ -1,6 +1,6 @@
 """Prepare RealEstate10K in DFoT's layout from camera files and already-downloaded source videos.
 
-    python -m engine.data.prepare_re10k --txt-dir RealEstate10K/train --video-dir videos/ --out data/re10k \\
+    geoforge-prepare-re10k --txt-dir RealEstate10K/train --video-dir videos/ --out data/re10k \\
         [--split training] [--sizes 256] [--workers N] [--crf 18] [--overwrite]
 
 For every camera file ``<clip>.txt`` of ``--txt-dir`` (line 1 the YouTube URL, then one line per frame
@@ -43,10 +43,10 @@ import av
 import numpy as np
 import torch
 
-from engine.atomic import atomic_save, atomic_write_json
-from engine.data.decode import DataError
-from engine.data.re10k import IMAGE_SUFFIXES, pixel_intrinsics, read_pose_file
-from engine.data.video_io import ResizeCrop, encode_video, frame_to_rgb, open_video, read_image
+from geoforge.engine.atomic import atomic_save, atomic_write_json
+from geoforge.engine.data.decode import DataError
+from geoforge.engine.data.re10k import IMAGE_SUFFIXES, pixel_intrinsics, read_pose_file
+from geoforge.engine.data.video_io import ResizeCrop, encode_video, frame_to_rgb, open_video, read_image
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv")
 _YOUTUBE_ID = re.compile(r"(?:v=|youtu\.be/|/shorts/|/embed/)([A-Za-z0-9_-]{6,})")

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from engine.data.decode import BACKENDS, DataError, SkipBadClips, decode_clip, probe
-from engine.data.video_io import ResizeCrop, read_image
+from geoforge.engine.data.decode import BACKENDS, DataError, SkipBadClips, decode_clip, probe
+from geoforge.engine.data.video_io import ResizeCrop, read_image
 
 __all__ = ["Re10KClips", "ResizeCrop", "find_clips", "pixel_intrinsics", "read_dfot_poses", "read_pose_file",
            "relative_extrinsics", "write_pose_file"]

@@ -12,7 +12,7 @@ Clips are written in the RealEstate10K raw layout (see ``engine.data.re10k``):
 intrinsics, row-major world-to-camera), ``<clip>.mp4`` and ``<clip>.depth.npz`` (``depth`` float32
 [T, H, W]). Clip ``n`` depends only on ``(seed, n)``.
 
-CLI: ``python -m engine.data.synthetic --out DIR --clips N --frames T --resolution R --seed S [--split training]``
+CLI: ``geoforge-synthetic --out DIR --clips N --frames T --resolution R --seed S [--split training]``
 """
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import pixels
-from engine.atomic import atomic_dir
-from engine.data.re10k import write_pose_file
-from engine.data.rendering import LIGHT, NOISE_PERIOD, pixel_rays, rotation, value_noise
-from engine.data.video_io import encode_video
+from geoforge.engine import pixels
+from geoforge.engine.atomic import atomic_dir
+from geoforge.engine.data.re10k import write_pose_file
+from geoforge.engine.data.rendering import LIGHT, NOISE_PERIOD, pixel_rays, rotation, value_noise
+from geoforge.engine.data.video_io import encode_video
 
 FPS = 10
 MARKER = "synthetic.json"

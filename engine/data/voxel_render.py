@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine import pixels
-from engine.data.rendering import LIGHT, pixel_rays, rotation, value_noise
+from geoforge.engine import pixels
+from geoforge.engine.data.rendering import LIGHT, pixel_rays, rotation, value_noise
 
 NUM_ACTIONS = 4
 FORWARD, LEFT, RIGHT, NOOP = range(NUM_ACTIONS)

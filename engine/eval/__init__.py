@@ -1,4 +1,4 @@
-"""Evaluation of generated videos: metrics, protocols and the ``python -m engine.eval`` entry point.
+"""Evaluation of generated videos: metrics, protocols and the ``geoforge-eval`` entry point.
 
 - ``frechet``: Fréchet distance (robust PSD square root), FID / FVD wrappers;
 - ``i3d`` (FVD features), ``inception`` (FID features), ``lpips``: the metric networks, loaded from

@@ -1,4 +1,4 @@
-"""``python -m engine.eval``: see :mod:`engine.eval.run`."""
-from engine.eval.run import main
+"""``python -m geoforge.engine.eval`` (the console script ``geoforge-eval``): see :mod:`geoforge.engine.eval.run`."""
+from geoforge.engine.eval.run import main
 
 raise SystemExit(main())

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.eval.image_metrics import psnr, ssim
+from geoforge.engine.eval.image_metrics import psnr, ssim
 
 SCALE_MODES = ("own", "lstsq", "gt", "none")
 FRAME_REDUCTIONS = ("sum", "mean")

@@ -21,7 +21,7 @@ def pair_warp_error(frame_i: torch.Tensor, frame_j: torch.Tensor, depth_i: torch
                     k_i: torch.Tensor, k_j: torch.Tensor, e_i: torch.Tensor, e_j: torch.Tensor) -> torch.Tensor:
     """Mean squared colour error of frame j warped onto frame i (``[3, H, W]`` frames, ``[H, W]`` depths,
     ``[3, 3]`` intrinsics, ``[3, 4]`` camera-from-world extrinsics); NaN when no pixel is valid."""
-    from kernels.reproject import unproject_depth
+    from geoforge.kernels.reproject import unproject_depth
 
     h, w = depth_i.shape
     world = unproject_depth(depth_i[None].float(), e_i[None].float(), k_i[None].float(), backend="reference")[0]

@@ -27,10 +27,10 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from engine.eval.camera_metrics import SCALE_MODES, camera_errors
-from engine.models.vggt import VGGT, preprocess_images
-from engine.models.vggt.estimate import Geometry, check_geometry_heads, estimate_geometry
-from kernels.reproject import reprojection_error
+from geoforge.engine.eval.camera_metrics import SCALE_MODES, camera_errors
+from geoforge.engine.models.vggt import VGGT, preprocess_images
+from geoforge.engine.models.vggt.estimate import Geometry, check_geometry_heads, estimate_geometry
+from geoforge.kernels.reproject import reprojection_error
 
 
 def frame_subset(frames: int, max_frames: int | None) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.weights import load_into, load_state_dict
+from geoforge.engine.weights import load_into, load_state_dict
 
 Triple = tuple[int, int, int]
 # (b0, b1a, b1b, b2a, b2b, b3b) output channels of each Inception module, in order.

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.weights import load_into, load_state_dict
+from geoforge.engine.weights import load_into, load_state_dict
 
 FID_INPUT_SIZE = 299
 FID_FEATURE_DIM = 2048

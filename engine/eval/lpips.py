@@ -22,10 +22,9 @@ import os
 import re
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from engine.weights import load_into, load_state_dict
+from geoforge.engine.weights import load_into, load_state_dict
 
 # torchvision vgg16 "D" configuration up to relu5_3: channels, "M" = 2×2 max-pool.
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)

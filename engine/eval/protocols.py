@@ -1,4 +1,4 @@
-"""The evaluation protocols of ``python -m engine.eval`` (Geometry Forcing / DFoT, methods.md §1-2).
+"""The evaluation protocols of ``geoforge-eval`` (Geometry Forcing / DFoT, methods.md §1-2).
 
 - ``short16``: 16-frame videos from 1 ground-truth context frame and the clip's cameras; one window
   (history guidance ``stabilized_vanilla`` 4.0 / 0.02 as in GF's scripts; with no generated history
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.sampling import Guidance
+from geoforge.engine.sampling import Guidance
 
 
 @dataclass(frozen=True)

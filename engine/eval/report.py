@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.atomic import atomic_save, atomic_write_bytes, atomic_write_json
+from geoforge.engine.atomic import atomic_save, atomic_write_bytes, atomic_write_json
 
 # Geometry Forcing's table (RealEstate10K 256x256, methods.md section 1), for orientation only.
 PUBLISHED = {

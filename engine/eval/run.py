@@ -1,6 +1,6 @@
-"""``python -m engine.eval``: generate videos for a protocol, compute the metrics, write the report.
+"""``geoforge-eval``: generate videos for a protocol, compute the metrics, write the report.
 
-    python -m engine.eval --recipe dfot_tiny --checkpoint runs/x/checkpoints/step_300 --protocol short16 \\
+    geoforge-eval --recipe dfot_tiny --checkpoint runs/x/checkpoints/step_300 --protocol short16 \\
         --num-videos 8 --i3d i3d_pretrained_400.pt --inception pt_inception-2015-12-05-6726825d.pth \\
         --lpips-backbone vgg16.pth --lpips-lin lpips_vgg.pth --vggt facebook/VGGT-1B
 
@@ -20,7 +20,7 @@ elsewhere (same ``NNNNN.npz`` layout, or ``NNNNN.mp4``) instead of sampling.
 Models: the recipe's ``model.arch``. For DFoT's U-ViT3D (``uvit3d``, e.g. ``--recipe gf_re10k_paper``)
 ``--checkpoint`` may also be a released DFoT / Geometry Forcing file (Lightning ``.ckpt``, ``hf://``)::
 
-    python -m engine.eval --recipe gf_re10k_paper --checkpoint hf://Haoyuwu/GeometryForcing/FILE.ckpt \
+    geoforge-eval --recipe gf_re10k_paper --checkpoint hf://Haoyuwu/GeometryForcing/FILE.ckpt \
         --protocol long256 --set data.root=/data/re10k
 
 and it is sampled through the v-prediction adapter (``engine.objectives.dfot_velocity``) on DFoT's DDIM
@@ -45,19 +45,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from engine import pixels
-from engine.atomic import TEMP_PREFIX, atomic_write_bytes, atomic_write_json
-from engine.distributed import resolve_device
-from engine.eval.frechet import extract_features, frechet_distance_from_features
-from engine.eval.image_metrics import psnr, ssim
-from engine.eval.protocols import PROTOCOLS, Protocol, get_protocol, rotation_extrinsics
-from engine.eval.report import frame_grid, write_report
-from engine.models.arch import condition_keys
-from engine.objectives.dfot_velocity import from_model_space, recipe_velocity_model, to_model_space
-from engine.sampling import GUIDANCE_NAMES, Guidance, SamplerConfig, generate
+from geoforge.engine import pixels
+from geoforge.engine.atomic import TEMP_PREFIX, atomic_write_bytes, atomic_write_json
+from geoforge.engine.distributed import resolve_device
+from geoforge.engine.eval.frechet import extract_features, frechet_distance_from_features
+from geoforge.engine.eval.image_metrics import psnr, ssim
+from geoforge.engine.eval.protocols import PROTOCOLS, Protocol, get_protocol, rotation_extrinsics
+from geoforge.engine.eval.report import frame_grid, write_report
+from geoforge.engine.models.arch import condition_keys
+from geoforge.engine.objectives.dfot_velocity import from_model_space, recipe_velocity_model, to_model_space
+from geoforge.engine.sampling import GUIDANCE_NAMES, Guidance, SamplerConfig, generate
 
 if TYPE_CHECKING:
-    from engine.eval.geometry import VGGTGeometry
+    from geoforge.engine.eval.geometry import VGGTGeometry
 
 WEIGHT_CHOICES = ("ema", "model")
 GRIDS = ("auto", "dfot", "uniform")
@@ -109,7 +109,7 @@ class EvalOptions:
 
 
 def parse_args(argv: list[str] | None = None) -> EvalOptions:
-    p = argparse.ArgumentParser(prog="python -m engine.eval", description=__doc__,
+    p = argparse.ArgumentParser(prog="geoforge-eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", required=True, help="recipe name in recipes/ or a YAML path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -188,7 +188,7 @@ def resolve_checkpoint(path: str | Path, weights: str) -> Path:
     """The safetensors file behind ``path``: a file, ``step_N/{ema,model}.safetensors`` or a run's newest
     checkpoint whose file verifies (newer damaged ones are named in a warning). A file of a checkpoint
     must match the checkpoint's manifest (``engine.checkpoint.verify_file``; CheckpointError naming it)."""
-    from engine.checkpoint import CheckpointError, checkpoint_dirs, verify_file
+    from geoforge.engine.checkpoint import CheckpointError, checkpoint_dirs, verify_file
 
     path = Path(path)
     if path.is_file():
@@ -224,14 +224,14 @@ def load_model(recipe, checkpoint: str | Path, weights: str = "ema", device: tor
     a GeoForge checkpoint (directory, run directory or ``.safetensors`` file; keys with or without the
     ``dit.`` prefix), or, for ``uvit3d``, any other file or ``hf://`` reference (released DFoT / GF Lightning
     ``.ckpt``, ``.pt``) through ``engine.models.uvit3d.checkpoint.load_backbone_weights``."""
-    from engine.models.arch import build_model
-    from engine.weights import load_into, read_state_dict, strip_prefix
+    from geoforge.engine.models.arch import build_model
+    from geoforge.engine.weights import load_into, read_state_dict, strip_prefix
 
     model = build_model(recipe.model)
     text = str(checkpoint)
     released = text.startswith("hf://") or not (Path(text).is_dir() or text.endswith(".safetensors"))
     if recipe.model.arch == "uvit3d" and released:
-        from engine.models.uvit3d.checkpoint import load_backbone_weights
+        from geoforge.engine.models.uvit3d.checkpoint import load_backbone_weights
 
         chosen = load_backbone_weights(text, model, DFOT_WEIGHTS[weights])
         log(f"loaded {text}: {chosen}")
@@ -245,8 +245,8 @@ def load_model(recipe, checkpoint: str | Path, weights: str = "ema", device: tor
 def with_buffers(state: dict[str, torch.Tensor], file: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """``state`` plus the persistent buffers it lacks, from ``model.safetensors`` beside an ``ema.safetensors``
     (the EMA tracks parameters only; e.g. the U-ViT3D's random Fourier noise-embedding buffers)."""
-    from engine.checkpoint import verify_file
-    from engine.weights import read_state_dict, strip_prefix
+    from geoforge.engine.checkpoint import verify_file
+    from geoforge.engine.weights import read_state_dict, strip_prefix
 
     missing = [k for k in model.state_dict() if k not in state and k not in dict(model.named_parameters())]
     sibling = Path(file).with_name("model.safetensors")
@@ -276,10 +276,10 @@ class Networks:
     @classmethod
     def from_options(cls, opts: EvalOptions, device: torch.device, backend: str = "auto") -> Networks:
         """Networks from the weight options; ``backend`` is the reprojection kernel's (the recipe's ``backend``)."""
-        from engine.eval.geometry import VGGTGeometry
-        from engine.eval.i3d import FVDExtractor
-        from engine.eval.inception import FIDInceptionV3
-        from engine.eval.lpips import LPIPS
+        from geoforge.engine.eval.geometry import VGGTGeometry
+        from geoforge.engine.eval.i3d import FVDExtractor
+        from geoforge.engine.eval.inception import FIDInceptionV3
+        from geoforge.engine.eval.lpips import LPIPS
 
         nets = cls()
         if opts.i3d:
@@ -331,7 +331,7 @@ def _as_tchw(frames: np.ndarray, what: str) -> np.ndarray:
 def load_generated(path: Path) -> dict[str, np.ndarray]:
     """A stored record (``.npz``) or, for ``.mp4`` (videos from elsewhere), ``{"generated": frames}``."""
     if path.suffix == ".mp4":
-        from engine.data.video_io import decode_video
+        from geoforge.engine.data.video_io import decode_video
 
         return {"generated": _as_tchw(decode_video(path), str(path))}
     with np.load(path) as data:
@@ -354,8 +354,8 @@ def to_unit(frames: np.ndarray) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------- data
 def build_eval_dataset(recipe, opts: EvalOptions, frames: int, num_videos: int):
     """The clips of the evaluation split (the synthetic one is rendered on first use, seed = recipe seed + 1)."""
-    from engine.data.re10k import Re10KClips
-    from engine.data.synthetic import ensure_synthetic_dataset
+    from geoforge.engine.data.re10k import Re10KClips
+    from geoforge.engine.data.synthetic import ensure_synthetic_dataset
 
     data = recipe.data
     root = Path(opts.data_root or data.root)
@@ -408,7 +408,7 @@ def per_video_metrics(record: dict[str, np.ndarray], nets: Networks, context: in
             device = next(nets.lpips.parameters()).device
             out["lpips"] = _nan_list(nets.lpips(gen.to(device), gt.to(device)).cpu(), context)
     else:
-        from engine.eval.camera_metrics import revisit_error
+        from geoforge.engine.eval.camera_metrics import revisit_error
 
         device = next(nets.lpips.parameters()).device if nets.lpips is not None else torch.device("cpu")
         revisit = revisit_error(gen[0].to(device), gen[-1].to(device), nets.lpips)
@@ -503,7 +503,7 @@ def time_grid_option(opts: EvalOptions, recipe) -> tuple[float, ...] | None:
         raise ValueError(f"--grid must be one of {GRIDS}, got {opts.grid!r}")
     if opts.grid == "uniform" or (opts.grid == "auto" and recipe.model.arch != "uvit3d"):
         return None
-    from engine.objectives.dfot_velocity import dfot_flow_times
+    from geoforge.engine.objectives.dfot_velocity import dfot_flow_times
 
     return dfot_flow_times(recipe.dfot, opts.steps)
 
@@ -515,7 +515,7 @@ def dfot_guidance(guidance: Guidance, recipe) -> Guidance:
     history exactly as DFoT's code does."""
     from dataclasses import replace
 
-    from engine.objectives.dfot_velocity import dfot_level_time
+    from geoforge.engine.objectives.dfot_velocity import dfot_level_time
 
     fractional = guidance.history == "fractional"
     fraction = dfot_level_time(recipe.dfot, guidance.fraction) if fractional else guidance.fraction
@@ -614,7 +614,7 @@ def output_dir(opts: EvalOptions, protocol: Protocol) -> Path:
 
 def run(opts: EvalOptions, networks: Networks | None = None) -> dict:
     """Evaluate (see the module docstring); ``networks`` replaces the ones built from the options (tests)."""
-    from engine.config import load_recipe
+    from geoforge.engine.config import load_recipe
 
     recipe = load_recipe(opts.recipe, opts.overrides)
     protocol = get_protocol(opts.protocol)
@@ -662,8 +662,8 @@ def run(opts: EvalOptions, networks: Networks | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.checkpoint import CheckpointError
-    from engine.config import ConfigError
+    from geoforge.engine.checkpoint import CheckpointError
+    from geoforge.engine.config import ConfigError
 
     opts = parse_args(argv)
     try:

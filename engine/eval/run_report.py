@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import pixels
-from engine.eval.baselines import flat_frames, high_frequency_energy, repeated_context
-from engine.eval.image_metrics import psnr, ssim
-from engine.eval.report import atomic_write_bytes, frame_grid, write_png
-from engine.eval.validate import ValidationResult, validate, validation_batch
+from geoforge.engine import pixels
+from geoforge.engine.eval.baselines import flat_frames, high_frequency_energy, repeated_context
+from geoforge.engine.eval.image_metrics import psnr, ssim
+from geoforge.engine.eval.report import atomic_write_bytes, frame_grid, write_png
+from geoforge.engine.eval.validate import ValidationResult, validate, validation_batch
 
 HELDOUT_SPLIT = "heldout"
 
@@ -118,11 +118,11 @@ def sampler_name(recipe) -> str:
 def write_run_report(recipe, run_dir: Path, world) -> Path | None:
     """Write ``report.md`` for the newest checkpoint of ``run_dir`` (module docstring); main rank only.
     Returns its path (None on other ranks, with ``logging.report_videos: 0`` or without a checkpoint)."""
-    from engine.checkpoint import latest_checkpoint
-    from engine.data.builder import clip_names
-    from engine.eval.run import load_model
+    from geoforge.engine.checkpoint import latest_checkpoint
+    from geoforge.engine.data.builder import clip_names
+    from geoforge.engine.eval.run import load_model
 
-    from engine.distributed import World
+    from geoforge.engine.distributed import World
 
     videos = recipe.logging.report_videos
     checkpoint = latest_checkpoint(Path(run_dir)) if world.is_main and videos else None

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from engine import pixels
-from engine.eval.image_metrics import psnr, ssim
-from engine.models.arch import condition_keys
-from engine.objectives.dfot_velocity import default_times, from_model_space, recipe_velocity_model, to_model_space
-from engine.sampling import COND_KEYS, SamplerConfig, generate, sample_clip
+from geoforge.engine import pixels
+from geoforge.engine.eval.image_metrics import psnr, ssim
+from geoforge.engine.models.arch import condition_keys
+from geoforge.engine.objectives.dfot_velocity import default_times, from_model_space, recipe_velocity_model, to_model_space
+from geoforge.engine.sampling import COND_KEYS, SamplerConfig, generate, sample_clip
 
 
 @dataclass
@@ -43,8 +43,8 @@ class ValidationResult:
 
 def validation_batch(recipe, num_videos: int, world=None) -> dict[str, torch.Tensor]:
     """The first ``num_videos`` clips of the recipe's dataset as one batch (fixed start frames, no flips)."""
-    from engine.data.builder import build_dataset
-    from engine.distributed import World
+    from geoforge.engine.data.builder import build_dataset
+    from geoforge.engine.distributed import World
 
     if num_videos < 1:
         raise ValueError(f"validation needs num_videos >= 1, got {num_videos}")
@@ -122,8 +122,8 @@ def write_sample_video(dit: torch.nn.Module, batch: dict[str, torch.Tensor], rec
     module docstring - noise from ``seed + step``) and write
     ``samples/step_N.mp4``: ground truth left, sample right (:func:`video_grid`). Every rank runs the
     sampler (ZeRO-3 needs the forward in lock-step); rank 0 writes, atomically."""
-    from engine.atomic import atomic_save
-    from engine.data.video_io import encode_video
+    from geoforge.engine.atomic import atomic_save
+    from geoforge.engine.data.video_io import encode_video
 
     frames = batch["frames"][:1].float()   # float32 context, cameras and flow times whatever the model's dtype
     model = recipe_velocity_model(dit, recipe)

@@ -18,9 +18,9 @@ from typing import Literal
 
 from torch import nn
 
-from engine.models.dit import DiTConfig, VideoDiT
-from engine.models.uvit3d import UViT3D, UViT3DConfig
-from engine.schema import ConfigError
+from geoforge.engine.models.dit import DiTConfig, VideoDiT
+from geoforge.engine.models.uvit3d import UViT3D, UViT3DConfig
+from geoforge.engine.schema import ConfigError
 
 ARCHS = ("dit", "uvit3d")
 # per-frame conditioning each backbone takes (batch keys): the DiT's cameras / actions; the U-ViT3D's ray

@@ -16,7 +16,7 @@ q and k are cast to v's dtype first: under autocast a normalised q/k (``rms_norm
 CUDA autocast's float32 list) is float32 while v is bf16, which would send every call to SDPA.
 
 What actually ran is recorded per call site (the calling function, e.g.
-``engine.models.dit:DiTBlock.attend``): the first call of each site logs ``attention <site>: <kernel>`` with
+``geoforge.engine.models.dit:DiTBlock.attend``): the first call of each site logs ``attention <site>: <kernel>`` with
 the reason when a fused backend was not taken, and :func:`attention_report` returns the table (the training
 loop logs it after its first step).
 """

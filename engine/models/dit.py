@@ -27,11 +27,11 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from engine.models.attention import attention, frame_causal_mask
-from engine.models.conditioning import CAMERA_KINDS, ActionEmbedding, CameraEmbedding, NoiseLevelEmbedding
-from engine.models.rope import apply_rope, rope_axis_dims, rope_tables
-from engine.models.sequence_parallel import ShardedFeatures, gather_tokens, sequence_parallel, ulysses_attention
-from engine.schema import ConfigError
+from geoforge.engine.models.attention import attention, frame_causal_mask
+from geoforge.engine.models.conditioning import CAMERA_KINDS, ActionEmbedding, CameraEmbedding, NoiseLevelEmbedding
+from geoforge.engine.models.rope import apply_rope, rope_axis_dims, rope_tables
+from geoforge.engine.models.sequence_parallel import ShardedFeatures, gather_tokens, sequence_parallel, ulysses_attention
+from geoforge.engine.schema import ConfigError
 
 # size -> (hidden_dim, depth, num_heads)
 DIT_PRESETS: dict[str, tuple[int, int, int]] = {

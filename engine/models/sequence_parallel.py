@@ -183,7 +183,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
                       sp: SequenceParallel) -> torch.Tensor:
     """Attention of this rank's query slice over the whole sequence, ``[B, heads, L / N, d]`` in and out,
     through DeepSpeed's ``DistributedAttention`` (all-to-all over heads); ``mask`` is the whole ``[L, L]``."""
-    from engine.models.attention import attention
+    from geoforge.engine.models.attention import attention
 
     key = id(sp.group)
     module = _attention_modules.get(key)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.schema import ConfigError
+from geoforge.engine.schema import ConfigError
 
 
 @dataclass

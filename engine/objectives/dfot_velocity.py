@@ -41,9 +41,9 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from engine import pixels
-from engine.objectives.dfot_diffusion import DFoTDiffusionConfig, DiscreteSchedule
-from engine.objectives.prediction import velocity_model
+from geoforge.engine import pixels
+from geoforge.engine.objectives.dfot_diffusion import DFoTDiffusionConfig, DiscreteSchedule
+from geoforge.engine.objectives.prediction import velocity_model
 
 
 def vp_scales(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

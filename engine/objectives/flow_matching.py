@@ -31,8 +31,8 @@ from typing import Literal
 
 import torch
 
-from engine.objectives.prediction import PREDICTIONS, velocity_from_output
-from engine.schema import ConfigError
+from geoforge.engine.objectives.prediction import PREDICTIONS, velocity_from_output
+from geoforge.engine.schema import ConfigError
 
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 NOISE_LEVELS = ("independent", "uniform")

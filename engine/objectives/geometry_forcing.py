@@ -46,11 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.schema import ConfigError
-from engine.teacher.spec import BATCH_PREFIX, DINO_KEY
-from engine.models.sequence_parallel import ShardedFeatures
-from engine.objectives.gf_released import RELEASED_KEY, ReleasedAlignment
-from kernels.align import GeometryAlignment
+from geoforge.engine.schema import ConfigError
+from geoforge.engine.teacher.spec import BATCH_PREFIX, DINO_KEY
+from geoforge.engine.models.sequence_parallel import ShardedFeatures
+from geoforge.engine.objectives.gf_released import RELEASED_KEY, ReleasedAlignment
+from geoforge.kernels.align import GeometryAlignment
 
 LOSS_SETS = ("both", "angular", "scale")
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine import pixels
-from engine.models.arch import feature_channels
-from engine.objectives.dfot_diffusion import DFoTDiffusionConfig, dfot_diffusion_loss
-from engine.objectives.flow_matching import FlowMatchingConfig, draw_noise, flow_matching_loss
-from engine.objectives.geometry_forcing import GeometryForcingHead, GFConfig
+from geoforge.engine import pixels
+from geoforge.engine.models.arch import feature_channels
+from geoforge.engine.objectives.dfot_diffusion import DFoTDiffusionConfig, dfot_diffusion_loss
+from geoforge.engine.objectives.flow_matching import FlowMatchingConfig, draw_noise, flow_matching_loss
+from geoforge.engine.objectives.geometry_forcing import GeometryForcingHead, GFConfig
 
 CONDITION_KEYS = ("intrinsics", "extrinsics", "actions")
 

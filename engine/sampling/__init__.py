@@ -58,14 +58,14 @@ Every function is batched over videos, runs under ``torch.no_grad`` with the mod
 (restored afterwards), uses bf16 autocast on CUDA (``autocast="auto"``), shows a tqdm bar, and is
 deterministic under a ``torch.Generator``: all noise is drawn from it, on its device.
 """
-from engine.sampling.common import eval_mode
-from engine.sampling.config import (AUTOCAST, COND_KEYS, CONTEXT, FRAME_KINDS, GENERATE, GENERATED_CONTEXT,
+from geoforge.engine.sampling.common import eval_mode
+from geoforge.engine.sampling.config import (AUTOCAST, COND_KEYS, CONTEXT, FRAME_KINDS, GENERATE, GENERATED_CONTEXT,
                                     GUIDANCE_NAMES, HISTORY_GUIDANCE, METHODS, PAD, SCHEDULES, Guidance, Model,
                                     SamplerConfig)
-from engine.sampling.long_video import (Window, count_model_steps, generate, interpolate, interpolation_plan,
+from geoforge.engine.sampling.long_video import (Window, count_model_steps, generate, interpolate, interpolation_plan,
                                         keyframe_indices, predict_sequence, sliding_windows)
-from engine.sampling.steps import flow_step, scheduling_matrix, time_grid
-from engine.sampling.window import guided_velocity, sample_clip, sample_window
+from geoforge.engine.sampling.steps import flow_step, scheduling_matrix, time_grid
+from geoforge.engine.sampling.window import guided_velocity, sample_clip, sample_window
 
 __all__ = ["AUTOCAST", "COND_KEYS", "CONTEXT", "FRAME_KINDS", "GENERATE", "GENERATED_CONTEXT", "GUIDANCE_NAMES",
            "HISTORY_GUIDANCE", "METHODS", "PAD", "SCHEDULES", "Guidance", "Model", "SamplerConfig", "Window",

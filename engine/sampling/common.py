@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from engine.sampling.config import COND_KEYS, FRAME_KINDS, Model
+from geoforge.engine.sampling.config import COND_KEYS, FRAME_KINDS, Model
 
 
 def randn_on(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.schema import ConfigError
+from geoforge.engine.schema import ConfigError
 
 GENERATE, CONTEXT, GENERATED_CONTEXT, PAD = 0, 1, 2, 3
 FRAME_KINDS = (GENERATE, CONTEXT, GENERATED_CONTEXT, PAD)

@@ -9,9 +9,9 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
-from engine.sampling.common import check_cond, device_of, eval_mode, take_frames
-from engine.sampling.config import CONTEXT, GENERATE, GENERATED_CONTEXT, PAD, Guidance, Model, SamplerConfig
-from engine.sampling.window import sample_window
+from geoforge.engine.sampling.common import check_cond, device_of, eval_mode, take_frames
+from geoforge.engine.sampling.config import CONTEXT, GENERATE, GENERATED_CONTEXT, PAD, Guidance, Model, SamplerConfig
+from geoforge.engine.sampling.window import sample_window
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.sampling.config import METHODS, SCHEDULES, check_times
+from geoforge.engine.sampling.config import METHODS, SCHEDULES, check_times
 
 
 def time_grid(steps: int, shift: float = 1.0) -> torch.Tensor:

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from engine.sampling.common import autocast_for, check_cond, device_of, eval_mode, kinds_tensor, randn_on
-from engine.sampling.config import CONTEXT, GENERATE, GENERATED_CONTEXT, PAD, Guidance, Model, SamplerConfig
-from engine.sampling.steps import flow_step, scheduling_matrix
+from geoforge.engine.sampling.common import autocast_for, check_cond, device_of, eval_mode, kinds_tensor, randn_on
+from geoforge.engine.sampling.config import CONTEXT, GENERATE, GENERATED_CONTEXT, PAD, Guidance, Model, SamplerConfig
+from geoforge.engine.sampling.steps import flow_step, scheduling_matrix
 
 
 def guided_velocity(model: Model, x: torch.Tensor, t: torch.Tensor, kinds: torch.Tensor, clean: torch.Tensor,

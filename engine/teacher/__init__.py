@@ -5,7 +5,7 @@
                               the identities a cache is checked against. No torch model is built here.
 - ``engine.teacher.live``     :class:`LiveTeacher`: frozen VGGT (+ DINOv2) run on a batch's clean frames.
 - ``engine.teacher.reader``   :class:`TeacherCache`: the same call, features read from a cache.
-- ``engine.teacher.cache``    the cache writer command: ``python -m engine.teacher.cache --recipe ...``.
+- ``engine.teacher.cache``    the cache writer command: ``geoforge-teacher-cache --recipe ...``.
 - ``engine.teacher.builder``  :func:`build_teacher`: the live teacher or the cache reader, from the section.
 
 Layer: above ``engine.models`` (VGGT, DINOv2) and ``engine.data`` (the windows a cache holds); the GF

@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 
-from engine.teacher.live import LiveTeacher
-from engine.teacher.oracle import OracleTeacher
-from engine.teacher.reader import TeacherCache
-from engine.teacher.spec import TeacherConfig
+from geoforge.engine.teacher.live import LiveTeacher
+from geoforge.engine.teacher.oracle import OracleTeacher
+from geoforge.engine.teacher.reader import TeacherCache
+from geoforge.engine.teacher.spec import TeacherConfig
 
 
 def build_teacher(teacher: TeacherConfig, data: Any = None, device: torch.device | str = "cpu", *,

@@ -1,6 +1,6 @@
 """Teacher feature cache for Geometry Forcing: precompute the frozen teacher once (the writer command).
 
-    python -m engine.teacher.cache --recipe gf_tiny --out data/gf_tiny_cache [--set KEY=VALUE ...]
+    geoforge-teacher-cache --recipe gf_tiny --out data/gf_tiny_cache [--set KEY=VALUE ...]
     deepspeed engine/train.py --recipe gf_tiny --set teacher.cache=data/gf_tiny_cache
 
 **Windows.** The teacher sees a clip *window* (the sampled frames), so the cache holds features per
@@ -38,13 +38,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine.config import ConfigError, load_recipe
-from engine.data.builder import build_dataset
-from engine.data.sampler import EpochIndexed
-from engine.atomic import TEMP_PREFIX, atomic_save, atomic_write_json
-from engine.distributed import World, resolve_device
-from engine.teacher.live import LiveTeacher
-from engine.teacher.reader import FORMAT, MANIFEST, VERSION, WINDOW_KEYS, expected_manifest
+from geoforge.engine.config import ConfigError, load_recipe
+from geoforge.engine.data.builder import build_dataset
+from geoforge.engine.data.sampler import EpochIndexed
+from geoforge.engine.atomic import TEMP_PREFIX, atomic_save, atomic_write_json
+from geoforge.engine.distributed import World, resolve_device
+from geoforge.engine.teacher.live import LiveTeacher
+from geoforge.engine.teacher.reader import FORMAT, MANIFEST, VERSION, WINDOW_KEYS, expected_manifest
 
 
 # ----------------------------------------------------------------------------- writing

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from engine.models.vggt import VGGT, DINOV2_VARIANTS, DinoVisionTransformer, patch_token_grid, resize_for_vggt
-from engine.objectives.gf_released import RELEASED_KEY, released_target
-from engine.weights import load_into, read_state_dict
-from engine.teacher.spec import BATCH_PREFIX, DINO_KEY, PATCH, DinoConfig, TeacherConfig, TeacherSource, teacher_size, vggt_key
+from geoforge.engine.models.vggt import VGGT, DINOV2_VARIANTS, DinoVisionTransformer, patch_token_grid, resize_for_vggt
+from geoforge.engine.objectives.gf_released import RELEASED_KEY, released_target
+from geoforge.engine.weights import load_into, read_state_dict
+from geoforge.engine.teacher.spec import BATCH_PREFIX, DINO_KEY, PATCH, DinoConfig, TeacherConfig, TeacherSource, teacher_size, vggt_key
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

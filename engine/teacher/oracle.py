@@ -20,9 +20,9 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from kernels.reproject import unproject_depth
+from geoforge.kernels.reproject import unproject_depth
 
-from engine.teacher.spec import BATCH_PREFIX, PATCH, TeacherConfig, vggt_key
+from geoforge.engine.teacher.spec import BATCH_PREFIX, PATCH, TeacherConfig, vggt_key
 
 SCENE_SCALE = 4.0   # metres: the synthetic rooms are 5-8 m wide, so X / 4 is within about [-1, 1]
 

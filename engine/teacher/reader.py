@@ -1,6 +1,6 @@
 """Reading the GF teacher feature cache: :class:`TeacherCache`, the same call as the live teacher.
 
-A cache is written by ``python -m engine.teacher.cache`` (its docstring has the layout): shards of bf16
+A cache is written by ``geoforge-teacher-cache`` (its docstring has the layout): shards of bf16
 features keyed by window ``(dataset index, start frame, flip)`` and ``manifest.json``, written last.
 :class:`TeacherCache` checks the manifest against the ``teacher`` and ``data`` sections and the seed,
 refusing a mismatch with a message naming the recipe key; ``teacher.layers`` may be a subset of the
@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from engine.data.builder import clip_names
-from engine.teacher.spec import BATCH_PREFIX, TeacherConfig, teacher_identity
+from geoforge.engine.data.builder import clip_names
+from geoforge.engine.teacher.spec import BATCH_PREFIX, TeacherConfig, teacher_identity
 
 FORMAT = "geoforge-teacher-cache"
 VERSION = 1
@@ -96,7 +96,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise TeacherCacheError(f"teacher.cache: {directory} is not a complete teacher cache (no {MANIFEST}); "
-                                f"build it with `python -m engine.teacher.cache --recipe ... --out {directory}`")
+                                f"build it with `geoforge-teacher-cache --recipe ... --out {directory}`")
     return json.loads(path.read_text())
 
 
@@ -115,7 +115,7 @@ class TeacherCache:
         if problems:
             raise TeacherCacheError(f"teacher.cache: {self.directory} does not match the recipe:\n  - "
                                     + "\n  - ".join(problems)
-                                    + "\nrebuild it: python -m engine.teacher.cache --recipe ... --out DIR")
+                                    + "\nrebuild it: geoforge-teacher-cache --recipe ... --out DIR")
         self.keys = teacher.feature_keys()
         self.dims = {k: int(self.manifest["keys"][k]["shape"][-1]) for k in self.keys}
         self.hflip = self.manifest["data"]["hflip_prob"] > 0

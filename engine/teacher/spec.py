@@ -11,7 +11,7 @@ The recipe section (:class:`TeacherConfig`)::
       layers: [4, 11, 17, 23]    # 0-based aggregator outputs; one feature key (and one GF projector) each
       resolution: 518            # input width (multiple of 14), height by the frames' aspect ratio
       frames: 0                  # the first N frames of a clip; 0: all
-      cache: null                # a directory of `python -m engine.teacher.cache`: read instead of running
+      cache: null                # a directory of `geoforge-teacher-cache`: read instead of running
       dino: null                 # optional DINOv2 teacher (DinoConfig) for the "GF + REPA" term
 
 What the GF *objective* does with the features (DiT block, weights, projector sizes, losses) is the
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from engine.schema import ConfigError
+from geoforge.engine.schema import ConfigError
 
 PATCH = 14                      # VGGT / DINOv2 patch size: teacher resolutions are multiples of it
 BATCH_PREFIX = "teacher."       # batch keys of teacher features: "teacher.vggt_L4", "teacher.dino"
@@ -99,7 +99,7 @@ class TeacherConfig:
     """The recipe's ``teacher`` section (module docstring): the frozen teachers GF aligns with.
 
     Ablation switches: ``layers``, ``resolution``, ``frames``. ``cache``: a directory written by
-    ``python -m engine.teacher.cache`` whose features replace the live teacher. ``kind: oracle`` replaces
+    ``geoforge-teacher-cache`` whose features replace the live teacher. ``kind: oracle`` replaces
     VGGT by features of the data's true depth and cameras (``engine.teacher.oracle``; synthetic data only),
     to test the alignment mechanism itself; ``oracle_freqs`` sets its Fourier frequencies.
     """

@@ -2,7 +2,7 @@
 
 Stages (``engine.videogpa.pipeline``): ``generate`` K candidates per conditioning input (``generate``),
 ``score`` their 3D consistency with a geometry teacher (``score``, also a standalone scorer:
-``python -m engine.videogpa.score``), build ``pairs`` (``pairs``), and ``train`` the policy with
+``geoforge-score``), build ``pairs`` (``pairs``), and ``train`` the policy with
 Diffusion-DPO and LoRA adapters (``train_dpo``; the loss is ``engine.objectives.dpo``). Policies
 (``policy``: the own DiT; ``diffusers_policy``: CogVideoX-I2V, Wan2.2-TI2V) share one interface.
 The recipe section is ``engine.videogpa.config.VideoGPAConfig``. Submodules are imported on use, so

@@ -56,7 +56,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.weights import HF_PREFIX, check_state_dict, hub_file, read_state_dict, split_hub_ref
+from geoforge.engine.weights import HF_PREFIX, check_state_dict, hub_file, read_state_dict, split_hub_ref
 
 log = logging.getLogger("geoforge.videogpa")
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from engine.schema import ConfigError
+from geoforge.engine.schema import ConfigError
 
 STAGES = ("generate", "score", "pairs", "train")
 POLICY_KINDS = ("dit", "cogvideox_i2v", "wan_ti2v")

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from engine import pixels
-from engine.videogpa.policy_base import Condition, VideoPolicy, to_uint8
+from geoforge.engine import pixels
+from geoforge.engine.videogpa.policy_base import Condition, VideoPolicy, to_uint8
 
 log = logging.getLogger("geoforge.videogpa")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,7 +76,7 @@ class _DiffusersPolicy(VideoPolicy):
         self.network.enable_gradient_checkpointing()
 
     def enable_sequence_parallel(self) -> None:
-        from engine.videogpa.diffusers_sp import install
+        from geoforge.engine.videogpa.diffusers_sp import install
 
         install(self.network, self.kind)
 

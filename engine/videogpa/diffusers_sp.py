@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.models.sequence_parallel import (SequenceParallel, gather_tokens, heads_to_tokens, sequence_parallel,
+from geoforge.engine.models.sequence_parallel import (SequenceParallel, gather_tokens, heads_to_tokens, sequence_parallel,
                                              tokens_to_heads)
 
 

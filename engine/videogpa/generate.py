@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from engine import preemption
-from engine.preemption import Preempted
-from engine.atomic import atomic_dir, atomic_write_text
-from engine.videogpa.io import read_jsonl, read_marker, write_marker
-from engine.videogpa.policy import Condition, VideoPolicy, seed_for
+from geoforge.engine import preemption
+from geoforge.engine.preemption import Preempted
+from geoforge.engine.atomic import atomic_dir, atomic_write_text
+from geoforge.engine.videogpa.io import read_jsonl, read_marker, write_marker
+from geoforge.engine.videogpa.policy import Condition, VideoPolicy, seed_for
 
 log = logging.getLogger("geoforge.videogpa")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -55,8 +55,8 @@ def load_inputs(recipe, policy: VideoPolicy) -> list[Condition]:
 
 
 def _dataset_inputs(recipe, policy: VideoPolicy, count: int) -> list[Condition]:
-    from engine.data.re10k import Re10KClips
-    from engine.data.synthetic import ensure_synthetic_dataset
+    from geoforge.engine.data.re10k import Re10KClips
+    from geoforge.engine.data.synthetic import ensure_synthetic_dataset
 
     data = recipe.data
     if data.kind == "synthetic":
@@ -78,7 +78,7 @@ def _dataset_inputs(recipe, policy: VideoPolicy, count: int) -> list[Condition]:
 
 
 def _image_inputs(cfg, policy: VideoPolicy) -> list[Condition]:
-    from engine.data.video_io import read_image
+    from geoforge.engine.data.video_io import read_image
 
     root = Path(cfg.root)
     if not root.is_dir():
@@ -102,7 +102,7 @@ def _image_inputs(cfg, policy: VideoPolicy) -> list[Condition]:
 
 def generate_input(policy: VideoPolicy, cond: Condition, index: int, cfg, folder: Path) -> dict[str, Any]:
     """Sample the K candidates of one input into ``folder`` (created); returns its meta.json content."""
-    from engine.data.video_io import encode_video
+    from geoforge.engine.data.video_io import encode_video
 
     folder.mkdir(parents=True, exist_ok=True)
     cond = policy.prepare_condition(cond)
@@ -127,7 +127,7 @@ def run_generate_stage(recipe, run_dir: Path, world, policy: VideoPolicy, show_p
     """The ``generate`` stage (see the module docstring)."""
     from tqdm import tqdm
 
-    from engine.distributed import barrier
+    from geoforge.engine.distributed import barrier
 
     root = Path(run_dir) / "candidates"
     marker = root / "COMPLETE"

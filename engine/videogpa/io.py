@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from engine.atomic import atomic_write_text
+from geoforge.engine.atomic import atomic_write_text
 
 
 def dumps_row(row: dict[str, Any]) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from torch import nn
 
-from engine.atomic import atomic_dir
+from geoforge.engine.atomic import atomic_dir
 
 
 def lora_config(cfg, default_targets: str | list[str]):

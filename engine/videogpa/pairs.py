@@ -14,8 +14,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from engine.atomic import atomic_write_text
-from engine.videogpa.io import atomic_write_jsonl, read_jsonl
+from geoforge.engine.atomic import atomic_write_text
+from geoforge.engine.videogpa.io import atomic_write_jsonl, read_jsonl
 
 log = logging.getLogger("geoforge.videogpa")
 
@@ -59,7 +59,7 @@ def make_pairs(rows: list[dict[str, Any]], min_gap: float, min_motion: float, va
 
 def run_pairs_stage(recipe, run_dir: Path, world) -> dict[str, Any]:
     """``scores.jsonl`` -> ``pairs.jsonl`` (rank 0; the others wait)."""
-    from engine.distributed import barrier
+    from geoforge.engine.distributed import barrier
 
     run_dir = Path(run_dir)
     out = run_dir / "pairs.jsonl"

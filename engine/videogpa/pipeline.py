@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.videogpa.config import STAGES
-from engine.atomic import atomic_write_text
+from geoforge.engine.videogpa.config import STAGES
+from geoforge.engine.atomic import atomic_write_text
 
 log = logging.getLogger("geoforge.videogpa")
 
@@ -44,13 +44,13 @@ def _read_timings(run_dir: Path) -> dict[str, Any]:
 
 def run_pipeline(recipe, run_dir: Path, world, stage: str | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Run the pending stages of ``recipe.videogpa.stages`` (or only ``stage``) in ``run_dir``."""
-    from engine.distributed import barrier
-    from engine.videogpa.generate import run_generate_stage
-    from engine.videogpa.pairs import run_pairs_stage
-    from engine.videogpa.policy import build_policy
-    from engine.videogpa.policy_base import check_sequence_parallel
-    from engine.videogpa.score import run_score_stage
-    from engine.videogpa.train_dpo import run_train_stage
+    from geoforge.engine.distributed import barrier
+    from geoforge.engine.videogpa.generate import run_generate_stage
+    from geoforge.engine.videogpa.pairs import run_pairs_stage
+    from geoforge.engine.videogpa.policy import build_policy
+    from geoforge.engine.videogpa.policy_base import check_sequence_parallel
+    from geoforge.engine.videogpa.score import run_score_stage
+    from geoforge.engine.videogpa.train_dpo import run_train_stage
 
     if recipe.videogpa is None:
         raise ValueError(f"recipe {recipe.name!r} has no videogpa section")

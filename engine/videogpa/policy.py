@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from engine import pixels
-from engine.models.checkpointing import enable_activation_checkpointing
-from engine.objectives.flow_matching import FlowMatchingConfig, add_noise, sample_t, velocity_target
-from engine.objectives.prediction import velocity_from_output
-from engine.sampling import sample_clip
-from engine.videogpa.policy_base import Condition, VideoPolicy, seed_for, to_uint8
+from geoforge.engine import pixels
+from geoforge.engine.models.checkpointing import enable_activation_checkpointing
+from geoforge.engine.objectives.flow_matching import FlowMatchingConfig, add_noise, sample_t, velocity_target
+from geoforge.engine.objectives.prediction import velocity_from_output
+from geoforge.engine.sampling import sample_clip
+from geoforge.engine.videogpa.policy_base import Condition, VideoPolicy, seed_for, to_uint8
 
 log = logging.getLogger("geoforge.videogpa")
 
@@ -40,7 +40,7 @@ def load_dit_weights(dit: nn.Module, checkpoint: str | Path, use_ema: bool = Tru
     """Load a DiT from ``checkpoint``: a checkpoint directory of ``engine/train.py`` (its ``ema.safetensors``
     when ``use_ema`` and present, else ``model.safetensors``; keys ``dit.*``) or a ``.safetensors`` file
     (keys with or without the ``dit.`` prefix). Strict; returns the file used."""
-    from engine.weights import load_into, read_state_dict, strip_prefix
+    from geoforge.engine.weights import load_into, read_state_dict, strip_prefix
 
     path = Path(checkpoint)
     if path.is_dir():
@@ -188,7 +188,7 @@ class DiTPolicy(VideoPolicy):
 def build_dit_policy(recipe, device: torch.device | str = "cpu") -> DiTPolicy:
     """The own-DiT policy of a recipe: ``model`` architecture, weights from ``videogpa.policy.checkpoint``
     (or random from the recipe seed), video geometry from ``videogpa.generate`` or ``data``."""
-    from engine.models.dit import VideoDiT
+    from geoforge.engine.models.dit import VideoDiT
 
     gen = recipe.videogpa.generate
     frames = gen.frames or recipe.data.frames
@@ -217,11 +217,11 @@ def build_policy(recipe, device: torch.device | str = "cpu") -> VideoPolicy:
     if pol.kind == "dit":
         policy = build_dit_policy(recipe, device)
     else:
-        from engine.videogpa.diffusers_policy import build_diffusers_policy
+        from geoforge.engine.videogpa.diffusers_policy import build_diffusers_policy
 
         policy = build_diffusers_policy(recipe, device)
     if pol.adapter:
-        from engine.videogpa.adapters import load_policy_adapter
+        from geoforge.engine.videogpa.adapters import load_policy_adapter
 
         load_policy_adapter(policy, pol.adapter, pol.adapter_scale, pol.adapter_alpha)
     return policy

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from engine.objectives.dpo import per_sample_error
-from engine.schema import ConfigError
+from geoforge.engine.objectives.dpo import per_sample_error
+from geoforge.engine.schema import ConfigError
 
 
 @dataclass

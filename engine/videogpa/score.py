@@ -13,7 +13,7 @@ Score of one video (lower is better):
 
 Standalone use (any folder of videos; resumable, progress bar, summary table with the stage breakdown):
 
-    python -m engine.videogpa.score --videos DIR_OR_GLOB --out scores.jsonl [--teacher facebook/VGGT-1B]
+    geoforge-score --videos DIR_OR_GLOB --out scores.jsonl [--teacher facebook/VGGT-1B]
 """
 from __future__ import annotations
 
@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine import preemption
-from engine.preemption import Preempted
-from engine.atomic import atomic_write_text
-from engine.distributed import resolve_device
-from engine.videogpa.io import AppendLog, atomic_write_jsonl
-from engine.videogpa.teacher import Geometry, VGGTTeacher
+from geoforge.engine import preemption
+from geoforge.engine.preemption import Preempted
+from geoforge.engine.atomic import atomic_write_text
+from geoforge.engine.distributed import resolve_device
+from geoforge.engine.videogpa.io import AppendLog, atomic_write_jsonl
+from geoforge.engine.videogpa.teacher import Geometry, VGGTTeacher
 
 log = logging.getLogger("geoforge.videogpa")
 STAGES = ("decode", "teacher", "reprojection", "lpips")
@@ -107,7 +107,7 @@ def build_lpips(backbone: str = "", lin: str = "", random: bool = False, device:
                 seed: int = 0):
     """LPIPS(VGG) from weight files, or (``random``) a seeded random VGG with non-negative lin layers: a
     deterministic perceptual distance for CPU smoke tests, not LPIPS."""
-    from engine.eval.lpips import LPIPS
+    from geoforge.engine.eval.lpips import LPIPS
 
     if random:
         with torch.random.fork_rng(devices=[]):
@@ -148,7 +148,7 @@ class ConsistencyScorer:
 
     def load_frames(self, path: str | Path) -> tuple[Tensor, int]:
         """Decode ``path``, sample T frames, crop + resize: ``([T, 3, R, R], frames in the video)``."""
-        from engine.data.video_io import decode_video
+        from geoforge.engine.data.video_io import decode_video
 
         with self.timer("decode"):
             video = decode_video(path)
@@ -158,7 +158,7 @@ class ConsistencyScorer:
     @torch.inference_mode()
     def score_frames(self, frames: Tensor) -> dict[str, Any]:
         """Score T preprocessed frames ``[T, 3, R, R]`` in [0, 1] (already sampled and resized)."""
-        from kernels.reproject import reprojection_error
+        from geoforge.kernels.reproject import reprojection_error
 
         if frames.dim() != 4 or frames.shape[1] != 3:
             raise ValueError(f"score_frames: frames must be [T, 3, H, W], got {tuple(frames.shape)}")
@@ -263,8 +263,8 @@ def run_score_stage(recipe, run_dir: Path, world, show_progress: bool = True) ->
     stage resumes with the videos not yet scored (any world size). Rank 0 merges the rows once all are
     scored and writes ``score_summary.json`` (timings, throughput).
     """
-    from engine.distributed import barrier
-    from engine.videogpa.generate import candidate_items
+    from geoforge.engine.distributed import barrier
+    from geoforge.engine.videogpa.generate import candidate_items
 
     run_dir = Path(run_dir)
     out = run_dir / "scores.jsonl"
@@ -341,8 +341,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.schema import ConfigError, build
-    from engine.videogpa.config import ScoreConfig
+    from geoforge.engine.schema import ConfigError, build
+    from geoforge.engine.videogpa.config import ScoreConfig
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

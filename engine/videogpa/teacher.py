@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from engine.models.vggt.estimate import Geometry, autocast_dtype, check_geometry_heads, estimate_geometry
+from geoforge.engine.models.vggt.estimate import Geometry, autocast_dtype, check_geometry_heads, estimate_geometry
 
 
 class VGGTTeacher:
@@ -30,7 +30,7 @@ class VGGTTeacher:
              seed: int = 0) -> VGGTTeacher:
         """``source``: a hub id / local path for ``VGGT.from_pretrained``, or ``"random"`` for
         ``VGGT.from_config(config)`` initialised from ``seed`` (tests and CPU smoke runs)."""
-        from engine.models.vggt import VGGT
+        from geoforge.engine.models.vggt import VGGT
 
         if source == "random":
             if config is None:

@@ -44,19 +44,19 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from engine.checkpoint import consolidated_state_dict, save_module_weights
-from engine.data.sampler import ResumableBatchSampler
-from engine.distributed import ParallelLayout, World, barrier, mean_over_ranks, parallel_layout
-from engine.models.sequence_parallel import SequenceParallel, set_sequence_parallel
-from engine.objectives.dpo import DPOModule
-from engine.objectives.video_loss import sample_seed
-from engine.trainer import MicroBatch, Task, Trainer
-from engine.videogpa.generate import load_condition
-from engine.atomic import atomic_save, publish_dir, temp_path
-from engine.videogpa.io import read_jsonl, read_marker, write_marker
-from engine.videogpa.lora import add_lora, frozen_copy, parameter_bytes, save_adapter
-from engine.videogpa.policy import VideoPolicy
-from engine.videogpa.policy_base import check_sequence_parallel
+from geoforge.engine.checkpoint import consolidated_state_dict, save_module_weights
+from geoforge.engine.data.sampler import ResumableBatchSampler
+from geoforge.engine.distributed import ParallelLayout, World, barrier, mean_over_ranks, parallel_layout
+from geoforge.engine.models.sequence_parallel import SequenceParallel, set_sequence_parallel
+from geoforge.engine.objectives.dpo import DPOModule
+from geoforge.engine.objectives.video_loss import sample_seed
+from geoforge.engine.trainer import MicroBatch, Task, Trainer
+from geoforge.engine.videogpa.generate import load_condition
+from geoforge.engine.atomic import atomic_save, publish_dir, temp_path
+from geoforge.engine.videogpa.io import read_jsonl, read_marker, write_marker
+from geoforge.engine.videogpa.lora import add_lora, frozen_copy, parameter_bytes, save_adapter
+from geoforge.engine.videogpa.policy import VideoPolicy
+from geoforge.engine.videogpa.policy_base import check_sequence_parallel
 
 log = logging.getLogger("geoforge.videogpa")
 PARTS = ("loss", "implicit_acc", "reward_margin", "err_w", "err_l", "ref_err_w", "ref_err_l")
@@ -69,7 +69,7 @@ def latent_file(run_dir: Path, video: str) -> Path:
 
 def decode_frames(path: Path, frames: int) -> Tensor:
     """A candidate video as float ``[T, 3, H, W]`` in [0, 1]; its length must be ``frames``."""
-    from engine.data.video_io import decode_video
+    from geoforge.engine.data.video_io import decode_video
 
     video = decode_video(path)
     if len(video) != frames:

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from engine.atomic import (TEMP_PREFIX, atomic_dir, atomic_save, atomic_write_json, atomic_write_text, publish_dir,
+from geoforge.engine.atomic import (TEMP_PREFIX, atomic_dir, atomic_save, atomic_write_json, atomic_write_text, publish_dir,
                            temp_path)
 
 

@@ -15,11 +15,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.checkpoint import (MANIFEST, CheckpointError, CheckpointWriteError, atomic_checkpoint_dir,
+from geoforge.engine.checkpoint import (MANIFEST, CheckpointError, CheckpointWriteError, atomic_checkpoint_dir,
                                checkpoint_dirs, newest_verified_checkpoint, resume_checkpoint, verify_checkpoint,
                                verify_file)
-from engine.distributed import World
-from test_train import ROOT, _command, _env, _losses, _train
+from geoforge.engine.distributed import World
+from processes import subprocess_env
+from test_train import ROOT, _command, _losses, _train
 
 WORLD1 = World(rank=0, local_rank=0, size=1, local_size=1, device=torch.device("cpu"))
 
@@ -103,7 +104,7 @@ def test_truncated_newest_checkpoint_resumes_from_previous(tmp_path, data_root):
     bad = run / "checkpoints" / "step_8" / "deepspeed" / "mp_rank_00_model_states.pt"
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
 
-    from engine.eval.run import resolve_checkpoint
+    from geoforge.engine.eval.run import resolve_checkpoint
 
     with pytest.raises(CheckpointError, match="step_8/ema.safetensors"):
         ema = run / "checkpoints" / "step_8" / "ema.safetensors"
@@ -141,7 +142,7 @@ def test_checkpoint_write_failure_stops_with_the_path(tmp_path, data_root):
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
 
     cmd = _command("python", run, data_root, [*COMMON, "schedule.steps=6"], ["--resume", "auto"])
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600,
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600,
                           preexec_fn=limit_file_size)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert f"writing checkpoint {run / 'checkpoints' / 'step_6'} failed" in proc.stderr, proc.stderr[-2000:]

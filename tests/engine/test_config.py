@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.config import RECIPES_DIR, ConfigError, Recipe, load_recipe, recipe_to_yaml
-from engine.schema import build, to_dict
+from geoforge.engine.config import RECIPES_DIR, ConfigError, Recipe, load_recipe, recipe_to_yaml
+from geoforge.engine.schema import build, to_dict
 
 
 def write(tmp_path: Path, data: dict) -> str:
@@ -121,7 +121,7 @@ def _config_classes(cls: type, seen: dict[str, type]) -> dict[str, type]:
 
 def test_every_validate_returns_none():
     """One contract: ``validate()`` raises or returns nothing; resolved values come from named methods."""
-    from engine.sampling import SamplerConfig
+    from geoforge.engine.sampling import SamplerConfig
 
     classes = {"Recipe": Recipe, "SamplerConfig": SamplerConfig}
     for root in (Recipe, SamplerConfig):

@@ -9,7 +9,7 @@ import types
 
 import torch
 
-import engine.distributed as distributed
+import geoforge.engine.distributed as distributed
 
 
 def test_set_device_comes_before_the_process_group(monkeypatch):

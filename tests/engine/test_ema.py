@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.ema import ShardedEMA
+from geoforge.engine.ema import ShardedEMA
 
 
 def model():
@@ -45,7 +45,7 @@ def test_full_state_round_trip_across_world_sizes():
 
 
 def test_warmup_decay_by_hand_and_capped():
-    from engine.ema import warmup_decay
+    from geoforge.engine.ema import warmup_decay
 
     assert warmup_decay(0.99, 1) == pytest.approx(2 / 11)
     assert warmup_decay(0.99, 8) == pytest.approx(0.5)

@@ -13,7 +13,6 @@ The same trained DiT, as a VideoGPA policy, makes candidates that are not noise 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -23,12 +22,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine.checkpoint import latest_checkpoint
-from engine.config import load_recipe
-from engine.eval.baselines import flat_frames, high_frequency_energy
-from engine.eval.image_metrics import psnr
-from engine.eval.run import load_model
-from engine.eval.validate import validate, validation_batch
+from processes import SUBPROCESS_THREADS, subprocess_env, torch_threads
+from geoforge.engine.checkpoint import latest_checkpoint
+from geoforge.engine.config import load_recipe
+from geoforge.engine.eval.baselines import flat_frames, high_frequency_energy
+from geoforge.engine.eval.image_metrics import psnr
+from geoforge.engine.eval.run import load_model
+from geoforge.engine.eval.validate import validate, validation_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -49,9 +49,7 @@ def trained(tmp_path_factory) -> tuple[Path, object]:
     cmd = [sys.executable, "engine/train.py", "--recipe", "gf_tiny", "--run-dir", str(run)]
     for o in [*SMALL, f"data.root={data}"]:
         cmd += ["--set", o]
-    # one thread: on a shared, oversubscribed machine two OpenMP threads wait on each other (~10x slower)
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
-    env.pop("TRITON_INTERPRET", None)
+    env = subprocess_env()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     recipe = load_recipe("gf_tiny", [*SMALL, f"data.root={data}"])
@@ -59,8 +57,10 @@ def trained(tmp_path_factory) -> tuple[Path, object]:
 
 
 def _sample(recipe, run: Path, weights: str):
+    """Sampled on the training process's thread count: the run report's numbers are compared with these."""
     dit = load_model(recipe, latest_checkpoint(run), weights)
-    return validate(dit, validation_batch(recipe, CLIPS), recipe, STEPS)
+    with torch_threads(SUBPROCESS_THREADS):
+        return validate(dit, validation_batch(recipe, CLIPS), recipe, STEPS)
 
 
 def test_samples_from_noise_are_the_scene_and_ema_is_not_worse(trained):
@@ -86,8 +86,8 @@ def test_samples_from_noise_are_the_scene_and_ema_is_not_worse(trained):
 
 
 def test_videogpa_candidates_of_the_trained_policy_are_not_noise(trained):
-    from engine.videogpa.config import VideoGPAConfig
-    from engine.videogpa.policy import Condition, build_dit_policy
+    from geoforge.engine.videogpa.config import VideoGPAConfig
+    from geoforge.engine.videogpa.policy import Condition, build_dit_policy
 
     run, recipe = trained
     gpa = load_recipe("videogpa_tiny").videogpa

@@ -14,9 +14,10 @@ import yaml
 import torch
 from safetensors.torch import load_file
 
-from engine.checkpoint import latest_checkpoint
-from engine.config import load_recipe
-from engine.teacher.cache import build_cache
+from processes import subprocess_env
+from geoforge.engine.checkpoint import latest_checkpoint
+from geoforge.engine.config import load_recipe
+from geoforge.engine.teacher.cache import build_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -37,8 +38,7 @@ def _run(run_dir: Path, data_root: Path, overrides: list[str], ranks: int = 1) -
     else:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
                "--master_port", str(31500 + os.getpid() % 1000), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
-    env.pop("TRITON_INTERPRET", None)
+    env = subprocess_env()
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -131,7 +131,7 @@ def test_cuda_bf16_gf_run_with_triton_flash_attn_and_sample_step(tmp_path, data_
     assert {"loss", "fm", "gf_angular", "gf_scale"} <= set(rows[1]), rows[1]
     try:
         import flash_attn  # noqa: F401
-        expected = "engine.models.dit:DiTBlock.attend: flash_attn"
+        expected = "geoforge.engine.models.dit:DiTBlock.attend: flash_attn"
     except Exception:
-        expected = "engine.models.dit:DiTBlock.attend: sdpa"
+        expected = "geoforge.engine.models.dit:DiTBlock.attend: sdpa"
     assert "attention kernels: " in out and expected in out, out[-3000:]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.pixels import to_signed, to_uint8, to_unit
+from geoforge.engine.pixels import to_signed, to_uint8, to_unit
 
 
 def test_ranges_round_trip_and_clamp():

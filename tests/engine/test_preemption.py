@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.checkpoint import checkpoint_dirs, verify_checkpoint
-from engine.preemption import PREEMPTED_EXIT_CODE
-from test_train import ROOT, _command, _env, _losses, _train
+from geoforge.engine.checkpoint import checkpoint_dirs, verify_checkpoint
+from geoforge.engine.preemption import PREEMPTED_EXIT_CODE
+from processes import subprocess_env
+from test_train import ROOT, _command, _losses, _train
 
 pytestmark = pytest.mark.slow
 COMMON = ["data.batch_size=2", "schedule.steps=30", "logging.checkpoint_every=50", "distributed.zero_stage=1",
@@ -64,7 +65,7 @@ def test_sigterm_single_rank_checkpoints_exits_75_and_resumes_exactly(tmp_path, 
     reference = _losses(ref)
 
     run = tmp_path / "run"
-    p = subprocess.Popen(_command("python", run, data_root, COMMON), cwd=ROOT, env=_env(), text=True,
+    p = subprocess.Popen(_command("python", run, data_root, COMMON), cwd=ROOT, env=subprocess_env(), text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         _wait_for_rows(p, run, 3)
@@ -110,7 +111,7 @@ def test_sigterm_to_deepspeed_launcher_group_two_ranks(tmp_path, data_root):
 
     run = tmp_path / "run"
     log = open(tmp_path / "log.txt", "w+")
-    p = subprocess.Popen(_command("deepspeed2", run, data_root, COMMON), cwd=ROOT, env=_env(), text=True,
+    p = subprocess.Popen(_command("deepspeed2", run, data_root, COMMON), cwd=ROOT, env=subprocess_env(), text=True,
                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_for_rows(p, run, 3)
@@ -144,7 +145,7 @@ def test_sigusr1_to_one_rank_stops_both_with_code_75(tmp_path, data_root):
     port = str(31500 + os.getpid() % 1000)
     procs = []
     for rank in (0, 1):
-        env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+        env = subprocess_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         procs.append(subprocess.Popen(args, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, start_new_session=True))
@@ -178,7 +179,7 @@ def _vg_command(run: Path, data_root: Path, stage: str) -> list[str]:
 
 
 def _signal_when(cmd: list[str], ready, sig=signal.SIGTERM) -> subprocess.CompletedProcess:
-    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    p = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          start_new_session=True)
     try:
         deadline = time.time() + HANG_GUARD
@@ -204,7 +205,7 @@ def test_videogpa_generate_and_score_keep_what_they_finished(tmp_path):
     assert 1 <= kept < 4 and not (cand / "COMPLETE").exists()
     stamps = {p: p.stat().st_mtime_ns for i in range(kept) for p in (cand / f"{i:05d}").iterdir()}
     assert any(p.name == "meta.json" for p in stamps)
-    proc = subprocess.run(_vg_command(run, data_root, "generate"), cwd=ROOT, env=_env(), capture_output=True,
+    proc = subprocess.run(_vg_command(run, data_root, "generate"), cwd=ROOT, env=subprocess_env(), capture_output=True,
                           text=True, timeout=HANG_GUARD)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (cand / "COMPLETE").is_file() and f"0/{4 - kept} [" in proc.stderr   # only the rest generated
@@ -217,7 +218,7 @@ def test_videogpa_generate_and_score_keep_what_they_finished(tmp_path):
     assert "videogpa score stage (" in proc.stderr and not (run / "scores.jsonl").exists()
     scored = rows()
     assert 1 <= scored < 8
-    proc = subprocess.run(_vg_command(run, data_root, "score"), cwd=ROOT, env=_env(), capture_output=True,
+    proc = subprocess.run(_vg_command(run, data_root, "score"), cwd=ROOT, env=subprocess_env(), capture_output=True,
                           text=True, timeout=HANG_GUARD)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "score_summary.json").read_text())

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from engine.run_lock import LOCK_NAME, RunDirLocked, RunLock
+from geoforge.engine.run_lock import LOCK_NAME, RunDirLocked, RunLock
 
 
 def _write_lock(run_dir, **holder):

@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 
-from engine.eval.image_metrics import psnr
-from engine.models.dit import DiTConfig, VideoDiT
-from engine.objectives.flow_matching import FlowMatchingConfig, flow_matching_loss
-from engine.sampling import (CONTEXT, GENERATE, GENERATED_CONTEXT, PAD, Guidance, SamplerConfig, count_model_steps,
+from geoforge.engine.eval.image_metrics import psnr
+from geoforge.engine.models.dit import DiTConfig, VideoDiT
+from geoforge.engine.objectives.flow_matching import FlowMatchingConfig, flow_matching_loss
+from geoforge.engine.sampling import (CONTEXT, GENERATE, GENERATED_CONTEXT, PAD, Guidance, SamplerConfig, count_model_steps,
                              flow_step, generate, guided_velocity, interpolation_plan, keyframe_indices,
                              sample_window, scheduling_matrix, sliding_windows, time_grid)
 

@@ -25,8 +25,9 @@ import sys
 
 import pytest
 
-from engine.config import ConfigError, load_recipe
-from test_train import ROOT, TINY, _env, _losses, _train
+from geoforge.engine.config import ConfigError, load_recipe
+from processes import subprocess_env
+from test_train import ROOT, TINY, _losses, _train
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +49,7 @@ def test_sharded_loss_and_gradients_equal_whole_clip(case):
 def _worker(script: str, case: dict) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(32500 + os.getpid() % 1000), script, json.dumps(case)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return json.loads(next(line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")))
 
@@ -132,7 +133,7 @@ def test_gf_with_teacher_sp2_matches_one_rank(tmp_path):
         cmd = ([sys.executable, *args] if launcher == "python" else
                [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
                 "--master_port", str(33500 + os.getpid() % 1000), *args])
-        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         return {r["step"]: r for r in rows if "loss" in r}
@@ -185,7 +186,7 @@ def test_uvit3d_two_ranks_sp2_match_one_rank(tmp_path, data_root, teacher, stage
         cmd = ([sys.executable, *args] if launcher == "python" else
                [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
                 "--master_port", str(35500 + os.getpid() % 1000), *args])
-        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         if launcher != "python":
             assert "(DP 1 x SP 2)" in proc.stdout
@@ -239,7 +240,7 @@ def test_two_nodes_without_ssh_match_one_rank(tmp_path, data_root):
     port = str(34500 + os.getpid() % 1000)
     procs = [subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
                                "--no_ssh", "--node_rank", str(node), "--master_addr", "127.0.0.1",
-                               "--master_port", port, *args], cwd=ROOT, env=_env(), text=True,
+                               "--master_port", port, *args], cwd=ROOT, env=subprocess_env(), text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for node in (0, 1)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.checkpoint import latest_checkpoint
+from processes import subprocess_env
+from geoforge.engine.checkpoint import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -25,12 +26,6 @@ TINY = [
     "data.resolution=32", "data.frames=4", "data.synthetic_clips=16", "data.synthetic_frames=6",
     "logging.every=1", "logging.sample_steps=2", "schedule.warmup=2", "ema.decay=0.9",
 ]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
-    env.pop("TRITON_INTERPRET", None)
-    return env
 
 
 def _command(launcher: str, run_dir: Path, data_root: Path, overrides: list[str], extra: list[str] = ()) -> list[str]:
@@ -49,7 +44,7 @@ def _command(launcher: str, run_dir: Path, data_root: Path, overrides: list[str]
 
 
 def _train(launcher: str, run_dir: Path, data_root: Path, overrides: list[str], extra: list[str] = ()):
-    proc = subprocess.run(_command(launcher, run_dir, data_root, overrides, extra), cwd=ROOT, env=_env(),
+    proc = subprocess.run(_command(launcher, run_dir, data_root, overrides, extra), cwd=ROOT, env=subprocess_env(),
                           capture_output=True, text=True, timeout=600)
     return proc
 
@@ -73,7 +68,7 @@ def single_rank(tmp_path_factory, data_root) -> dict[int, float]:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "done: 5 steps" in proc.stdout
     # the kernel each attention call site actually ran, after the first step (issue 16 item 3)
-    assert "attention kernels: engine.models.dit:DiTBlock.attend: sdpa" in proc.stdout + proc.stderr
+    assert "attention kernels: geoforge.engine.models.dit:DiTBlock.attend: sdpa" in proc.stdout + proc.stderr
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if "val/psnr" in r]
     assert len(val) == 1 and val[0]["step"] == 5 and 0 < val[0]["val/psnr"] < 60
@@ -132,7 +127,7 @@ def test_kill_and_resume_reproduces_losses(tmp_path, data_root):
     reference = _losses(full)
 
     killed = tmp_path / "killed"
-    p = subprocess.Popen(_command("python", killed, data_root, common), cwd=ROOT, env=_env(),
+    p = subprocess.Popen(_command("python", killed, data_root, common), cwd=ROOT, env=subprocess_env(),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while latest_checkpoint(killed) is None and p.poll() is None and time.time() < deadline:
@@ -181,8 +176,8 @@ def _re10k_clip(folder: Path, name: str, frames: int = 6, size: int = 32, seed: 
     import numpy as np
     import torch
 
-    from engine.data.re10k import write_pose_file
-    from engine.data.video_io import encode_video
+    from geoforge.engine.data.re10k import write_pose_file
+    from geoforge.engine.data.video_io import encode_video
 
     folder.mkdir(parents=True, exist_ok=True)
     w2c = torch.eye(3, 4, dtype=torch.float64).repeat(frames, 1, 1)

@@ -5,7 +5,6 @@ video and the run report sample it through the v-prediction adapter (``engine.ob
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.checkpoint import latest_checkpoint
-from engine.config import load_recipe
-from engine.models.arch import build_model
+from processes import subprocess_env
+from geoforge.engine.checkpoint import latest_checkpoint
+from geoforge.engine.config import load_recipe
+from geoforge.engine.models.arch import build_model
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -46,7 +46,7 @@ def test_uvit3d_tiny_trains_from_a_lightning_checkpoint(tmp_path):
     for o in [*TINY, f"data.root={tmp_path / 'data'}", f"model.pretrained={ckpt}", "logging.validate_every=2",
               "logging.validate_videos=2", "logging.report_videos=2"]:
         args += ["--set", o]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    env = subprocess_env()
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "done: 2 steps" in proc.stdout
@@ -78,7 +78,7 @@ def test_uvit3d_tiny_trains_with_the_released_alignment_form(tmp_path):
     for o in [*TINY, f"data.root={tmp_path / 'data'}", "optimizer.lr=1e-3", "gf.alignment_form=as_released",
               "gf.released_size=16", "gf.released_mid_channels=16", "gf.angular_weight=0.1", "gf.scale_weight=0.1"]:
         args += ["--set", o]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    env = subprocess_env()
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]

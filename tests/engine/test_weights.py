@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from engine.weights import load_into, load_state_dict, resolve_weights
+from geoforge.engine.weights import load_into, load_state_dict, resolve_weights
 
 
 def _state() -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from kernels import _backend, align
+from geoforge.kernels import _backend, align
 
 EPS = 1e-6
 TOL = {torch.float32: dict(atol=1e-5, rtol=5e-4, rel=1e-4), torch.bfloat16: dict(atol=5e-3, rtol=5e-2, rel=5e-2)}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import _backend
+from geoforge.kernels import _backend
 
 KERNELS = Path(__file__).resolve().parents[2] / "kernels"
 

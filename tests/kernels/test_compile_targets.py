@@ -5,7 +5,7 @@ Fails on a compile error (Triton's front end, its MLIR passes or ptxas) and on r
 registers and spills of every variant at the end of the run (``compile lane`` section, tests/conftest.py).
 This is what the interpreter cannot see: it runs kernels as numpy, with no registers, no warps and no PTX.
 
-The kernels are compiled in one child process (``python -m kernels._aot --json``) without TRITON_INTERPRET,
+The kernels are compiled in one child process (``python -m geoforge.kernels._aot --json``) without TRITON_INTERPRET,
 which this test session sets and under which nothing can be compiled; each variant is then its own test.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 
 triton = pytest.importorskip("triton", reason="the compile lane needs the triton package")
 
-from kernels import _aot  # noqa: E402
+from geoforge.kernels import _aot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 try:
@@ -44,10 +44,10 @@ def _env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("aot") / "rows.json"
-    proc = subprocess.run([sys.executable, "-m", "kernels._aot", "--json", str(out)], cwd=ROOT, env=_env(),
+    proc = subprocess.run([sys.executable, "-m", "geoforge.kernels._aot", "--json", str(out)], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=900)
     if not out.is_file():
-        pytest.fail(f"python -m kernels._aot did not run (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+        pytest.fail(f"python -m geoforge.kernels._aot did not run (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
     return {r["id"]: r for r in json.loads(out.read_text())["rows"]}
 
 
@@ -77,7 +77,7 @@ BROKEN = textwrap.dedent('''
     import sys
     import triton
     import triton.language as tl
-    from kernels import _aot
+    from geoforge.kernels import _aot
 
     @triton.jit
     def _broken_kernel(x_ptr, n, BLOCK: tl.constexpr):

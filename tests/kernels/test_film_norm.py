@@ -20,7 +20,8 @@ import logging
 import pytest
 import torch
 
-from kernels import _backend, film_norm
+from processes import torch_threads
+from geoforge.kernels import _backend, film_norm
 
 EPS = 1e-6
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5, rel=1e-6),
@@ -217,17 +218,13 @@ def test_no_weight_noncontiguous_and_twice(backend):
 def test_cpu_threads_reduce_dw():
     """Several intra-op threads (rows split over at::parallel_for, one float32 dw partial per thread): same
     result as the reference, for the float32 fast path and the generic (bf16 modulation) one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         for mod_dtype in (torch.float32, torch.bfloat16):
             x, w, mods, packed, grad_out = make(((2048,), 64, "packed"), torch.float32, mod_dtype)
             got = run("cpu", x, w, mods, packed, grad_out)
             assert_all(got, oracle(x, w, mods, packed, grad_out),
                        TOL[mod_dtype] | ({"atol": 1e-4, "rtol": 1e-4} if mod_dtype == torch.float32 else {}),
                        f"cpu 2 threads {mod_dtype}")
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("backend", ["cpu"])
@@ -290,7 +287,7 @@ def test_launch_config_holds_whole_rows():
 
 def test_compile_specs_cover_both_kernels():
     pytest.importorskip("triton")
-    from kernels import _aot
+    from geoforge.kernels import _aot
 
     specs = film_norm.compile_specs()
     assert {s["kernel"] for s in specs} == {"_film_norm_fwd_kernel", "_film_norm_bwd_kernel"}

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from kernels._backend import triton_usable
-from kernels.reproject import reprojection_error, splat_points, unproject_depth
+from processes import torch_threads
+from geoforge.kernels._backend import triton_usable
+from geoforge.kernels.reproject import reprojection_error, splat_points, unproject_depth
 
 F = np.float32
 Z_MIN = F(1e-6)
@@ -316,9 +317,7 @@ def test_splat_empty_cloud_and_background(backend):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_splat_cpu_many_points_any_thread_count(threads):
     """Large P with one camera: the CPU path splits the points over private z-buffers; the split must not matter."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         g = torch.Generator().manual_seed(8)
         P, H, W = 150_000, 12, 16
         E, K = make_cameras(1, H, W, seed=9)
@@ -327,8 +326,6 @@ def test_splat_cpu_many_points_any_thread_count(threads):
         want = painter_oracle(pts, colors, E, K, H, W)
         assert_splat_equal(splat_points(pts, colors, E, K, H, W, backend="cpu"), want)
         assert_splat_equal(splat_points(pts, colors, E, K, H, W, backend="reference"), want)
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_splat_auto_is_cpu_on_cpu_tensors():
@@ -497,14 +494,10 @@ def test_reprojection_error_cpu_same_bits_for_any_thread_count():
     g = torch.Generator().manual_seed(24)
     frames, depth, conf = torch.rand(S, C, H, W, generator=g), 1 + torch.rand(S, H, W, generator=g), \
         torch.rand(S, H, W, generator=g)
-    before = torch.get_num_threads()
     outs = []
-    try:
-        for threads in (1, 2, 5):
-            torch.set_num_threads(threads)
+    for threads in (1, 2, 5):
+        with torch_threads(threads):
             outs.append(reprojection_error(frames, depth, conf, E, K, conf_threshold=0.1, backend="cpu"))
-    finally:
-        torch.set_num_threads(before)
     ref = reprojection_error(frames, depth, conf, E, K, conf_threshold=0.1, backend="reference")
     for out in outs:
         for key in ("per_frame_mse", "rendered", "coverage"):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.models.uvit3d import RE10K, UViT3DConfig
+from geoforge.engine.models.uvit3d import RE10K, UViT3DConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:   # profiling/ is not an installed package
@@ -26,7 +26,7 @@ TOY = UViT3DConfig(channels=[32, 64], emb_channels=64, block_types=["ResBlock", 
 
 
 def UViT3D_meta(cfg: UViT3DConfig):
-    from engine.models.uvit3d import UViT3D
+    from geoforge.engine.models.uvit3d import UViT3D
 
     with torch.device("meta"):
         return UViT3D(cfg)
@@ -83,8 +83,8 @@ def test_counted_flops_of_a_real_checkpointed_run_agree(every_block):
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    from engine.models.checkpointing import enable_activation_checkpointing
-    from engine.models.uvit3d import UViT3D
+    from geoforge.engine.models.checkpointing import enable_activation_checkpointing
+    from geoforge.engine.models.uvit3d import UViT3D
 
     cfg = replace(TOY, use_checkpointing=[False, True])
     b, t, r = 2, 2, TOY.resolution
@@ -110,7 +110,7 @@ def test_saved_activation_bytes_match_the_cpu_allocator():
 
     from torch.profiler import ProfilerActivity, profile
 
-    from engine.models.uvit3d import UViT3D
+    from geoforge.engine.models.uvit3d import UViT3D
 
     b, t, r = 2, 2, TOY.resolution
     counted = uvit3d_counts(TOY, b, t, r, checkpoint_all=False, dtype=torch.float32)["acts_nockpt_bytes"]

@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.attention import attention
-from engine.models.rope import apply_rope
-from engine.models.sequence_parallel import ulysses_attention
-from engine.models.uvit3d.folded import FoldedEmb
-from kernels.film_norm import film_rms_norm
+from geoforge.engine.models.attention import attention
+from geoforge.engine.models.rope import apply_rope
+from geoforge.engine.models.sequence_parallel import ulysses_attention
+from geoforge.engine.models.uvit3d.folded import FoldedEmb
+from geoforge.kernels.film_norm import film_rms_norm
 
 
 def film(normed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -14,9 +14,9 @@ keeps only these keys when saving - the GF alignment projector is never in these
   ``named_parameters()`` (no buffers) - ``auto`` and ``ema`` use it, ``raw`` takes ``state_dict``;
 - neither: ``auto`` / ``raw`` take ``state_dict``, ``ema`` fails.
 
-To see which a file holds: ``python -m engine.models.uvit3d.checkpoint inspect FILE`` (prints the top-level keys, the
+To see which a file holds: ``geoforge-uvit3d-checkpoint inspect FILE`` (prints the top-level keys, the
 ``pretrained_ema`` flag, whether ``optimizer_states[0]`` has ``ema``, and the backbone key count);
-``python -m engine.models.uvit3d.checkpoint convert FILE OUT.safetensors [--weights ema|raw|auto]`` writes the chosen
+``geoforge-uvit3d-checkpoint convert FILE OUT.safetensors [--weights ema|raw|auto]`` writes the chosen
 backbone weights (prefix stripped) as safetensors. Files are only read with ``torch.load(weights_only=True)``:
 one that needs arbitrary unpickling (e.g. Lightning ``hyper_parameters`` holding OmegaConf objects, or a
 malicious pickle) is refused with a message, never executed.
@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.models.uvit3d.config import RE10K
-from engine.models.uvit3d.model import UViT3D
-from engine.weights import load_into, read_state_dict, read_torch_file, resolve_weights, save_safetensors
+from geoforge.engine.models.uvit3d.config import RE10K
+from geoforge.engine.models.uvit3d.model import UViT3D
+from geoforge.engine.weights import load_into, read_state_dict, read_torch_file, resolve_weights, save_safetensors
 
 DFOT_PREFIXES = ("diffusion_model._orig_mod.model.", "diffusion_model.model.")
 WEIGHT_CHOICES = ("auto", "ema", "raw")
@@ -117,7 +117,7 @@ def _inspect(path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m engine.models.uvit3d.checkpoint", description="Inspect or convert DFoT / GF "
+    ap = argparse.ArgumentParser(prog="geoforge-uvit3d-checkpoint", description="Inspect or convert DFoT / GF "
                                  "checkpoints (torch.load weights_only=True only).")
     sub = ap.add_subparsers(dest="cmd", required=True)
     ins = sub.add_parser("inspect", help="what a checkpoint holds (EMA? prefixes?)")

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.models.rope import dfot_axis_dims
-from engine.schema import ConfigError
+from geoforge.engine.models.rope import dfot_axis_dims
+from geoforge.engine.schema import ConfigError
 
 BLOCK_TYPES = ("ResBlock", "TransformerBlock")
 GROUPS = 32  # GroupNorm groups of the ResBlocks (DFoT's NormalizeWithBias)

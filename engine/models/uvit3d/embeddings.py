@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from engine.models.uvit3d.blocks import Conv
+from geoforge.engine.models.uvit3d.blocks import Conv
 
 
 class _MLP(nn.Module):

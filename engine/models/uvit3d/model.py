@@ -48,15 +48,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.checkpointing import enable_activation_checkpointing
-from engine.models.rope import dfot_axis_dims, rope_tables
-from engine.models.sequence_parallel import SequenceParallel, ShardedFeatures, gather_tokens, sequence_parallel
-from engine.models.uvit3d.blocks import (Conv, Downsample, ResBlock, TransformerBlock, Upsample,
+from geoforge.engine.models.checkpointing import enable_activation_checkpointing
+from geoforge.engine.models.rope import dfot_axis_dims, rope_tables
+from geoforge.engine.models.sequence_parallel import SequenceParallel, ShardedFeatures, gather_tokens, sequence_parallel
+from geoforge.engine.models.uvit3d.blocks import (Conv, Downsample, ResBlock, TransformerBlock, Upsample,
                                          zero_init_outputs)
-from engine.models.uvit3d.config import UViT3DConfig
-from engine.models.uvit3d.embeddings import NoiseEmbedding, PoseEmbedding
-from engine.models.uvit3d.folded import FoldedEmb, ray_patches
-from engine.models.uvit3d.rays import poses16_from_cameras, ray_condition
+from geoforge.engine.models.uvit3d.config import UViT3DConfig
+from geoforge.engine.models.uvit3d.embeddings import NoiseEmbedding, PoseEmbedding
+from geoforge.engine.models.uvit3d.folded import FoldedEmb, ray_patches
+from geoforge.engine.models.uvit3d.rays import poses16_from_cameras, ray_condition
 
 
 FOLD_MODES = ("auto", "always", "never")

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from engine.models.conditioning import relative_to_first
+from geoforge.engine.models.conditioning import relative_to_first
 
 RAY_FREQS = 15
 

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from engine.weights import hub_file
+from geoforge.engine.weights import hub_file
 
 WEIGHT_FILES = ("model.safetensors", "model.pt")
 CONFIG_FILE = "config.json"

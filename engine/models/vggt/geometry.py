@@ -43,7 +43,7 @@ def unproject_depth_map_to_point_map(depth_map: torch.Tensor, extrinsics_cam: to
     world points ``[S, H, W, 3]`` (the official function's contract, on tensors; float32 for float32 depth,
     float64 for float64 depth - the official numpy code always returns float64). ``backend``: see
     ``kernels.reproject.unproject_depth`` (``"reference"`` is plain torch and differentiable)."""
-    from kernels.reproject import unproject_depth
+    from geoforge.kernels.reproject import unproject_depth
 
     if depth_map.dim() == 4 and depth_map.shape[-1] == 1:
         depth_map = depth_map.squeeze(-1)

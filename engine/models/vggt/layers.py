@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.models.attention import attention
+from geoforge.engine.models.attention import attention
 
 from .rope import RopeCache
 

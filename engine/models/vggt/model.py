@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from engine.weights import check_state_dict, read_state_dict
+from geoforge.engine.weights import check_state_dict, read_state_dict
 
 from .aggregator import Aggregator
 from .camera_head import CameraHead

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.attention import attention
+from geoforge.engine.models.attention import attention
 
 from .layers import Mlp
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.data.video_io import encode_video
+from geoforge.engine.data.video_io import encode_video
 
 BITS = 8
 # name -> (suffix, PyAV encoder, pixel format, options): each an encoder independent of the decoders

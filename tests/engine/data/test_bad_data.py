@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data.decode import DataError
-from engine.data.re10k import Re10KClips, write_pose_file
-from engine.data.sampler import EpochIndexed, ResumableBatchSampler
-from engine.data.video_io import encode_video
+from geoforge.engine.data.decode import DataError
+from geoforge.engine.data.re10k import Re10KClips, write_pose_file
+from geoforge.engine.data.sampler import EpochIndexed, ResumableBatchSampler
+from geoforge.engine.data.video_io import encode_video
 from painted import painted_frames
 
 FRAMES = 6

@@ -13,13 +13,13 @@ import itertools
 import pytest
 import torch
 
-from engine.config import load_recipe
-from engine.data import builder
-from engine.data.dali_loader import PlannedLoader
-from engine.data.decode import DataError, decode_clips, installed
-from engine.data.re10k import Re10KClips
-from engine.data.sampler import EpochIndexed, ResumableBatchSampler
-from engine.distributed import World
+from geoforge.engine.config import load_recipe
+from geoforge.engine.data import builder
+from geoforge.engine.data.dali_loader import PlannedLoader
+from geoforge.engine.data.decode import DataError, decode_clips, installed
+from geoforge.engine.data.re10k import Re10KClips
+from geoforge.engine.data.sampler import EpochIndexed, ResumableBatchSampler
+from geoforge.engine.distributed import World
 from test_bad_data import _bad, _clip
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data import decode
-from engine.data.decode import (BackendUnavailable, DataError, choose_backend, decode_clip, decode_clips, installed,
+from geoforge.engine.data import decode
+from geoforge.engine.data.decode import (BackendUnavailable, DataError, choose_backend, decode_clip, decode_clips, installed,
                                 probe, supports)
 from painted import CODECS, read_numbers, write_painted
 

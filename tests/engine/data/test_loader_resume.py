@@ -8,9 +8,9 @@ import itertools
 import pytest
 import torch
 
-from engine.config import load_recipe
-from engine.data.builder import build_loader
-from engine.distributed import World
+from geoforge.engine.config import load_recipe
+from geoforge.engine.data.builder import build_loader
+from geoforge.engine.distributed import World
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data.decode import DataError
-from engine.data.minecraft import MinecraftClips, main, stack_actions
-from engine.data.rendering import rotation
-from engine.data.voxel_render import EYE, FORWARD, LEFT, NOOP, RIGHT, STEP, TURN, render_minecraft_clip, render_world, walk
+from geoforge.engine.data.decode import DataError
+from geoforge.engine.data.minecraft import MinecraftClips, main, stack_actions
+from geoforge.engine.data.rendering import rotation
+from geoforge.engine.data.voxel_render import EYE, FORWARD, LEFT, NOOP, RIGHT, STEP, TURN, render_minecraft_clip, render_world, walk
 
 
 def _dfot_stack(actions, start, frames, skip, mask_first=True):

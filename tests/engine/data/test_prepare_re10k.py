@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data.prepare_re10k import main, youtube_id
-from engine.data.re10k import Re10KClips, read_dfot_poses, write_pose_file
-from engine.data.video_io import count_frames, decode_video, encode_video, open_video, write_image
+from geoforge.engine.data.prepare_re10k import main, youtube_id
+from geoforge.engine.data.re10k import Re10KClips, read_dfot_poses, write_pose_file
+from geoforge.engine.data.video_io import count_frames, decode_video, encode_video, open_video, write_image
 
 SOURCE_FPS = 20
 

@@ -10,8 +10,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from painted import painted_frames  # noqa: E402
 
-from engine.data.re10k import Re10KClips, write_pose_file  # noqa: E402
-from engine.data.video_io import encode_video  # noqa: E402
+from geoforge.engine.data.re10k import Re10KClips, write_pose_file  # noqa: E402
+from geoforge.engine.data.video_io import encode_video  # noqa: E402
 
 
 def test_poses16_keeps_the_file_intrinsics_and_the_sample_extrinsics(tmp_path):

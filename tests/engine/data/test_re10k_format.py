@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data.re10k import (pixel_intrinsics, read_dfot_poses, read_pose_file, relative_extrinsics,
+from geoforge.engine.data.re10k import (pixel_intrinsics, read_dfot_poses, read_pose_file, relative_extrinsics,
                                write_pose_file)
 
 POSES = Path(__file__).resolve().parents[2] / "data" / "re10k_poses"

@@ -3,7 +3,7 @@ import itertools
 
 import pytest
 
-from engine.data.sampler import ResumableBatchSampler
+from geoforge.engine.data.sampler import ResumableBatchSampler
 
 
 def take(sampler, n):

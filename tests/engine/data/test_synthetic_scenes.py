@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.data.re10k import Re10KClips, pixel_intrinsics
-from engine.data.synthetic import ensure_synthetic_dataset, render_clip
+from geoforge.engine.data.re10k import Re10KClips, pixel_intrinsics
+from geoforge.engine.data.synthetic import ensure_synthetic_dataset, render_clip
 
 
 def _bilinear(img: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from engine.eval.camera_metrics import camera_errors, relative_poses, revisit_error, rotation_angle
-from engine.eval.image_metrics import ssim
-from engine.eval.protocols import rotation_extrinsics
+from geoforge.engine.eval.camera_metrics import camera_errors, relative_poses, revisit_error, rotation_angle
+from geoforge.engine.eval.image_metrics import ssim
+from geoforge.engine.eval.protocols import rotation_extrinsics
 
 
 def _rot(axis: torch.Tensor, angle: float | torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from engine.data.re10k import pixel_intrinsics, relative_extrinsics
-from engine.data.synthetic import render_clip
-from engine.eval.consistency import warp_consistency_error
+from geoforge.engine.data.re10k import pixel_intrinsics, relative_extrinsics
+from geoforge.engine.data.synthetic import render_clip
+from geoforge.engine.eval.consistency import warp_consistency_error
 
 
 def test_rendered_clip_is_consistent_and_a_frozen_or_shuffled_one_is_not():

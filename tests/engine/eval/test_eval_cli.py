@@ -1,9 +1,8 @@
-"""``python -m engine.eval`` on a tiny checkpoint: report files, named skipped metrics, resume, all metrics
+"""``geoforge-eval`` on a tiny checkpoint: report files, named skipped metrics, resume, all metrics
 with tiny networks, evaluating existing videos, and the rotation protocol."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.eval.geometry import VGGTGeometry
-from engine.eval.lpips import LPIPS
-from engine.eval.run import Networks, load_generated, parse_args, run
-from engine.models.dit import DiTConfig, VideoDiT
+from processes import SUBPROCESS_THREADS, subprocess_env, torch_threads
+from geoforge.engine.eval.geometry import VGGTGeometry
+from geoforge.engine.eval.lpips import LPIPS
+from geoforge.engine.eval.run import Networks, load_generated, parse_args, run
+from geoforge.engine.models.dit import DiTConfig, VideoDiT
 from tiny_nets import tiny_vggt
 
 REPO = Path(__file__).resolve().parents[3]
@@ -79,8 +79,8 @@ def tiny_networks(setup: dict) -> Networks:
 
 def test_cli_report_skips_and_resume(setup) -> None:
     out = setup["tmp"] / "short"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "engine.eval", *_args(setup, out, 2, "--vggt", setup["vggt"],
+    env = subprocess_env()
+    proc = subprocess.run([sys.executable, "-m", "geoforge.engine.eval", *_args(setup, out, 2, "--vggt", setup["vggt"],
                                                                           "--vggt-resolution", "28")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -96,9 +96,11 @@ def test_cli_report_skips_and_resume(setup) -> None:
     assert (out / "per_frame.png").stat().st_size > 0 and (out / "samples.png").stat().st_size > 0
     first = {i: (out / "videos" / f"{i:05d}.npz").stat().st_mtime_ns for i in range(2)}
 
-    # "Killed" after two videos: a rerun on the full set keeps them and adds the third.
+    # "Killed" after two videos: a rerun on the full set keeps them and adds the third. The videos are compared
+    # bit for bit with the CLI's below: rendered here on the CLI process's thread count (tests/processes.py).
     (out / "videos" / ".tmp-999-00002.npz").write_bytes(b"partial write of a killed run")
-    summary = run(parse_args(_args(setup, out, 3, "--vggt", setup["vggt"], "--vggt-resolution", "28")))
+    with torch_threads(SUBPROCESS_THREADS):
+        summary = run(parse_args(_args(setup, out, 3, "--vggt", setup["vggt"], "--vggt-resolution", "28")))
     assert {i: (out / "videos" / f"{i:05d}.npz").stat().st_mtime_ns for i in range(2)} == first
     assert not list((out / "videos").glob(".tmp-*"))  # the killed run's partial file is gone
     assert summary["num_videos"] == 3 and len(list((out / "per_video").glob("*.json"))) == 3
@@ -108,7 +110,8 @@ def test_cli_report_skips_and_resume(setup) -> None:
 
     # A fresh run of all three videos reproduces the resumed one (aligned batches, seeded per batch).
     fresh = setup["tmp"] / "fresh"
-    run(parse_args(_args(setup, fresh, 3)))
+    with torch_threads(SUBPROCESS_THREADS):
+        run(parse_args(_args(setup, fresh, 3)))
     for i in range(3):
         a, b = load_generated(out / "videos" / f"{i:05d}.npz"), load_generated(fresh / "videos" / f"{i:05d}.npz")
         assert np.array_equal(a["generated"], b["generated"]) and np.array_equal(a["gt"], b["gt"])
@@ -156,9 +159,9 @@ def test_cli_errors_are_named(setup, tmp_path) -> None:
 def test_guidance_flags_choose_the_prediction_scheme() -> None:
     """--guidance replaces the protocol's prediction guidance (HG-f / HG-t included); malformed flags are
     named; without it the protocol's scheme stays."""
-    from engine.eval.protocols import get_protocol
-    from engine.eval.run import sampler_config
-    from engine.sampling import Guidance
+    from geoforge.engine.eval.protocols import get_protocol
+    from geoforge.engine.eval.run import sampler_config
+    from geoforge.engine.sampling import Guidance
 
     base = ["--recipe", "dfot_tiny", "--protocol", "long256", "--videos-dir", "unused"]
     protocol = get_protocol("long256")

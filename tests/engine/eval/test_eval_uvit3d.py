@@ -1,4 +1,4 @@
-"""``python -m engine.eval`` on DFoT's U-ViT3D (``model.arch: uvit3d``): a checkpoint shaped like the released
+"""``geoforge-eval`` on DFoT's U-ViT3D (``model.arch: uvit3d``): a checkpoint shaped like the released
 DFoT / Geometry Forcing files (a Lightning dict, random tensors under the real ``diffusion_model.model.`` keys,
 EMA in ``optimizer_states[0]["ema"]``) loads through ``--checkpoint`` and the protocols run end to end on CPU
 through the v-prediction adapter on DFoT's DDIM grid: short16 (CLI), a small long video (keyframes +
@@ -7,7 +7,6 @@ cameras."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +15,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.config import load_recipe
-from engine.eval.protocols import get_protocol
-from engine.eval.run import (Networks, load_generated, load_model, parse_args, protocol_item, run, sampler_config,
+from processes import subprocess_env
+from geoforge.engine.config import load_recipe
+from geoforge.engine.eval.protocols import get_protocol
+from geoforge.engine.eval.run import (Networks, load_generated, load_model, parse_args, protocol_item, run, sampler_config,
                              time_grid_option)
-from engine.objectives.dfot_velocity import dfot_flow_times, dfot_level_time
-from engine.models.arch import build_model
+from geoforge.engine.objectives.dfot_velocity import dfot_flow_times, dfot_level_time
+from geoforge.engine.models.arch import build_model
 
 REPO = Path(__file__).resolve().parents[3]
 RECIPE = """
@@ -87,8 +87,8 @@ def test_cli_short16_on_a_released_format_checkpoint(setup) -> None:
     out = setup["tmp"] / "short16"
     args = ["--recipe", setup["recipe"], "--checkpoint", setup["ckpt"], "--protocol", "short16", "--frames", "6",
             "--num-videos", "2", "--steps", "3", "--batch-size", "2", "--out", str(out), "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-m", "engine.eval", *args], cwd=REPO, env=env, capture_output=True,
+    env = subprocess_env()
+    proc = subprocess.run([sys.executable, "-m", "geoforge.engine.eval", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(optimizer_states[0]['ema']" in proc.stderr and "on the dfot grid" in proc.stderr, proc.stderr

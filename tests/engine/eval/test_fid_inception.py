@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.eval.frechet import fid
-from engine.eval.inception import FIDInceptionV3
+from geoforge.engine.eval.frechet import fid
+from geoforge.engine.eval.inception import FIDInceptionV3
 
 # torchvision Inception3: conv name -> (out, in, kh, kw); every conv has a BatchNorm of `out` channels.
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.eval.frechet import (extract_features, feature_statistics, fid, frechet_distance,
+from geoforge.engine.eval.frechet import (extract_features, feature_statistics, fid, frechet_distance,
                                  frechet_distance_from_features, fvd)
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.data.re10k import pixel_intrinsics
-from engine.data.synthetic import render_clip
-from engine.eval.geometry import GeometryEstimate, VGGTGeometry, frame_subset
+from geoforge.engine.data.re10k import pixel_intrinsics
+from geoforge.engine.data.synthetic import render_clip
+from geoforge.engine.eval.geometry import GeometryEstimate, VGGTGeometry, frame_subset
 from tiny_nets import tiny_vggt
 
 @pytest.fixture(scope="module")

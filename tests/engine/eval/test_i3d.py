@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.eval.frechet import fvd
-from engine.eval.i3d import FVDExtractor, InceptionI3d, _same_pad, preprocess_clips
+from geoforge.engine.eval.frechet import fvd
+from geoforge.engine.eval.i3d import FVDExtractor, InceptionI3d, _same_pad, preprocess_clips
 
 # pytorch-i3d (piergiaj), InceptionModule(in_channels, [b0, b1a, b1b, b2a, b2b, b3b]).
 MIXED = {

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.eval.image_metrics import gaussian_window, psnr, ssim
+from geoforge.engine.eval.image_metrics import gaussian_window, psnr, ssim
 
 
 def _numpy_ssim(x: np.ndarray, y: np.ndarray, data_range: float = 1.0) -> float:

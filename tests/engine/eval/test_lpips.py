@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from engine.eval.lpips import LPIPS
+from geoforge.engine.eval.lpips import LPIPS
 
 # torchvision vgg16().features conv layers: index -> (out, in) channels, all 3x3 with bias.
 VGG_CONVS = {0: (64, 3), 2: (64, 64), 5: (128, 64), 7: (128, 128), 10: (256, 128), 12: (256, 256),

@@ -11,9 +11,9 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from engine.config import load_recipe
-from engine.eval.validate import frame_strip, validate, validation_batch, write_sample_video, write_validation
-from engine.models.dit import DiTConfig, VideoDiT
+from geoforge.engine.config import load_recipe
+from geoforge.engine.eval.validate import frame_strip, validate, validation_batch, write_sample_video, write_validation
+from geoforge.engine.models.dit import DiTConfig, VideoDiT
 
 T, HW = 4, 16
 
@@ -101,8 +101,8 @@ def test_validation_batch_and_tensorboard_logging(tmp_path) -> None:
 def test_uvit3d_sample_video_runs_the_model_in_eval_mode(tmp_path) -> None:
     """The U-ViT3D's end-of-run sample (DFoT's DDIM) runs with dropout off (and so whole clips under sequence
     parallelism), and leaves the model training."""
-    from engine.distributed import World
-    from engine.models.arch import build_model
+    from geoforge.engine.distributed import World
+    from geoforge.engine.models.arch import build_model
 
     recipe = load_recipe("uvit3d_tiny", ["model.uvit3d.block_dropouts=[0.0, 0.0, 0.5, 0.5]", "logging.sample_steps=2",
                                          "data.frames=2"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.models.vggt import VGGT
+from geoforge.engine.models.vggt import VGGT
 
 TINY_VGGT = {
     "aggregator": {"img_size": 56, "embed_dim": 32, "depth": 2, "num_heads": 2, "patch_embed": "conv",

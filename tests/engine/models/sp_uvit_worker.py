@@ -15,16 +15,16 @@ import sys
 import torch
 import torch.distributed as dist
 
-from engine.models.checkpointing import enable_activation_checkpointing
-from engine.models.sequence_parallel import SequenceParallel, ShardedFeatures, set_sequence_parallel
-from engine.models.uvit3d import UViT3D, UViT3DConfig
-from engine.objectives.dfot_diffusion import DFoTDiffusionConfig
-from engine.objectives.flow_matching import FlowMatchingConfig
-from engine.objectives.geometry_forcing import DinoTermConfig, GFConfig
-from engine.objectives.gf_released import RELEASED_KEY
-from engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
+from geoforge.engine.models.checkpointing import enable_activation_checkpointing
+from geoforge.engine.models.sequence_parallel import SequenceParallel, ShardedFeatures, set_sequence_parallel
+from geoforge.engine.models.uvit3d import UViT3D, UViT3DConfig
+from geoforge.engine.objectives.dfot_diffusion import DFoTDiffusionConfig
+from geoforge.engine.objectives.flow_matching import FlowMatchingConfig
+from geoforge.engine.objectives.geometry_forcing import DinoTermConfig, GFConfig
+from geoforge.engine.objectives.gf_released import RELEASED_KEY
+from geoforge.engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
 from sp_compare import grad_error, init_gloo, part_error
-from engine.teacher.spec import BATCH_PREFIX, DINO_KEY, vggt_key
+from geoforge.engine.teacher.spec import BATCH_PREFIX, DINO_KEY, vggt_key
 
 
 def main() -> None:

@@ -10,14 +10,14 @@ import sys
 import torch
 import torch.distributed as dist
 
-from engine.models.checkpointing import enable_activation_checkpointing
-from engine.models.dit import DiTConfig, VideoDiT
-from engine.models.sequence_parallel import SequenceParallel, set_sequence_parallel
-from engine.objectives.flow_matching import FlowMatchingConfig
-from engine.objectives.geometry_forcing import GFConfig
-from engine.objectives.gf_released import RELEASED_KEY
-from engine.teacher.spec import BATCH_PREFIX, vggt_key
-from engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
+from geoforge.engine.models.checkpointing import enable_activation_checkpointing
+from geoforge.engine.models.dit import DiTConfig, VideoDiT
+from geoforge.engine.models.sequence_parallel import SequenceParallel, set_sequence_parallel
+from geoforge.engine.objectives.flow_matching import FlowMatchingConfig
+from geoforge.engine.objectives.geometry_forcing import GFConfig
+from geoforge.engine.objectives.gf_released import RELEASED_KEY
+from geoforge.engine.teacher.spec import BATCH_PREFIX, vggt_key
+from geoforge.engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
 from sp_compare import grad_error, init_gloo, part_error
 
 

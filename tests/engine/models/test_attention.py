@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-import engine.models.attention as attn_mod
-from engine.models.attention import attention, frame_causal_mask, set_attention_backend
+import geoforge.engine.models.attention as attn_mod
+from geoforge.engine.models.attention import attention, frame_causal_mask, set_attention_backend
 
 
 @pytest.fixture
@@ -108,8 +108,8 @@ def test_mixed_dtypes_reach_the_kernel_as_v_dtype(no_cuda, monkeypatch):
 def test_dit_block_under_autocast_like_norms(no_cuda, monkeypatch):
     """DiTBlock.attend with its q/k norms returning float32 (what CUDA autocast does with rms_norm) hands the
     kernel q, k and v of one dtype, and the call site is reported."""
-    from engine.models.dit import DiTBlock
-    from engine.models.rope import rope_tables
+    from geoforge.engine.models.dit import DiTBlock
+    from geoforge.engine.models.rope import rope_tables
 
     block = DiTBlock(32, 2, 2.0, qk_norm=True).bfloat16()
     for norm in (block.q_norm, block.k_norm):
@@ -123,7 +123,7 @@ def test_dit_block_under_autocast_like_norms(no_cuda, monkeypatch):
     cos, sin = rope_tables(2, 2, 2, 16, 10000.0, h.device)
     block.attend(h, cos, sin, None)
     assert seen == [{torch.bfloat16}]
-    assert attn_mod.attention_report() == {"engine.models.dit:DiTBlock.attend": "sdpa"}
+    assert attn_mod.attention_report() == {"geoforge.engine.models.dit:DiTBlock.attend": "sdpa"}
 
 
 def test_report_names_each_site_and_reason(no_cuda, monkeypatch, caplog):

@@ -4,7 +4,7 @@ import copy
 import torch
 from torch import nn
 
-from engine.models.checkpointing import enable_activation_checkpointing, is_checkpointed
+from geoforge.engine.models.checkpointing import enable_activation_checkpointing, is_checkpointed
 
 
 class Block(nn.Module):

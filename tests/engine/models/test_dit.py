@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from engine.models.conditioning import (camera_map, camera_rays, nerf_encoding, plucker, relative_to_first,
+from geoforge.engine.models.conditioning import (camera_map, camera_rays, nerf_encoding, plucker, relative_to_first,
                                         scale_intrinsics)
-from engine.models.checkpointing import enable_activation_checkpointing
-from engine.models.dit import DIT_PRESETS, DiTConfig, VideoDiT, flops_per_token, num_params
-from engine.models.rope import apply_rope, grid_positions, rope_angles, rope_axis_dims
+from geoforge.engine.models.checkpointing import enable_activation_checkpointing
+from geoforge.engine.models.dit import DIT_PRESETS, DiTConfig, VideoDiT, flops_per_token, num_params
+from geoforge.engine.models.rope import apply_rope, grid_positions, rope_angles, rope_axis_dims
 
 
 def small_cfg(**kw) -> DiTConfig:
@@ -389,7 +389,7 @@ def test_cuda_bf16_forward_backward_matches_fp32(attention_kind, monkeypatch):
     outputs and parameter gradients, and the kernel each attention call actually ran."""
     import copy
 
-    import engine.models.attention as attn_mod
+    import geoforge.engine.models.attention as attn_mod
 
     monkeypatch.setattr(attn_mod, "_used", {})
     monkeypatch.setitem(attn_mod._state, "backend", None)
@@ -412,7 +412,7 @@ def test_cuda_bf16_forward_backward_matches_fp32(attention_kind, monkeypatch):
         if p32.grad is not None and p32.grad.norm() > 0:
             g_rel = ((p16.grad.float() - p32.grad).norm() / p32.grad.norm()).item()
             assert g_rel < 1e-1, f"{name}: bf16 gradient off by {g_rel:.3g}"
-    used = attn_mod.attention_report()["engine.models.dit:DiTBlock.attend"]
+    used = attn_mod.attention_report()["geoforge.engine.models.dit:DiTBlock.attend"]
     if attention_kind == "frame_causal":
         assert used.startswith("sdpa"), used   # a block mask: no flash-attn kernel takes it
     elif _flash_attn_installed():

@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 
-import engine.models.conditioning as conditioning
-from engine.models.dit import DiTConfig, VideoDiT
-from engine.objectives.flow_matching import FlowMatchingConfig
-from engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
+import geoforge.engine.models.conditioning as conditioning
+from geoforge.engine.models.dit import DiTConfig, VideoDiT
+from geoforge.engine.objectives.flow_matching import FlowMatchingConfig
+from geoforge.engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
 
 
 def _rotation(axis: torch.Tensor, angle: float) -> torch.Tensor:

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.models.uvit3d import UViT3D, ray_condition
-from engine.schema import ConfigError
-from engine.objectives.dfot_diffusion import (DFoTDiffusionConfig, DiscreteSchedule, alpha_sigma, ddim_sample,
+from geoforge.engine.models.uvit3d import UViT3D, ray_condition
+from geoforge.engine.schema import ConfigError
+from geoforge.engine.objectives.dfot_diffusion import (DFoTDiffusionConfig, DiscreteSchedule, alpha_sigma, ddim_sample,
                                               ddim_step, dfot_diffusion_loss, logsnr)
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "uvit3d"

@@ -9,14 +9,14 @@ import math
 import pytest
 import torch
 
-from engine import pixels
-from engine.eval.baselines import flat_frames, repeated_context
-from engine.eval.image_metrics import psnr
-from engine.models.uvit3d import UViT3D, UViT3DConfig
-from engine.objectives.dfot_diffusion import DFoTDiffusionConfig, DiscreteSchedule, ddim_sample, dfot_diffusion_loss
-from engine.objectives.dfot_velocity import (DFoTVelocity, default_times, dfot_flow_times, dfot_level_time,
+from geoforge.engine import pixels
+from geoforge.engine.eval.baselines import flat_frames, repeated_context
+from geoforge.engine.eval.image_metrics import psnr
+from geoforge.engine.models.uvit3d import UViT3D, UViT3DConfig
+from geoforge.engine.objectives.dfot_diffusion import DFoTDiffusionConfig, DiscreteSchedule, ddim_sample, dfot_diffusion_loss
+from geoforge.engine.objectives.dfot_velocity import (DFoTVelocity, default_times, dfot_flow_times, dfot_level_time,
                                              flow_logsnr, from_model_space, to_model_space, vp_scales)
-from engine.sampling import Guidance, SamplerConfig, generate, sample_clip
+from geoforge.engine.sampling import Guidance, SamplerConfig, generate, sample_clip
 
 CFG = DFoTDiffusionConfig()
 SHAPE = (2, 5, 3, 4, 4)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from engine.objectives.dpo import dpo_loss, per_sample_error
+from geoforge.engine.objectives.dpo import dpo_loss, per_sample_error
 
 
 def reference_dpo(model_w, model_l, ref_w, ref_l, beta):

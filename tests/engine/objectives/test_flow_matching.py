@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
-from engine.models.dit import DiTConfig, VideoDiT
-from engine.sampling import sample_clip
-from engine.objectives.flow_matching import (FlowMatchingConfig, add_noise, context_mask,
+from processes import torch_threads
+from geoforge.engine.models.dit import DiTConfig, VideoDiT
+from geoforge.engine.sampling import sample_clip
+from geoforge.engine.objectives.flow_matching import (FlowMatchingConfig, add_noise, context_mask,
                                              flow_matching_loss, loss_weight, sample_t, shift_t, velocity_target)
 
 
@@ -175,10 +176,8 @@ def test_determinism_under_a_generator_and_cond_passthrough():
 @pytest.fixture
 def one_thread():
     """Tiny-op training loops run ~10x faster on one thread when the 2 cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def test_tiny_dit_overfits_one_batch(one_thread):

@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from engine.config import ConfigError, load_recipe
-from engine.models.dit import DiTConfig, VideoDiT
-from engine.models.vggt import DinoVisionTransformer
-from engine.objectives.geometry_forcing import (GFConfig, DinoTermConfig, GeometryForcingHead, alignment_snapshot,
+from geoforge.engine.config import ConfigError, load_recipe
+from geoforge.engine.models.dit import DiTConfig, VideoDiT
+from geoforge.engine.models.vggt import DinoVisionTransformer
+from geoforge.engine.objectives.geometry_forcing import (GFConfig, DinoTermConfig, GeometryForcingHead, alignment_snapshot,
                                                 teacher_to_dit_grid)
-from engine.objectives.video_loss import VideoDiffusionLoss
-from engine.teacher.live import LiveTeacher, build_dino, dino_patch_features
-from engine.teacher.spec import DinoConfig, TeacherConfig, TeacherSource, teacher_size
+from geoforge.engine.objectives.video_loss import VideoDiffusionLoss
+from geoforge.engine.teacher.live import LiveTeacher, build_dino, dino_patch_features
+from geoforge.engine.teacher.spec import DinoConfig, TeacherConfig, TeacherSource, teacher_size
 
 TINY_VGGT = {"aggregator": {"img_size": 56, "patch_size": 14, "embed_dim": 32, "depth": 2, "num_heads": 2,
                             "patch_embed": "conv"}}
@@ -169,7 +169,7 @@ def test_losses_recomputed_independently_from_saved_features(tmp_path, shape, tp
 
 
 def _objective():
-    from engine.objectives.flow_matching import FlowMatchingConfig
+    from geoforge.engine.objectives.flow_matching import FlowMatchingConfig
 
     return FlowMatchingConfig()
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from engine.objectives.gf_released import ReleasedAlignment, released_target
+from geoforge.engine.objectives.gf_released import ReleasedAlignment, released_target
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "uvit3d" / "gf_released.safetensors"
 
@@ -32,8 +32,8 @@ def test_released_alignment_matches_the_official_loss():
 def test_as_released_config_keys_and_cache_refusal():
     import pytest
 
-    from engine.config import ConfigError, load_recipe
-    from engine.teacher.builder import build_teacher
+    from geoforge.engine.config import ConfigError, load_recipe
+    from geoforge.engine.teacher.builder import build_teacher
     r = load_recipe("uvit3d_tiny", ["gf.alignment_form=as_released"])
     teacher = build_teacher(r.teacher, released_size=r.gf.released_size)   # the released target, one key
     assert teacher.dims == {"vggt_released": len(r.teacher.layers)}

@@ -7,10 +7,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from engine.models.dit import DiTConfig, VideoDiT
-from engine.objectives.flow_matching import FlowMatchingConfig, flow_matching_loss, loss_weight
-from engine.objectives.prediction import VelocityModel, velocity_from_output, velocity_model
-from engine.sampling import GUIDANCE_NAMES, Guidance, SamplerConfig, generate
+from geoforge.engine.models.dit import DiTConfig, VideoDiT
+from geoforge.engine.objectives.flow_matching import FlowMatchingConfig, flow_matching_loss, loss_weight
+from geoforge.engine.objectives.prediction import VelocityModel, velocity_from_output, velocity_model
+from geoforge.engine.sampling import GUIDANCE_NAMES, Guidance, SamplerConfig, generate
 
 X0 = FlowMatchingConfig(prediction="x0")
 
@@ -107,7 +107,7 @@ def test_every_sampler_and_guidance_scheme_lands_on_the_x0_oracle(name, method):
 
 
 def test_dit_policy_dpo_error_uses_the_x0_conversion():
-    from engine.videogpa.policy import DiTPolicy
+    from geoforge.engine.videogpa.policy import DiTPolicy
 
     torch.manual_seed(0)
     dit = VideoDiT(DiTConfig(hidden_dim=32, depth=1, num_heads=2, patch_size=4))

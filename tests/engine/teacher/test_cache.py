@@ -10,15 +10,15 @@ import re
 import pytest
 import torch
 
-from engine.config import load_recipe
-from engine.data.builder import build_loader
-from engine.distributed import World
-from engine.models.dit import VideoDiT
-from engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
-from engine.teacher.builder import build_teacher
-from engine.teacher.cache import build_cache, main
-from engine.teacher.live import LiveTeacher
-from engine.teacher.reader import MANIFEST, TeacherCache, TeacherCacheError
+from geoforge.engine.config import load_recipe
+from geoforge.engine.data.builder import build_loader
+from geoforge.engine.distributed import World
+from geoforge.engine.models.dit import VideoDiT
+from geoforge.engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
+from geoforge.engine.teacher.builder import build_teacher
+from geoforge.engine.teacher.cache import build_cache, main
+from geoforge.engine.teacher.live import LiveTeacher
+from geoforge.engine.teacher.reader import MANIFEST, TeacherCache, TeacherCacheError
 
 TINY = ["model.hidden_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=8",
         "data.resolution=32", "data.frames=4", "data.synthetic_clips=8", "data.synthetic_frames=6",
@@ -149,7 +149,7 @@ def test_minecraft_clips_are_cached_and_served(tmp_path):
     """gf_minecraft's data (DFoT's Minecraft layout, here synthetic): the cache lists its clips, holds the
     windows its pipeline draws, serves them with the live teacher's features, and is refused once the clip
     set changes."""
-    from engine.data.minecraft import write_minecraft_clips
+    from geoforge.engine.data.minecraft import write_minecraft_clips
 
     write_minecraft_clips(tmp_path / "mc" / "training", clips=4, frames=10, resolution=32, seed=0)
     overrides = [*TINY, "data.kind=minecraft", f"data.root={tmp_path / 'mc'}", "data.frame_skip=2",
@@ -204,7 +204,7 @@ def test_fixed_windows_one_epoch_cache_serves_every_epoch(setup, tmp_path):
 
 
 def test_fixed_windows_in_minecraft_clips(tmp_path):
-    from engine.data.minecraft import MinecraftClips, write_minecraft_clips
+    from geoforge.engine.data.minecraft import MinecraftClips, write_minecraft_clips
 
     write_minecraft_clips(tmp_path / "training", clips=3, frames=12, resolution=16, seed=0)
 

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import load_recipe
-from engine.data.re10k import pixel_intrinsics, relative_extrinsics
-from engine.data.synthetic import render_clip
-from engine.teacher.builder import build_teacher
-from engine.teacher.oracle import SCENE_SCALE, OracleTeacher, geometry_features, oracle_channels
+from geoforge.engine.config import load_recipe
+from geoforge.engine.data.re10k import pixel_intrinsics, relative_extrinsics
+from geoforge.engine.data.synthetic import render_clip
+from geoforge.engine.teacher.builder import build_teacher
+from geoforge.engine.teacher.oracle import SCENE_SCALE, OracleTeacher, geometry_features, oracle_channels
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,11 @@ import sys
 import torch
 import torch.distributed as dist
 
-from engine.config import load_recipe
-from engine.models.sequence_parallel import SequenceParallel, set_sequence_parallel
-from engine.videogpa.config import PolicyConfig
-from engine.videogpa.policy import Condition, build_policy
-from engine.videogpa.train_dpo import build_dpo_module, pair_noise
+from geoforge.engine.config import load_recipe
+from geoforge.engine.models.sequence_parallel import SequenceParallel, set_sequence_parallel
+from geoforge.engine.videogpa.config import PolicyConfig
+from geoforge.engine.videogpa.policy import Condition, build_policy
+from geoforge.engine.videogpa.train_dpo import build_dpo_module, pair_noise
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.data.re10k import pixel_intrinsics
-from engine.data.synthetic import render_clip
-from engine.data.video_io import encode_video
-from engine.videogpa.score import (ConsistencyScorer, build_lpips, crop_resize, main, motion_measure,
+from geoforge.engine.data.re10k import pixel_intrinsics
+from geoforge.engine.data.synthetic import render_clip
+from geoforge.engine.data.video_io import encode_video
+from geoforge.engine.videogpa.score import (ConsistencyScorer, build_lpips, crop_resize, main, motion_measure,
                                    sample_indices)
-from engine.videogpa.teacher import FixedGeometryTeacher, Geometry, VGGTTeacher
+from geoforge.engine.videogpa.teacher import FixedGeometryTeacher, Geometry, VGGTTeacher
 
 R = 56
 TINY_VGGT = {

@@ -9,10 +9,10 @@ import torch
 
 pytest.importorskip("diffusers", reason="the diffusers policies are an optional extra (pip install diffusers)")
 
-from engine.config import load_recipe  # noqa: E402
-from engine.videogpa.config import LoraConfig, PolicyConfig  # noqa: E402
-from engine.videogpa.lora import add_lora, load_adapter, save_adapter  # noqa: E402
-from engine.videogpa.policy import Condition, build_policy  # noqa: E402
+from geoforge.engine.config import load_recipe  # noqa: E402
+from geoforge.engine.videogpa.config import LoraConfig, PolicyConfig  # noqa: E402
+from geoforge.engine.videogpa.lora import add_lora, load_adapter, save_adapter  # noqa: E402
+from geoforge.engine.videogpa.policy import Condition, build_policy  # noqa: E402
 
 TINY = {
     "cogvideox_i2v": {

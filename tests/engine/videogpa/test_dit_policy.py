@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.config import load_recipe
-from engine.objectives.dpo import per_sample_error
-from engine.videogpa.policy import Condition, build_dit_policy, load_dit_weights
+from geoforge.engine.config import load_recipe
+from geoforge.engine.objectives.dpo import per_sample_error
+from geoforge.engine.videogpa.policy import Condition, build_dit_policy, load_dit_weights
 
 T, R = 4, 32
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from engine.videogpa import train_dpo
-from engine.videogpa.train_dpo import eval_share, implicit_accuracy
+from geoforge.engine.videogpa import train_dpo
+from geoforge.engine.videogpa.train_dpo import eval_share, implicit_accuracy
 
 
 @pytest.mark.parametrize("pairs", [0, 1, 3, 8, 9, 17])

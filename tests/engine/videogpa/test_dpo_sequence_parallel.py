@@ -21,16 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, load_recipe
+from processes import subprocess_env
+from geoforge.engine.config import ConfigError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.slow
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
-    env.pop("TRITON_INTERPRET", None)
-    return env
 
 
 CASES = [{"name": "dit", "kind": "dit"}, {"name": "wan", "kind": "wan_ti2v"},
@@ -46,7 +41,7 @@ def test_sharded_dpo_errors_and_gradients_equal_whole_clip():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(35500 + os.getpid() % 1000), "tests/engine/videogpa/sp_dpo_worker.py",
            json.dumps(CASES)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     results = json.loads(next(line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")))
     assert sorted(results) == sorted(c["name"] for c in CASES)
@@ -74,7 +69,7 @@ def _dpo_run(launcher: str, run_dir: Path, overrides: list[str], prepare=None
     cmd = ([sys.executable, *args] if launcher == "python" else
            [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
             "--master_port", str(36500 + os.getpid() % 1000), *args])
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     rows = {}
     if proc.returncode == 0:
         rows = {r["step"]: r for r in map(json.loads, (run_dir / "train" / "metrics.jsonl").read_text().splitlines())
@@ -112,10 +107,10 @@ def _prepare_pairs(run_dir: Path, pairs: int = 4, frames: int = 9, size: int = 3
     import torch
     from safetensors.torch import save_file
 
-    from engine.data.synthetic import render_clip
-    from engine.data.video_io import encode_video
-    from engine.videogpa.io import atomic_write_jsonl
-    from engine.videogpa.policy import Condition
+    from geoforge.engine.data.synthetic import render_clip
+    from geoforge.engine.data.video_io import encode_video
+    from geoforge.engine.videogpa.io import atomic_write_jsonl
+    from geoforge.engine.videogpa.policy import Condition
 
     rows, rng, g = [], np.random.default_rng(0), torch.Generator().manual_seed(0)
     for i in range(pairs):
@@ -189,9 +184,9 @@ def test_diffusers_policy_checked_when_built(kind, geometry, transformer, messag
     pytest.importorskip("diffusers")
     from test_diffusers_policies import TINY
 
-    from engine.videogpa.config import PolicyConfig
-    from engine.videogpa.policy import build_policy
-    from engine.videogpa.policy_base import check_sequence_parallel
+    from geoforge.engine.videogpa.config import PolicyConfig
+    from geoforge.engine.videogpa.policy import build_policy
+    from geoforge.engine.videogpa.policy_base import check_sequence_parallel
 
     recipe = load_recipe("videogpa_tiny", geometry)
     tiny = {**TINY[kind], "transformer": {**TINY[kind]["transformer"], **transformer}}

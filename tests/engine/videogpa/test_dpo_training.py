@@ -5,7 +5,6 @@ final adapter loads with peft into a fresh policy."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,13 +14,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.config import load_recipe
-from engine.data.re10k import pixel_intrinsics, relative_extrinsics
-from engine.data.synthetic import render_clip
-from engine.data.video_io import encode_video
-from engine.videogpa.io import atomic_write_jsonl
-from engine.videogpa.lora import load_adapter
-from engine.videogpa.policy import Condition, build_dit_policy
+from processes import subprocess_env
+from geoforge.engine.config import load_recipe
+from geoforge.engine.data.re10k import pixel_intrinsics, relative_extrinsics
+from geoforge.engine.data.synthetic import render_clip
+from geoforge.engine.data.video_io import encode_video
+from geoforge.engine.videogpa.io import atomic_write_jsonl
+from geoforge.engine.videogpa.lora import load_adapter
+from geoforge.engine.videogpa.policy import Condition, build_dit_policy
 
 ROOT = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.slow
@@ -61,8 +61,7 @@ def test_dpo_raises_implicit_accuracy_on_training_pairs(tmp_path):
     cmd = [sys.executable, "engine/train.py", "--recipe", "videogpa_tiny", "--run-dir", str(run_dir), "--stage", "train"]
     for o in OVERRIDES:
         cmd += ["--set", o]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
-    env.pop("TRITON_INTERPRET", None)
+    env = subprocess_env()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 

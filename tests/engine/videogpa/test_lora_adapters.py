@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.config import load_recipe
-from engine.videogpa.lora import adapters_disabled, load_adapter, parameter_bytes, save_adapter
-from engine.videogpa.policy import Condition, build_dit_policy, build_policy
-from engine.videogpa.train_dpo import build_dpo_module
+from geoforge.engine.config import load_recipe
+from geoforge.engine.videogpa.lora import adapters_disabled, load_adapter, parameter_bytes, save_adapter
+from geoforge.engine.videogpa.policy import Condition, build_dit_policy, build_policy
+from geoforge.engine.videogpa.train_dpo import build_dpo_module
 
 T, R = 4, 32
 

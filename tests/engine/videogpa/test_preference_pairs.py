@@ -1,7 +1,7 @@
 """Preference pairs: winner = lowest score, loser = highest, min gap, static videos dropped, 98/2 split."""
 import pytest
 
-from engine.videogpa.pairs import make_pairs
+from geoforge.engine.videogpa.pairs import make_pairs
 
 
 def rows_for(key, scores, motions=None):

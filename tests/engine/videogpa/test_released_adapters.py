@@ -19,11 +19,11 @@ from safetensors.torch import save_file
 
 pytest.importorskip("diffusers", reason="the diffusers policies are an optional extra (pip install diffusers)")
 
-from engine.config import ConfigError, load_recipe  # noqa: E402
-from engine.videogpa.config import PolicyConfig  # noqa: E402
-from engine.videogpa.lora import adapters_disabled, save_adapter  # noqa: E402
-from engine.videogpa.policy import Condition, build_policy  # noqa: E402
-from engine.videogpa.train_dpo import build_dpo_module  # noqa: E402
+from geoforge.engine.config import ConfigError, load_recipe  # noqa: E402
+from geoforge.engine.videogpa.config import PolicyConfig  # noqa: E402
+from geoforge.engine.videogpa.lora import adapters_disabled, save_adapter  # noqa: E402
+from geoforge.engine.videogpa.policy import Condition, build_policy  # noqa: E402
+from geoforge.engine.videogpa.train_dpo import build_dpo_module  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_diffusers_policies import TINY as ONE_LAYER  # noqa: E402
@@ -200,7 +200,7 @@ def test_missing_alpha_and_recipe_keys(tmp_path):
 
 
 def test_hub_reference_goes_through_engine_weights(tmp_path, monkeypatch):
-    import engine.videogpa.adapters as adapters
+    import geoforge.engine.videogpa.adapters as adapters
 
     lora = release_tensors("cogvideox_i2v")
     folder = write_release(tmp_path / "repo" / "VideoGPA-I2V-lora", "cogvideox_i2v", lora)

@@ -1,7 +1,7 @@
 """The ``videogpa`` recipe section: the two recipes load with their settings, bad values fail naming the key."""
 import pytest
 
-from engine.config import ConfigError, load_recipe
+from geoforge.engine.config import ConfigError, load_recipe
 
 
 def test_paper_recipe_settings():

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.slow
@@ -24,12 +25,6 @@ SMALL = [f"videogpa.inputs.count={INPUTS}", f"videogpa.generate.candidates={CAND
          "logging.checkpoint_every=2", "videogpa.dpo.eval_pairs=4", "backend=reference"]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
-    env.pop("TRITON_INTERPRET", None)
-    return env
-
-
 def _command(run_dir: Path, data_root: Path, extra: list[str]) -> list[str]:
     args = [sys.executable, "engine/train.py", "--recipe", "videogpa_tiny", "--run-dir", str(run_dir)]
     for o in [*SMALL, f"data.root={data_root}"]:
@@ -38,7 +33,7 @@ def _command(run_dir: Path, data_root: Path, extra: list[str]) -> list[str]:
 
 
 def _run(run_dir: Path, data_root: Path, extra: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run(_command(run_dir, data_root, extra), cwd=ROOT, env=_env(), capture_output=True,
+    proc = subprocess.run(_command(run_dir, data_root, extra), cwd=ROOT, env=subprocess_env(), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
@@ -56,7 +51,7 @@ def test_kill_during_score_and_resume(tmp_path):
     second = tmp_path / "killed"
     shutil.copytree(first / "candidates", second / "candidates")
     partial = second / "scores.partial.rank0.jsonl"
-    proc = subprocess.Popen(_command(second, data_root, ["--stage", "score"]), cwd=ROOT, env=_env(),
+    proc = subprocess.Popen(_command(second, data_root, ["--stage", "score"]), cwd=ROOT, env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 300

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.models.uvit3d.checkpoint import load_backbone_weights, main as weights_cli
-from engine.weights import save_safetensors
-from engine.models.uvit3d import UViT3D, UViT3DConfig
+from geoforge.engine.models.uvit3d.checkpoint import load_backbone_weights, main as weights_cli
+from geoforge.engine.weights import save_safetensors
+from geoforge.engine.models.uvit3d import UViT3D, UViT3DConfig
 
 SMALL = UViT3DConfig(channels=[32, 32, 16, 32], emb_channels=32, num_updown_blocks=[1, 1, 2], num_mid_blocks=1,
                      num_heads=1, resolution=32, max_frames=2)

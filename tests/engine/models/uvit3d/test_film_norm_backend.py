@@ -14,10 +14,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from engine.models.arch import ModelConfig, build_model
-from engine.models.uvit3d import UViT3D, UViT3DConfig
-from engine.models.uvit3d.blocks import FiLMRMSNorm, TransformerBlock
-from kernels import _backend
+from geoforge.engine.models.arch import ModelConfig, build_model
+from geoforge.engine.models.uvit3d import UViT3D, UViT3DConfig
+from geoforge.engine.models.uvit3d.blocks import FiLMRMSNorm, TransformerBlock
+from geoforge.kernels import _backend
 
 SMALL = UViT3DConfig(channels=[32, 32, 16, 32], emb_channels=32, num_updown_blocks=[1, 1, 2], num_mid_blocks=1,
                      num_heads=1, resolution=32, max_frames=2)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.models.uvit3d import UViT3D, UViT3DConfig, ray_condition
+from geoforge.engine.models.uvit3d import UViT3D, UViT3DConfig, ray_condition
 
 DATA = Path(__file__).resolve().parents[3] / "data" / "uvit3d"
 TOL = {torch.float32: 1e-4, torch.float64: 2e-5}

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.models.checkpointing import enable_activation_checkpointing
-from engine.models.uvit3d import RE10K, UViT3D, UViT3DConfig, num_params
+from geoforge.engine.models.checkpointing import enable_activation_checkpointing
+from geoforge.engine.models.uvit3d import RE10K, UViT3D, UViT3DConfig, num_params
 
 DATA = Path(__file__).resolve().parents[3] / "data" / "uvit3d"
 SMALL = UViT3DConfig(channels=[32, 32, 16, 32], emb_channels=32, num_updown_blocks=[1, 1, 2], num_mid_blocks=1,
@@ -91,7 +91,7 @@ def test_activation_checkpointing_and_folding_give_the_same_gradients():
 
 def test_features_cameras_and_intrinsics_form_agree():
     """``intrinsics`` / ``extrinsics`` in GeoForge's pixel convention give the same rays as the raw poses."""
-    from engine.models.uvit3d import poses16_from_cameras
+    from geoforge.engine.models.uvit3d import poses16_from_cameras
     x, noise, poses = _inputs(batch=1)
     model = _randomized(SMALL).eval()
     k = torch.zeros(1, 2, 3, 3)

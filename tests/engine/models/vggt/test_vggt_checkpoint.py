@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.models.vggt import VGGT
+from geoforge.engine.models.vggt import VGGT
 
 CFG = {"aggregator": dict(img_size=28, patch_size=14, embed_dim=16, depth=2, num_heads=2, patch_embed="conv"),
        "camera_head": dict(trunk_depth=1, num_heads=2),

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from engine.models.vggt import (closed_form_inverse_se3, extri_intri_to_pose_encoding, mat_to_quat,
+from geoforge.engine.models.vggt import (closed_form_inverse_se3, extri_intri_to_pose_encoding, mat_to_quat,
                                 pose_encoding_to_extri_intri, quat_to_mat, unproject_depth_map_to_point_map)
-from engine.models.vggt.geometry import unproject_depth_reference
-from kernels.reproject import unproject_depth
+from geoforge.engine.models.vggt.geometry import unproject_depth_reference
+from geoforge.kernels.reproject import unproject_depth
 
 
 def random_rotations(n, generator):

@@ -42,9 +42,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.models.vggt import (VGGT, Aggregator, DinoVisionTransformer, extri_intri_to_pose_encoding,
+from geoforge.engine.models.vggt import (VGGT, Aggregator, DinoVisionTransformer, extri_intri_to_pose_encoding,
                                 pose_encoding_to_extri_intri, unproject_depth_map_to_point_map)
-from engine.models.vggt.track_head import BaseTrackerPredictor
+from geoforge.engine.models.vggt.track_head import BaseTrackerPredictor
 
 DATA = Path(__file__).resolve().parents[3] / "data" / "vggt"
 # Tolerance: 1e-5 relative, plus 1e-5 of the tensor's largest magnitude absolute. The fixture's machine

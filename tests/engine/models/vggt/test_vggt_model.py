@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.models.vggt import VGGT, config_from_hub, resolve_config
-from engine.models.vggt.activations import activate_head, inverse_log_transform
-from engine.models.vggt.config import normalise_config
+from geoforge.engine.models.vggt import VGGT, config_from_hub, resolve_config
+from geoforge.engine.models.vggt.activations import activate_head, inverse_log_transform
+from geoforge.engine.models.vggt.config import normalise_config
 
 # Copy of shared/reference/vggt_1b_state_dict.tsv (official VGGT() at upstream commit 44b3afbd).
 REFERENCE = Path(__file__).resolve().parents[3] / "data" / "vggt" / "vggt_1b_state_dict.tsv"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.models.vggt import load_and_preprocess_images, preprocess_images, resize_for_vggt, vggt_size
+from geoforge.engine.models.vggt import load_and_preprocess_images, preprocess_images, resize_for_vggt, vggt_size
 
 Image = pytest.importorskip("PIL.Image")
 

@@ -4,7 +4,7 @@ without autograd (inference mode, fp32 on CPU, autocast when asked)."""
 import pytest
 import torch
 
-from engine.models.vggt import VGGT, patch_token_grid
+from geoforge.engine.models.vggt import VGGT, patch_token_grid
 
 
 def tiny(**aggregator):

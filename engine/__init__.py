@@ -1,1 +1,0 @@
-"""GeoForge engine: recipes, models, objectives, data, training loop, VideoGPA pipeline, evaluation."""
