@@ -65,6 +65,7 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> di
                      f"{attention_backend()} | fused kernels: {recipe.backend} | run dir: {run_dir}")
     trainer.resume(resume)
     summary = trainer.fit()
+    trainer.release()
     write_run_report(recipe, run_dir, world)   # report.md: loss curves, frame strips, PSNR/SSIM vs trivial baselines
     return summary
 

@@ -230,6 +230,16 @@ class Trainer:
         while its workers ignore SIGTERM (they must survive a preemption signal to the process group)."""
         self._batches = None
 
+    def release(self) -> None:
+        """Remove DeepSpeed's hooks (``DeepSpeedEngine.destroy``) so the engine, the model and the process groups
+        they hold can be freed: the hooks live on tensors and modules in C++, where Python's collector cannot
+        break the cycles through them, so without this they live until the interpreter exits (and a gloo
+        group's threads with them: ``engine.distributed.shutdown``). Enough under ZeRO 0-2; ZeRO-3 keeps more
+        references of its own (its ``zero.Init`` state in closures on the parameters), which ``shutdown``
+        outlasts. The trainer is unusable afterwards."""
+        self.close()
+        self.engine.destroy()
+
     def fit(self) -> dict[str, Any]:
         """Train from the current step to ``schedule.steps``; returns the run summary (``text`` + last values)."""
         steps, logging = self.recipe.schedule.steps, self.recipe.logging

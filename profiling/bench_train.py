@@ -417,5 +417,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(BrokenPipeError):
-        raise SystemExit(main())
+    from geoforge.engine.distributed import shutdown
+
+    code = 0
+    try:
+        with contextlib.suppress(BrokenPipeError):
+            code = main()
+    finally:
+        shutdown()   # the process group build_config started: no gloo thread outlives the interpreter
+    raise SystemExit(code)

@@ -60,6 +60,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from geoforge.engine.distributed import on_shutdown
+
 
 @dataclass(frozen=True)
 class SequenceParallel:
@@ -177,6 +179,15 @@ def heads_to_tokens(x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
 
 
 _attention_modules: dict[int, Any] = {}
+
+
+def _release_groups() -> None:
+    """engine.distributed.shutdown: the installed group and the attention modules built over it."""
+    _state["sp"] = None
+    _attention_modules.clear()
+
+
+on_shutdown(_release_groups)
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

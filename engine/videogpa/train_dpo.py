@@ -348,6 +348,7 @@ def _train(recipe, run_dir: Path, world, policy: VideoPolicy, dataset: PairSet, 
         "peak_memory_bytes": peak_memory_bytes(world.device), "train_seconds": train_seconds,
     }
     _save_final(run_dir, module, policy, world, recipe.distributed.zero_stage, vg.lora.enabled, summary)
+    trainer.release()
     if world.is_main:
         trainer.log.info(finish["text"])
         trainer.log.info(f"train: implicit accuracy on {int(after['pairs_evaluated'])} training pair draws "

@@ -15,6 +15,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from geoforge.engine.distributed import shutdown
 from geoforge.engine.models.checkpointing import enable_activation_checkpointing
 from geoforge.engine.models.sequence_parallel import SequenceParallel, ShardedFeatures, set_sequence_parallel
 from geoforge.engine.models.uvit3d import UViT3D, UViT3DConfig
@@ -98,7 +99,7 @@ def main() -> None:
         print("RESULT " + json.dumps({"part_err": part_err, "grad_err": grad_err, "worst": worst, "missing": missing,
                                       "parts": full_parts, "params": len(full_grads), "sharded": sharded}),
               flush=True)
-    dist.destroy_process_group()
+    shutdown()
 
 
 def dropout_check(module, run, rank: int, n: int) -> None:
@@ -119,7 +120,7 @@ def dropout_check(module, run, rank: int, n: int) -> None:
         print("RESULT " + json.dumps({"masks_differ": not torch.equal(both[0], both[1]), "replay": replay,
                                       "drop_fraction": float(masks[0].float().mean()), "ckpt_grad_err": grad_err}),
               flush=True)
-    dist.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":

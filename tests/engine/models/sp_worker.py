@@ -10,6 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from geoforge.engine.distributed import shutdown
 from geoforge.engine.models.checkpointing import enable_activation_checkpointing
 from geoforge.engine.models.dit import DiTConfig, VideoDiT
 from geoforge.engine.models.sequence_parallel import SequenceParallel, set_sequence_parallel
@@ -68,7 +69,7 @@ def main() -> None:
     if rank == 0:
         print("RESULT " + json.dumps({"part_err": part_err, "grad_err": grad_err, "worst": worst, "missing": missing,
                                       "parts": full_parts, "params": len(full_grads)}), flush=True)
-    dist.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":

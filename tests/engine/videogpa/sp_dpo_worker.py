@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from geoforge.engine.config import load_recipe
+from geoforge.engine.distributed import shutdown
 from geoforge.engine.models.sequence_parallel import SequenceParallel, set_sequence_parallel
 from geoforge.engine.videogpa.config import PolicyConfig
 from geoforge.engine.videogpa.policy import Condition, build_policy
@@ -120,7 +121,7 @@ def main() -> None:
                                  "missing": missing}
     if rank == 0:
         print("RESULT " + json.dumps(results), flush=True)
-    dist.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":
