@@ -117,11 +117,16 @@ class ScheduleConfig:
 
 @dataclass
 class DistributedConfig:
+    MOVED_KEYS = {"bf16": "distributed.precision (auto | bf16 | fp32; 'bf16: true' is 'precision: bf16')"}
+
     zero_stage: int = 0                   # DeepSpeed ZeRO stage 0-3
-    bf16: bool = False
+    # auto: bf16 mixed precision where the device computes bf16 natively (CUDA sm_80+, CPUs with AMX-BF16 or
+    # AVX512-BF16), else fp32 (engine/precision.py); bf16 / fp32: as given
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     grad_accum: int = 1                   # micro-batches per optimizer step
     activation_checkpointing: bool = False
     sequence_parallel: int = 1            # ranks that split each clip's tokens (DeepSpeed-Ulysses); DP = world / this
+    threads: int = 0                      # CPU intra-op threads per rank; 0: OMP_NUM_THREADS, else free cores / local ranks
 
     def validate(self) -> None:
         if self.sequence_parallel < 1:
@@ -130,6 +135,8 @@ class DistributedConfig:
             raise ConfigError(f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.grad_accum < 1:
             raise ConfigError(f"grad_accum: must be >= 1, got {self.grad_accum}")
+        if self.threads < 0:
+            raise ConfigError(f"threads: must be >= 0 (0: automatic), got {self.threads}")
 
 
 @dataclass

@@ -29,6 +29,7 @@ class World:
     size: int
     local_size: int
     device: torch.device
+    threads: str = ""   # how this process chose its intra-op threads (CPU; empty on CUDA), for the banner
 
     @property
     def is_main(self) -> bool:
@@ -49,8 +50,45 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return torch.device(name)
 
 
-def init_world(device: str = "auto", local_rank_arg: int | None = None) -> World:
-    """Initialise torch.distributed through DeepSpeed and return this process's place in the world."""
+def cpu_threads(requested: int, local_size: int, env: dict[str, str] | None = None,
+                cores: int | None = None, load: float | None = None) -> tuple[int, str]:
+    """Intra-op threads for one of ``local_size`` ranks on this machine, and why (for the banner).
+
+    ``requested`` > 0 (``distributed.threads``) wins, then ``OMP_NUM_THREADS``; otherwise the cores this process
+    may run on (its CPU affinity, capped by a cgroup CPU quota) that other processes are not already keeping busy
+    (the 1-minute load average), split over the local ranks. OpenMP threads on oversubscribed cores wait on each
+    other: two threads on a loaded 2-core machine ran a tiny step ~20x slower than one (~10 s instead of ~0.5 s);
+    one thread too few costs at most 2x. (A container may see its host's load average: the banner says what was
+    read, and the override.)"""
+    env = os.environ if env is None else env
+    if requested > 0:
+        return requested, f"{requested} (distributed.threads)"
+    if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
+        n = int(env["OMP_NUM_THREADS"])
+        return n, f"{n} (OMP_NUM_THREADS)"
+    cores = cores if cores is not None else _usable_cores()
+    load = load if load is not None else (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
+    free = max(1, min(cores, round(cores - load)))
+    n = max(1, free // local_size)
+    return n, (f"{n} per rank: {cores} core(s) allowed, load {load:.1f} from other processes, {local_size} local "
+               f"rank(s); set distributed.threads or OMP_NUM_THREADS to override")
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on: its affinity, capped by a cgroup v2 CPU quota (``cpu.max``)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def init_world(device: str = "auto", local_rank_arg: int | None = None, threads: int = 0) -> World:
+    """Initialise torch.distributed through DeepSpeed and return this process's place in the world. On the CPU,
+    set this process's intra-op threads (:func:`cpu_threads`; ``threads``: ``distributed.threads``)."""
     if "RANK" not in os.environ:   # plain `python engine/train.py`
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
@@ -63,11 +101,11 @@ def init_world(device: str = "auto", local_rank_arg: int | None = None) -> World
     use_cuda = resolve_device(device).type == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("recipe device: 'cuda' but no CUDA device is available")
+    how = ""
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        # Ranks sharing a CPU split its cores; oversubscription makes 2 ranks on 2 cores 4x slower.
-        if "OMP_NUM_THREADS" not in os.environ:   # an explicit setting wins
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+        n, how = cpu_threads(threads, local_size)   # ranks sharing a CPU split its free cores
+        torch.set_num_threads(n)
     import deepspeed
 
     if use_cuda:   # before the process group: NCCL binds each rank's communicator to the current device
@@ -78,17 +116,19 @@ def init_world(device: str = "auto", local_rank_arg: int | None = None) -> World
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
     return World(rank=dist.get_rank(), local_rank=local_rank, size=dist.get_world_size(),
-                 local_size=local_size, device=dev)
+                 local_size=local_size, device=dev, threads=how)
 
 
-def deepspeed_config(recipe) -> dict:
-    """The DeepSpeed config of a recipe (engine.config.Recipe): micro-batch, accumulation, clipping, ZeRO, bf16."""
+def deepspeed_config(recipe, bf16: bool = False) -> dict:
+    """The DeepSpeed config of a recipe (engine.config.Recipe): micro-batch, accumulation, clipping, ZeRO, and
+    ``bf16``: DeepSpeed's bf16 mode (bf16 weights and gradients, fp32 master weights), which the trainer asks
+    for on CUDA only (``engine.precision``: elsewhere bf16 runs as autocast over fp32 weights)."""
     return {
         "train_micro_batch_size_per_gpu": recipe.data.batch_size,
         "gradient_accumulation_steps": recipe.distributed.grad_accum,
         "gradient_clipping": recipe.optimizer.grad_clip,
         "zero_optimization": {"stage": recipe.distributed.zero_stage},
-        "bf16": {"enabled": recipe.distributed.bf16},
+        "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,

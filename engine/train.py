@@ -32,6 +32,7 @@ from geoforge.engine.distributed import World, broadcast_object, init_world, par
 from geoforge.engine.eval.run_report import write_run_report
 from geoforge.engine.models.attention import attention_backend, set_attention_backend
 from geoforge.engine.models.sequence_parallel import SequenceParallel, set_sequence_parallel
+from geoforge.engine.precision import resolve_precision, use_precision
 from geoforge.engine.preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption
 from geoforge.engine.run_dir import resolve_run_dir, write_resolved_recipe
 from geoforge.engine.run_lock import RunDirLocked, acquire_run_lock
@@ -59,10 +60,10 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> di
     trainer = Trainer(recipe, DiffusionTask(recipe, world, layout), run_dir, world)
     d = recipe.distributed
     trainer.log.info(f"GeoForge {recipe.name}: {world.size} rank(s) on {world.device.type} ({layout.describe()}) | "
-                     f"DeepSpeed "
-                     f"ZeRO-{d.zero_stage}{' bf16' if d.bf16 else ' fp32'} | "
+                     f"DeepSpeed ZeRO-{d.zero_stage} | {trainer.describe_precision()} | "
                      f"{trainer.trained_parameters / 1e6:.2f}M trained parameters | attention: "
-                     f"{attention_backend()} | fused kernels: {recipe.backend} | run dir: {run_dir}")
+                     f"{attention_backend()} | fused kernels: {recipe.backend}"
+                     f"{f' | threads: {world.threads}' if world.threads else ''} | run dir: {run_dir}")
     trainer.resume(resume)
     summary = trainer.fit()
     trainer.release()
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage and recipe.videogpa is None:
         print(f"error: --stage {args.stage}: recipe {recipe.name!r} has no videogpa section", file=sys.stderr)
         return 2
-    world = init_world(recipe.device, args.local_rank)
+    world = init_world(recipe.device, args.local_rank, recipe.distributed.threads)
     sp = recipe.distributed.sequence_parallel
     if world.size % sp:   # the one recipe check that needs the world size
         if world.is_main:
@@ -91,35 +92,37 @@ def main(argv: list[str] | None = None) -> int:
     lock = None
     preempt = Preemption().install()   # SIGTERM / SIGUSR1: finish the step, checkpoint, exit 75
     try:
-        set_attention_backend(recipe.attention)
-        run_dir = broadcast_object(resolve_run_dir(recipe, args.run_dir, args.resume) if world.is_main else None)
-        try:   # one writer per run directory (engine/run_lock.py); released in `finally`
-            lock = acquire_run_lock(run_dir, world)
-        except RunDirLocked as err:
+        # every network of this process runs in the recipe's precision (engine/precision.py)
+        with use_precision(resolve_precision(recipe.distributed.precision, world.device)):
+            set_attention_backend(recipe.attention)
+            run_dir = broadcast_object(resolve_run_dir(recipe, args.run_dir, args.resume) if world.is_main else None)
+            try:   # one writer per run directory (engine/run_lock.py); released in `finally`
+                lock = acquire_run_lock(run_dir, world)
+            except RunDirLocked as err:
+                if world.is_main:
+                    print(f"error: {err}", file=sys.stderr)
+                return 1
             if world.is_main:
-                print(f"error: {err}", file=sys.stderr)
-            return 1
-        if world.is_main:
-            write_resolved_recipe(recipe, run_dir)
-        try:
-            if recipe.videogpa is not None:   # VideoGPA post-training: generate -> score -> pairs -> train (DPO)
-                from geoforge.engine.videogpa.pipeline import run_pipeline
+                write_resolved_recipe(recipe, run_dir)
+            try:
+                if recipe.videogpa is not None:   # VideoGPA post-training: generate -> score -> pairs -> train (DPO)
+                    from geoforge.engine.videogpa.pipeline import run_pipeline
 
-                summary = run_pipeline(recipe, run_dir, world, stage=args.stage)
-            else:
-                summary = train(recipe, run_dir, args.resume, world)
-        except ConfigError as err:   # a check that needs the built model (a VideoGPA policy's heads / tokens)
-            if world.is_main:
+                    summary = run_pipeline(recipe, run_dir, world, stage=args.stage)
+                else:
+                    summary = train(recipe, run_dir, args.resume, world)
+            except ConfigError as err:   # a check that needs the built model (a VideoGPA policy's heads / tokens)
+                if world.is_main:
+                    print(f"error: {err}", file=sys.stderr)
+                return 2
+            except (NonFiniteLossError, CheckpointError, CheckpointWriteError) as err:
                 print(f"error: {err}", file=sys.stderr)
-            return 2
-        except (NonFiniteLossError, CheckpointError, CheckpointWriteError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        except Preempted as err:   # every rank: the checkpoint is complete
-            print(f"rank {world.rank}: {err}", file=sys.stderr, flush=True)
-            return PREEMPTED_EXIT_CODE
-        if world.is_main:
-            print(summary["text"])
+                return 1
+            except Preempted as err:   # every rank: the checkpoint is complete
+                print(f"rank {world.rank}: {err}", file=sys.stderr, flush=True)
+                return PREEMPTED_EXIT_CODE
+            if world.is_main:
+                print(summary["text"])
     finally:
         if lock is not None:
             lock.release()

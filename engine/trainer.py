@@ -7,8 +7,10 @@ step (validation, sample videos). The :class:`Trainer` owns *how*, once for ever
 
 - **build**: a client ``torch.optim.AdamW`` over the trainable parameters, the recipe's warm-up +
   constant / cosine schedule, and ``deepspeed.initialize`` (the only call in the code base) with the
-  recipe's ZeRO stage, precision, gradient accumulation and clipping; activation checkpointing of the
+  recipe's ZeRO stage, gradient accumulation and clipping; activation checkpointing of the
   task's blocks (``distributed.activation_checkpointing``) is applied here, from outside the model;
+- **precision**: the process's (``engine.precision``, installed by the entry point): under bf16 the forward
+  runs under autocast over fp32 weights, optimizer state and EMA - on CUDA, DeepSpeed's bf16 mode instead;
 - **train_step**: ``grad_accum`` micro-batches through ``engine(...)``, ``backward``, ``step``; the
   sharded EMA after the optimizer step; loss parts averaged over micro-batches and ranks;
 - **one non-finite policy**: a micro-batch whose loss is not finite on any rank is dropped on every rank
@@ -46,6 +48,7 @@ from geoforge.engine.distributed import World, any_rank, deepspeed_config, mean_
 from geoforge.engine.ema import ShardedEMA
 from geoforge.engine.models.attention import attention_report
 from geoforge.engine.models.checkpointing import enable_activation_checkpointing
+from geoforge.engine.precision import FP32, autocast, current_precision
 from geoforge.engine.run_dir import RunLog
 
 
@@ -107,6 +110,9 @@ class Trainer:
         self.recipe, self.task, self.world = recipe, task, world
         self.run_dir = Path(run_dir)
         self.timer = timer or _NoTimer()
+        self.precision = current_precision()
+        # bf16 on CUDA is DeepSpeed's bf16 mode (engine.precision says why); elsewhere autocast around the forward
+        self.deepspeed_bf16 = self.precision.bf16 and world.device.type == "cuda"
         self.engine = self._build()
         self.ema = (ShardedEMA(self.engine.module, recipe.ema.decay, world.rank, world.size, recipe.ema.warmup)
                     if task.use_ema and recipe.ema.enabled else None)
@@ -129,8 +135,15 @@ class Trainer:
         optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay, eps=opt.eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.recipe.schedule.lr_factor)
         engine, _, _, _ = deepspeed.initialize(model=self.task.module, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=deepspeed_config(self.recipe), dist_init_required=False)
+                                               config=deepspeed_config(self.recipe, self.deepspeed_bf16),
+                                               dist_init_required=False)
         return engine
+
+    def describe_precision(self) -> str:
+        """The banner's words: which precision trains, how, and why."""
+        how = ("DeepSpeed bf16 mode" if self.deepspeed_bf16 else "autocast over fp32 weights") if self.precision.bf16 \
+            else "fp32"
+        return f"precision {self.precision.name} ({how}; {self.precision.reason})"
 
     @property
     def trained_parameters(self) -> int:
@@ -187,7 +200,8 @@ class Trainer:
             batch = self._next_micro_batch()
             for k, v in batch.counts.items():
                 counts[k] += v
-            out = self.engine(*batch.args)
+            with autocast(self.world.device, FP32 if self.deepspeed_bf16 else self.precision):
+                out = self.engine(*batch.args)
             self.timer.mark("forward")
             if any_rank(not torch.isfinite(out["loss"]).item()):
                 self._skip_nonfinite()

@@ -565,15 +565,16 @@ def _common_factor(g_ang: torch.Tensor, g_scale: torch.Tensor, weights: tuple[fl
 
 
 class _FusedAlignment(torch.autograd.Function):
-    """Inputs (x, y, ops, loss_weights, chunk, *params) -> (angular, scale); gradients made in forward."""
+    """Inputs (x, y, ops, loss_weights, chunk, out_dtype, *params) -> (angular, scale) in ``out_dtype``; gradients
+    made in forward."""
 
     @staticmethod
-    def forward(ctx, x, y, ops, weights, chunk, *params):
-        need = (ctx.needs_input_grad[0], *ctx.needs_input_grad[5:])
+    def forward(ctx, x, y, ops, weights, chunk, out_dtype, *params):
+        need = (ctx.needs_input_grad[0], *ctx.needs_input_grad[6:])
         angular, scale, grads = _fused_pass(x, y, params, ops, *weights, chunk, need)
         ctx.save_for_backward(x, y, *params)
         ctx.ops, ctx.weights, ctx.chunk, ctx.need, ctx.grads = ops, weights, chunk, need, grads
-        return angular.to(x.dtype), scale.to(x.dtype)
+        return angular.to(out_dtype), scale.to(out_dtype)
 
     @staticmethod
     @once_differentiable
@@ -588,7 +589,7 @@ class _FusedAlignment(torch.autograd.Function):
                 if g is not None:
                     g.mul_(factor)
         grads = [None if g is None else g.to(ref.dtype) for g, ref in zip(grads, (x, *params))]
-        return grads[0], None, None, None, None, *grads[1:]
+        return grads[0], None, None, None, None, None, *grads[1:]
 
 
 # ----------------------------------------------------------------------------- module
@@ -623,7 +624,12 @@ class GeometryAlignment(nn.Module):
         return [t for layer in (*self.projector[::2], *self.scale_head[::2]) for t in (layer.weight, layer.bias)]
 
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{"angular", "scale"}: 0-dim losses in ``x``'s dtype; ``target`` is cast to it and detached."""
+        """{"angular", "scale"}: 0-dim losses in ``x``'s dtype; ``target`` is cast to it and detached.
+
+        Under autocast (bf16 mixed precision) the fused paths take x, the target and the parameters in the
+        autocast dtype - the matmuls run in bf16, the tail and the weight gradients' accumulation in float32, the
+        gradients flow back to the float32 parameters through the casts - and return float32 losses, as
+        autocast's own losses are; the reference runs under autocast as any module does."""
         in_dim, target_dim = self.projector[0].in_features, self.projector[-1].out_features
         if x.dim() != 2 or x.shape[1] != in_dim:
             raise ValueError(f"GeometryAlignment: x must be [N, {in_dim}], got {tuple(x.shape)}")
@@ -636,17 +642,22 @@ class GeometryAlignment(nn.Module):
         backend = _backend.resolve("align", self.backend, x.device)
         if backend == "reference":
             return alignment_losses_reference(x, target, self.projector, self.scale_head)
-        _refuse_fp16("GeometryAlignment", x.dtype, backend)
+        out_dtype = x.dtype
         params = self._params()
+        if torch.is_autocast_enabled(x.device.type):   # the fused paths' ops are not autocast's: cast once here
+            low = torch.get_autocast_dtype(x.device.type)
+            x, target, params, out_dtype = x.to(low), target.to(low), [p.to(low) for p in params], torch.float32
+        _refuse_fp16("GeometryAlignment", x.dtype, backend)
         if any(p.dtype != x.dtype or p.device != x.device for p in params):
             raise ValueError(f"GeometryAlignment: parameters must match x ({x.dtype}, {x.device}) on the "
                              f"{backend} backend")
         ops = tail_ops(backend)
         chunk = self.chunk_size or DEFAULT_CHUNK.get(x.device.type, DEFAULT_CHUNK["cuda"])
         x, target = x.contiguous(), target.contiguous()
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-            angular, scale = _FusedAlignment.apply(x, target, ops, self.loss_weights, chunk, *params)
-        else:
-            angular, scale, _ = _fused_pass(x, target, params, ops, *self.loss_weights, chunk, (False,) * 11)
-            angular, scale = angular.to(x.dtype), scale.to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+                angular, scale = _FusedAlignment.apply(x, target, ops, self.loss_weights, chunk, out_dtype, *params)
+            else:
+                angular, scale, _ = _fused_pass(x, target, params, ops, *self.loss_weights, chunk, (False,) * 11)
+                angular, scale = angular.to(out_dtype), scale.to(out_dtype)
         return {"angular": angular, "scale": scale}

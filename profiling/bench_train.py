@@ -2,6 +2,7 @@
 
     python profiling/bench_train.py --recipe gf_tiny                  # one configuration, phase table
     python profiling/bench_train.py --recipe gf_tiny --compare        # baseline vs GF live vs GF cache
+    python profiling/bench_train.py --recipe gf_tiny --precisions fp32,auto   # the same step in each precision
     python profiling/bench_train.py --recipe gf_re10k --model --gpus 8 --gpu h100   # FLOPs / memory model
     python profiling/bench_train.py --recipe gf_re10k_paper --model   # the same for the U-ViT3D, counted on the module
     python profiling/bench_train.py --curves RUN_GF RUN_BASE          # loss curves of two runs -> PNG
@@ -28,6 +29,10 @@ live, cache, baseline, ...) so that load from other processes hits all three ali
 (p50) of each phase over the timed steps, and overhead = p50(step) / p50(baseline step) - 1. Peak memory:
 CUDA ``max_memory_allocated`` during a step; CPU: the torch profiler's c10 allocator peak of one extra,
 untimed step (``profiling/_harness.cpu_peak_bytes``). Rows are appended to ``profiling/results/train.csv``.
+
+**--precisions fp32,auto** builds the recipe once per ``distributed.precision`` value (same initial weights,
+``engine.precision`` installed around each config's steps) and interleaves their steps the same way; the
+speed-up of each over the first is the median over rounds of the first's step time / its own.
 
 **--model** is analytic (no run; ``profiling/train_model.py``): FLOPs per optimizer step and GPU, the step time at an assumed model
 FLOP utilisation, and the memory per GPU, with every assumption printed (see :func:`flops_model`); then a
@@ -61,6 +66,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from geoforge.engine.config import Recipe, load_recipe  # noqa: E402
+from geoforge.engine.precision import resolve_precision, use_precision  # noqa: E402
 from profiling.train_model import GPUS, print_model  # noqa: E402
 
 PHASES = ("data", "teacher", "dit_fwd", "align", "backward", "optimizer")
@@ -96,6 +102,7 @@ class Config:
     trainer: Any
     timer: PhaseTimer
     device: torch.device
+    precision: Any = None   # engine.precision.Precision installed around this config's steps
     times: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in (*PHASES, "step")})
     peak_bytes: int | None = None
 
@@ -118,12 +125,14 @@ def build_config(name: str, recipe: Recipe, device: torch.device) -> Config:
     from geoforge.engine.trainer import Trainer
 
     world = _world(device)
+    precision = resolve_precision(recipe.distributed.precision, device)
+    use_precision(precision)   # the task's teacher and the trainer read it (engine/train.py installs it likewise)
     timer = PhaseTimer(device)
     task = DiffusionTask(recipe, world)
     if task.module.gf is not None:   # end of the DiT forward = start of the GF head's forward
         task.module.gf.register_forward_pre_hook(lambda module, args: timer.mark("dit_fwd"))
     run_dir = Path(tempfile.mkdtemp(prefix=f"geoforge-bench-{name}-"))
-    return Config(name, recipe, Trainer(recipe, task, run_dir, world, timer=timer), timer, device)
+    return Config(name, recipe, Trainer(recipe, task, run_dir, world, timer=timer), timer, device, precision)
 
 
 def _sync(device: torch.device) -> None:
@@ -133,6 +142,7 @@ def _sync(device: torch.device) -> None:
 
 def run_step(cfg: Config, record: bool = True) -> dict[str, float]:
     """One ``Trainer.train_step`` of ``cfg``; returns (and records) seconds per phase."""
+    use_precision(cfg.precision)
     cfg.timer.start()
     began = time.perf_counter()
     cfg.trainer.train_step()
@@ -279,6 +289,32 @@ def compare(recipe_arg: str, overrides: list[str], warmup: int, steps: int, cach
     return configs
 
 
+def compare_precisions(recipe_arg: str, overrides: list[str], precisions: list[str], warmup: int, steps: int,
+                       csv_path: Path | None) -> list[Config]:
+    """The recipe's step in each ``distributed.precision`` (same initial weights), steps interleaved."""
+    device = _device(load_recipe(recipe_arg, overrides))
+    configs = []
+    for p in precisions:
+        recipe = load_recipe(recipe_arg, [*overrides, f"distributed.precision={p}"])
+        configs.append(build_config(p, recipe, device))
+    for _ in range(warmup):
+        for c in configs:
+            run_step(c, record=False)
+    for i in range(steps):
+        for c in configs:
+            phases = run_step(c)
+            print(f"  step {i + 1}/{steps} {c.name:<5} {1e3 * phases['step']:8.1f} ms", flush=True)
+    for c in configs:
+        measure_peak(c)
+    print(report(configs, csv_path))
+    for c in configs:
+        print(f"{c.name}: {c.precision.describe()}")
+    for c in configs[1:]:
+        print(f"speed-up of {c.name} over {configs[0].name}: {1 / paired_ratio(c, configs[0]):.2f}x "
+              f"(median over {steps} rounds of the paired step-time ratio)")
+    return configs
+
+
 # ----------------------------------------------------------------------------- curves and dumps
 def _metrics(run: Path) -> list[dict]:
     path = Path(run) / "metrics.jsonl"
@@ -378,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--compare", action="store_true", help="baseline vs GF live vs GF cache, interleaved")
     p.add_argument("--cache", default=None, help="teacher cache for --compare (default: built in a temp dir)")
+    p.add_argument("--precisions", default=None, metavar="P1,P2",
+                   help="compare the step in these distributed.precision values (e.g. fp32,auto), interleaved")
     p.add_argument("--steps", type=int, default=16, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration first")
     p.add_argument("--csv", default=str(RESULTS / "train.csv"), help="CSV to append to ('' to skip)")
@@ -402,7 +440,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     csv_path = Path(args.csv) if args.csv else None
     started = time.perf_counter()
-    if args.compare:
+    if args.precisions:
+        compare_precisions(args.recipe, args.overrides, args.precisions.split(","), args.warmup, args.steps, csv_path)
+    elif args.compare:
         compare(args.recipe, args.overrides, args.warmup, args.steps, args.cache, csv_path)
     else:
         cfg = build_config(recipe.name, recipe, _device(recipe))

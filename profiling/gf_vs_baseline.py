@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -51,6 +49,7 @@ from geoforge.engine.eval.run import load_model  # noqa: E402
 from geoforge.engine.eval.run_report import heldout_recipe  # noqa: E402
 from geoforge.engine.eval.validate import validate  # noqa: E402
 from geoforge.engine.objectives.flow_matching import draw_noise, flow_matching_loss  # noqa: E402
+from profiling._experiment import logged, mean_sd, smooth, tail_mean, train_run  # noqa: E402
 
 METRICS = [("fm_train", "flow-matching loss (train, last 10%)", "lower"),
            ("fm_heldout", "flow-matching loss (held-out, fixed noise)", "lower"),
@@ -69,24 +68,6 @@ def run_overrides(args: argparse.Namespace, recipe, variant: str, seed: int, out
         grid = recipe.data.resolution // recipe.model.patch_size
         sets += ["teacher.kind=oracle", "teacher.layers=[0]", f"teacher.resolution={14 * grid}"]
     return sets
-
-
-def train(args: argparse.Namespace, sets: list[str], run_dir: Path) -> None:
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None and ckpt.name == f"step_{args.steps}":
-        print(f"reusing {run_dir}", flush=True)
-        return
-    cmd = [sys.executable, str(ROOT / "engine" / "train.py"), "--recipe", args.recipe, "--run-dir", str(run_dir),
-           "--resume", "auto"]
-    for s in sets:
-        cmd += ["--set", s]
-    print(" ".join(cmd), flush=True)
-    log = run_dir.parent / f"{run_dir.name}.log"
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if proc.returncode:
-        raise SystemExit(f"training failed (exit {proc.returncode}); see {log}")
 
 
 def heldout_batch(recipe, videos: int) -> dict[str, torch.Tensor]:
@@ -110,24 +91,18 @@ def heldout_fm(dit, recipe, batch: dict[str, torch.Tensor], draws: int = 4) -> f
 def evaluate(run_dir: Path, videos: int) -> dict[str, float]:
     recipe = load_recipe(str(run_dir / "recipe.yaml"))
     dit = load_model(recipe, latest_checkpoint(run_dir), "ema" if recipe.ema.enabled else "model")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    fm = [r["fm"] for r in rows if "fm" in r]
+    fm = logged(run_dir, "fm")
     batch = heldout_batch(recipe, videos)
     result = validate(dit, batch, recipe, recipe.schedule.steps)
     k = result.context
     gen, gt = result.samples[:, k:], result.ground_truth[:, k:]
     geometry = (batch["depth"], batch["intrinsics"], batch["extrinsics"])
-    return {"fm_train": sum(fm[-max(1, len(fm) // 10):]) / max(1, len(fm[-max(1, len(fm) // 10):])),
+    return {"fm_train": tail_mean(fm),
             "fm_heldout": heldout_fm(dit, recipe, batch),
             "psnr": float(psnr(gen, gt).mean()), "ssim": float(ssim(gen, gt).mean()),
             "consistency": 1e3 * float(warp_consistency_error(result.samples, *geometry).mean()),
             "consistency_gt": 1e3 * float(warp_consistency_error(result.ground_truth, *geometry).mean()),
             "fm_curve": fm}
-
-
-def _stat(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
-    return f"{statistics.mean(values):.4g} ± {sd:.2g}"
 
 
 def table(results: dict, seeds: list[int]) -> str:
@@ -136,9 +111,9 @@ def table(results: dict, seeds: list[int]) -> str:
         gf = [results[f"gf_s{s}"][key] for s in seeds]
         base = [results[f"baseline_s{s}"][key] for s in seeds]
         diff = ", ".join(f"{g - b:+.3g}" for g, b in zip(gf, base))
-        lines.append(f"| {name} | {better} | {_stat(gf)} | {_stat(base)} | {diff} |")
+        lines.append(f"| {name} | {better} | {mean_sd(gf)} | {mean_sd(base)} | {diff} |")
     floor = [results[f"baseline_s{s}"]["consistency_gt"] for s in seeds]
-    lines.append(f"| 3D-consistency error of the ground truth (x1e3, floor) | | {_stat(floor)} | | |")
+    lines.append(f"| 3D-consistency error of the ground truth (x1e3, floor) | | {mean_sd(floor)} | | |")
     return "\n".join(lines)
 
 
@@ -153,8 +128,7 @@ def plot(results: dict, seeds: list[int], out: Path) -> None:
         for s in seeds:
             curve = results[f"{variant}_s{s}"]["fm_curve"]
             w = max(1, len(curve) // 20)
-            smooth = [sum(curve[i:i + w]) / w for i in range(0, len(curve) - w + 1)]
-            axes[0].plot(range(w, len(curve) + 1), smooth, color=colour, lw=1, alpha=0.7,
+            axes[0].plot(range(w, len(curve) + 1), smooth(curve, w), color=colour, lw=1, alpha=0.7,
                          label=variant if s == seeds[0] else None)
     axes[0].set_title("flow-matching loss")
     axes[0].set_xlabel("step")
@@ -189,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         for variant in VARIANTS:
             run_dir = out / f"{variant}_s{seed}"
-            train(args, run_overrides(args, recipe, variant, seed, out), run_dir)
+            train_run(args.recipe, run_dir, run_overrides(args, recipe, variant, seed, out), args.steps)
             results[run_dir.name] = evaluate(run_dir, args.videos)
             print(run_dir.name, {k: round(v, 4) for k, v in results[run_dir.name].items() if k != "fm_curve"},
                   flush=True)

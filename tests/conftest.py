@@ -38,6 +38,19 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _no_precision_leak():
+    """Entry points run in-process must restore the process precision (``engine.precision.use_precision`` as a
+    context manager): a leaked bf16 would silently change every later test's arithmetic."""
+    from geoforge.engine.precision import FP32, current_precision, use_precision
+
+    yield
+    leaked = current_precision()
+    if leaked != FP32:
+        use_precision(FP32)
+        pytest.fail(f"the test left the process precision installed: {leaked.describe()}")
+
+
 # ----------------------------------------------------------------------------- compile lane report
 _COMPILE_ROWS: list = []
 

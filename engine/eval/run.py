@@ -54,6 +54,7 @@ from geoforge.engine.eval.protocols import PROTOCOLS, Protocol, get_protocol, ro
 from geoforge.engine.eval.report import frame_grid, write_report
 from geoforge.engine.models.arch import condition_keys
 from geoforge.engine.objectives.dfot_velocity import from_model_space, recipe_velocity_model, to_model_space
+from geoforge.engine.precision import PRECISIONS, Precision, resolve_precision, use_precision
 from geoforge.engine.sampling import GUIDANCE_NAMES, Guidance, SamplerConfig, generate
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ class EvalOptions:
     data_root: str | None = None
     split: str = "test"
     device: str = "auto"
+    precision: str | None = None
     videos_dir: str | None = None
     i3d: str | None = None
     inception: str | None = None
@@ -137,6 +139,8 @@ def parse_args(argv: list[str] | None = None) -> EvalOptions:
     p.add_argument("--data-root", default=None, help="dataset root (default the recipe's data.root)")
     p.add_argument("--split", default="test")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help="networks' precision (default: the recipe's distributed.precision; engine/precision.py)")
     p.add_argument("--videos-dir", default=None, help="evaluate these generated videos instead of sampling")
     p.add_argument("--i3d", default=None, help="I3D weights for FVD (i3d_pretrained_400.pt; path or hf://)")
     p.add_argument("--inception", default=None, help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth)")
@@ -627,6 +631,13 @@ def run(opts: EvalOptions, networks: Networks | None = None) -> dict:
         raise ValueError("give --checkpoint (to sample) or --videos-dir (to evaluate existing videos)")
     out = output_dir(opts, protocol)
     device = resolve_device(opts.device)
+    with use_precision(resolve_precision(opts.precision or recipe.distributed.precision, device)) as precision:
+        log(f"precision: {precision.describe()}")
+        return _run(opts, networks, recipe, protocol, frames, context, num_videos, out, device, precision)
+
+
+def _run(opts: EvalOptions, networks: Networks | None, recipe, protocol, frames: int, context: int, num_videos: int,
+         out: Path, device: torch.device, precision: Precision) -> dict:
     window = min(opts.window or recipe.data.frames, frames)
     sampler = sampler_config(protocol, opts, window, frames, time_grid_option(opts, recipe), recipe)
     dataset = build_eval_dataset(recipe, opts, frames, num_videos)
@@ -649,6 +660,7 @@ def run(opts: EvalOptions, networks: Networks | None = None) -> dict:
     summary = {
         "protocol": protocol.name, "recipe": recipe.name, "checkpoint": str(opts.checkpoint or opts.videos_dir),
         "weights": opts.weights, "num_videos": num_videos, "frames": frames, "context": context,
+        "precision": precision.describe(),
         "sampler": {k: v for k, v in asdict(sampler).items() if k not in ("progress",)},
         "metrics": dict(sorted(metrics.items())), "skipped": skipped,
         "grid_caption": ("Rows alternate ground truth / generated" if has_gt else "Generated rotation videos")

@@ -123,6 +123,7 @@ def write_run_report(recipe, run_dir: Path, world) -> Path | None:
     from geoforge.engine.eval.run import load_model
 
     from geoforge.engine.distributed import World
+    from geoforge.engine.precision import current_precision
 
     videos = recipe.logging.report_videos
     checkpoint = latest_checkpoint(Path(run_dir)) if world.is_main and videos else None
@@ -137,7 +138,8 @@ def write_run_report(recipe, run_dir: Path, world) -> Path | None:
              f"Checkpoint `{checkpoint.relative_to(run_dir)}`. Samples: {max(1, recipe.objective.context_frames)} "
              f"clean context frame(s), {recipe.logging.sample_steps} {sampler_name(recipe)} steps, conditional; "
              f"metrics over the generated frames. Flat frame: the clip's mean colour; repeated context: the last "
-             f"context frame.", ""]
+             f"context frame.", "", f"Precision (training and these samples): {current_precision().describe()}.",
+             ""]
     parts = loss_curves(run_dir / "metrics.jsonl", run_dir / "report" / "loss.png")
     if parts:
         lines += ["## Loss", "", "![loss curves](report/loss.png)", ""]
@@ -157,6 +159,7 @@ def write_run_report(recipe, run_dir: Path, world) -> Path | None:
         lines += [f"## {title} ({len(batch['frames'])})", "", *_table(rows), "",
                   f"Ground truth above, {next(iter(results))} below; frame 0 is the context.", "",
                   f"![{tag} frames](report/frames_{tag}.png)", ""]
+    summary["precision"] = current_precision().describe()
     atomic_write_bytes(run_dir / "report" / "metrics.json", (json.dumps(summary, indent=1) + "\n").encode())
     path = run_dir / "report.md"
     atomic_write_bytes(path, ("\n".join(lines)).encode())

@@ -115,6 +115,15 @@ def _cached_frame_causal_mask(frames: int, tokens_per_frame: int, device: torch.
         return frame_causal_mask(frames, tokens_per_frame, device=device)
 
 
+class QKNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` whose weight follows its input's dtype: under bf16 autocast q and k arrive in bf16, and torch's
+    fused kernel takes them only with a weight of the same dtype (else an unfused path and a warning per call).
+    The weight stays float32 (its gradient flows back through the cast); the state dict is ``nn.RMSNorm``'s."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block on tokens ``[B, T', S, D]`` with conditioning ``[B, T', S or 1, D]``."""
 
@@ -124,8 +133,8 @@ class DiTBlock(nn.Module):
         head_dim = hidden // heads
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = QKNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = QKNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(hidden, hidden)
         self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         mlp_hidden = int(hidden * mlp_ratio)

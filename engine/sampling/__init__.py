@@ -55,7 +55,7 @@ fit. With ``keyframe_density < 1`` :func:`generate` first predicts the keyframes
 the gaps with :func:`interpolate` (DFoT's interpolation plan), each with its own guidance.
 
 Every function is batched over videos, runs under ``torch.no_grad`` with the model in eval mode
-(restored afterwards), uses bf16 autocast on CUDA (``autocast="auto"``), shows a tqdm bar, and is
+(restored afterwards), runs under the process precision's autocast (``autocast="auto"``: ``engine.precision``), shows a tqdm bar, and is
 deterministic under a ``torch.Generator``: all noise is drawn from it, on its device.
 """
 from geoforge.engine.sampling.common import eval_mode

@@ -6,6 +6,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from geoforge.engine.precision import autocast
 from geoforge.engine.sampling.config import COND_KEYS, FRAME_KINDS, Model
 
 
@@ -16,10 +17,12 @@ def randn_on(shape: Sequence[int], generator: torch.Generator | None, device: to
 
 
 def autocast_for(device: torch.device, mode: str) -> contextlib.AbstractContextManager:
-    if mode == "none" or (mode == "auto" and device.type != "cuda"):
+    """``SamplerConfig.autocast``: ``auto`` = the process precision's (``engine.precision``), or as named."""
+    if mode == "auto":
+        return autocast(device)
+    if mode == "none":
         return contextlib.nullcontext()
-    dtype = torch.float16 if mode == "fp16" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=torch.float16 if mode == "fp16" else torch.bfloat16)
 
 
 @contextlib.contextmanager

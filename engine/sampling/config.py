@@ -140,7 +140,7 @@ class SamplerConfig:
     keyframe_density: float | None = None  # < 1: keyframes first, then interpolation
     guidance: Guidance = field(default_factory=Guidance)
     interpolation_guidance: Guidance = field(default_factory=Guidance)
-    autocast: str = "auto"  # "auto" (bf16 on CUDA) | "bf16" | "fp16" | "none"
+    autocast: str = "auto"  # "auto" (the process precision: engine.precision) | "bf16" | "fp16" | "none"
     max_batch: int | None = None  # cap on videos x guidance branches per model call
     progress: bool = True
 

@@ -116,8 +116,8 @@ def sample_clip(model: Model, shape: Sequence[int], steps: int, cond: dict | Non
     """One window of ``shape = (B, T, C, H, W)`` with the first ``k`` frames fixed to ``context [B, k, ...]``.
 
     Conditional Euler (or DDIM) over ``linspace(1, 0, steps + 1)`` (or the grid ``times``), noise drawn on
-    ``generator``'s device: what training sample videos and the VideoGPA DiT policy call. ``cond`` may carry
-    ``drop_cond``.
+    ``generator``'s device, under the process precision's autocast (``engine.precision``): what training sample
+    videos, validation and the VideoGPA DiT policy call. ``cond`` may carry ``drop_cond``.
     """
     b, frames = shape[:2]
     k = 0 if context is None else context.shape[1]
@@ -130,7 +130,7 @@ def sample_clip(model: Model, shape: Sequence[int], steps: int, cond: dict | Non
     if k:
         frames_in[:, :k] = context.to(device).float()
     kinds = [CONTEXT] * k + [GENERATE] * (frames - k)
-    sampler = SamplerConfig(method=method, steps=steps, window=max(frames, 2), autocast="none", progress=False,
+    sampler = SamplerConfig(method=method, steps=steps, window=max(frames, 2), autocast="auto", progress=False,
                             times=None if times is None else tuple(times))
     cond = {key: v.to(device) for key, v in (cond or {}).items() if v is not None}
     drop = cond.pop("drop_cond", None)

@@ -1,8 +1,8 @@
 """The live GF teacher: frozen VGGT (+ DINOv2) run on a batch's clean frames, from the ``teacher`` section.
 
 :class:`LiveTeacher` holds VGGT (and optionally DINOv2) frozen - eval mode, ``requires_grad=False``,
-run under ``torch.inference_mode`` (VGGT's ``aggregator_features``) / ``torch.no_grad``, bf16 autocast
-on CUDA - and is deliberately *not* an ``nn.Module`` attribute of the trained module: the train loop
+run under ``torch.inference_mode`` (VGGT's ``aggregator_features``) / ``torch.no_grad``, under the
+process precision's autocast (``engine.precision``) - and is deliberately *not* an ``nn.Module`` attribute of the trained module: the train loop
 calls it on each micro-batch and puts its features into the batch (``teacher.<key>``), so the teacher
 is outside the optimizer, outside ZeRO partitioning and never receives a gradient.
 ``engine.teacher.builder.build_teacher`` returns it, or the cache reader of ``engine.teacher.reader``
@@ -19,7 +19,6 @@ returns the LayerNorm-ed patch tokens of block ``teacher.dino.layer``.
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 
 from geoforge.engine.models.vggt import VGGT, DINOV2_VARIANTS, DinoVisionTransformer, patch_token_grid, resize_for_vggt
 from geoforge.engine.objectives.gf_released import RELEASED_KEY, released_target
+from geoforge.engine.precision import autocast
 from geoforge.engine.weights import load_into, read_state_dict
 from geoforge.engine.teacher.spec import BATCH_PREFIX, DINO_KEY, PATCH, DinoConfig, TeacherConfig, TeacherSource, teacher_size, vggt_key
 
@@ -101,13 +101,6 @@ def dino_patch_features(vit: DinoVisionTransformer, images: torch.Tensor, layer:
     return patches.unflatten(1, (h, w))
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
-
-
 class LiveTeacher:
     """Frozen VGGT (+ DINOv2) computing GF targets from a batch's clean frames. Not an nn.Module."""
 
@@ -155,7 +148,7 @@ class LiveTeacher:
             flat = frames.flatten(0, 1)
             if tuple(flat.shape[-2:]) != dsize:
                 flat = F.interpolate(flat, size=dsize, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-            with _autocast(self.device):
+            with autocast(self.device):
                 feats = dino_patch_features(self.dino, flat, d.layer)
             out[DINO_KEY] = feats.float().unflatten(0, (b, t)).contiguous()
         return out

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from geoforge.engine import pixels
+from geoforge.engine.precision import autocast
 from geoforge.engine.videogpa.policy_base import Condition, VideoPolicy, to_uint8
 
 log = logging.getLogger("geoforge.videogpa")
@@ -142,11 +143,13 @@ class _DiffusersPolicy(VideoPolicy):
         videos = []
         for seed in seeds:
             g = torch.Generator(device=self.device).manual_seed(seed)
-            out = self.pipe(image=cond.first_frame[None].to(self.device), prompt_embeds=cond.prompt_embeds[None].to(self.device, self.dtype),
-                            negative_prompt_embeds=cond.negative_embeds[None].to(self.device, self.dtype),
-                            height=self.height, width=self.width, num_frames=self.frames,
-                            num_inference_steps=steps, guidance_scale=guidance, generator=g, output_type="pt",
-                            **self._sample_kwargs())
+            with autocast(self.device):   # the process precision (engine/precision.py)
+                    out = self.pipe(image=cond.first_frame[None].to(self.device),
+                                prompt_embeds=cond.prompt_embeds[None].to(self.device, self.dtype),
+                                negative_prompt_embeds=cond.negative_embeds[None].to(self.device, self.dtype),
+                                height=self.height, width=self.width, num_frames=self.frames,
+                                num_inference_steps=steps, guidance_scale=guidance, generator=g, output_type="pt",
+                                **self._sample_kwargs())
             videos.append(out.frames.float().cpu())
         return to_uint8(torch.cat(videos))
 

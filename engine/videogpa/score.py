@@ -38,6 +38,7 @@ from geoforge.engine import preemption
 from geoforge.engine.preemption import Preempted
 from geoforge.engine.atomic import atomic_write_text
 from geoforge.engine.distributed import resolve_device
+from geoforge.engine.precision import PRECISIONS, autocast, resolve_precision, use_precision
 from geoforge.engine.videogpa.io import AppendLog, atomic_write_jsonl
 from geoforge.engine.videogpa.teacher import Geometry, VGGTTeacher
 
@@ -177,7 +178,7 @@ class ConsistencyScorer:
         row: dict[str, Any] = {}
         lpips_mean = 0.0
         if self.lpips is not None and self.lpips_weight > 0:
-            with self.timer("lpips"):
+            with self.timer("lpips"), autocast(self.device):   # the process precision (engine/precision.py)
                 lp = self.lpips(frames, rep["rendered"].clamp(0, 1)).double()
                 lpips_mean = float(lp.mean())
         score = float(mse.mean()) + self.lpips_weight * lpips_mean
@@ -334,6 +335,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lpips-random", action="store_true", help="random LPIPS network (smoke tests only)")
     p.add_argument("--rotation-weight", type=float, default=0.1)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="VGGT's and LPIPS's precision (auto: bf16 where native; engine/precision.py)")
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "cpu", "reference"),
                    help="reprojection kernel backend")
     p.add_argument("--no-progress", action="store_true")
@@ -357,23 +360,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     device = resolve_device(args.device)
-    scorer = ConsistencyScorer.from_config(cfg, device, args.backend)
-    progress = AppendLog(args.out.with_name(args.out.name + ".partial"))
-    before = {r["video"] for r in progress.rows()}
-    items = [{"video": str(v)} for v in videos]
-    began = time.perf_counter()
-    with preemption.Preemption() as preempt:   # SIGTERM / SIGUSR1: keep the finished rows, exit 75
-        rows = score_items(scorer, items, progress, show_progress=not args.no_progress)
-    seconds = time.perf_counter() - began
-    if preempt.requested():
-        print(f"preempted by {preempt.signal_name}: {len(rows)} of {len(items)} videos scored, kept in "
-              f"{progress.path}; run the same command again to continue", file=sys.stderr)
-        return preemption.PREEMPTED_EXIT_CODE
-    atomic_write_jsonl(args.out, rows)
-    progress.path.unlink(missing_ok=True)
-    info = summary(rows, scorer.timer, seconds, sum(1 for it in items if it["video"] not in before))
-    print(summary_table(info))
-    print(f"wrote {args.out}")
+    with use_precision(resolve_precision(args.precision, device)) as precision:
+        print(f"score: networks in {precision.describe()}", file=sys.stderr)
+        scorer = ConsistencyScorer.from_config(cfg, device, args.backend)
+        progress = AppendLog(args.out.with_name(args.out.name + ".partial"))
+        before = {r["video"] for r in progress.rows()}
+        items = [{"video": str(v)} for v in videos]
+        began = time.perf_counter()
+        with preemption.Preemption() as preempt:   # SIGTERM / SIGUSR1: keep the finished rows, exit 75
+            rows = score_items(scorer, items, progress, show_progress=not args.no_progress)
+        seconds = time.perf_counter() - began
+        if preempt.requested():
+            print(f"preempted by {preempt.signal_name}: {len(rows)} of {len(items)} videos scored, kept in "
+                  f"{progress.path}; run the same command again to continue", file=sys.stderr)
+            return preemption.PREEMPTED_EXIT_CODE
+        atomic_write_jsonl(args.out, rows)
+        progress.path.unlink(missing_ok=True)
+        info = summary(rows, scorer.timer, seconds, sum(1 for it in items if it["video"] not in before))
+        print(summary_table(info))
+        print(f"wrote {args.out}")
     return 0
 
 

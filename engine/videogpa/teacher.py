@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from geoforge.engine.models.vggt.estimate import Geometry, autocast_dtype, check_geometry_heads, estimate_geometry
+from geoforge.engine.models.vggt.estimate import Geometry, check_geometry_heads, estimate_geometry
+from geoforge.engine.precision import network_dtype
 
 
 class VGGTTeacher:
@@ -23,7 +24,7 @@ class VGGTTeacher:
         check_geometry_heads(model, "VGGTTeacher")
         self.model = model.eval().requires_grad_(False)
         self.device = next(model.parameters()).device
-        self.dtype = autocast_dtype(self.device) if dtype is None else dtype
+        self.dtype = network_dtype(self.device) if dtype is None else dtype
 
     @classmethod
     def load(cls, source: str, config: dict | None = None, device: torch.device | str = "cpu",

@@ -321,7 +321,7 @@ def _train(recipe, run_dir: Path, world, policy: VideoPolicy, dataset: PairSet, 
     trainer = Trainer(recipe, task, stage_dir, world)
     d = recipe.distributed
     trainer.log.info(f"videogpa train: {world.size} rank(s) on {world.device.type} ({layout.describe()}) | policy "
-                     f"{policy.kind} | DeepSpeed ZeRO-{d.zero_stage}{' bf16' if d.bf16 else ' fp32'} | "
+                     f"{policy.kind} | DeepSpeed ZeRO-{d.zero_stage} | {trainer.describe_precision()} | "
                      f"{trainer.trained_parameters / 1e6:.2f}M trained parameters | {len(dataset)} pairs")
     trainer.resume("auto")
 

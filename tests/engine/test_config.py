@@ -21,10 +21,10 @@ def test_every_shipped_recipe_loads(path):
 
 
 def test_overrides_are_typed(tmp_path):
-    r = load_recipe(write(tmp_path, {}), ["optimizer.lr=1e-4", "schedule.steps=7", "distributed.bf16=true",
+    r = load_recipe(write(tmp_path, {}), ["optimizer.lr=1e-4", "schedule.steps=7", "distributed.precision=bf16",
                                         "optimizer.betas=[0.8, 0.95]", "model.camera=plucker"])
     assert r.optimizer.lr == 1e-4 and isinstance(r.optimizer.lr, float)
-    assert r.schedule.steps == 7 and r.distributed.bf16 is True
+    assert r.schedule.steps == 7 and r.distributed.precision == "bf16"
     assert r.optimizer.betas == (0.8, 0.95)
     assert r.model.camera == "plucker"
 
@@ -48,7 +48,8 @@ def test_unknown_key_is_named_with_a_suggestion(tmp_path, data, key):
 @pytest.mark.parametrize("override, key", [
     ("schedule.steps=ten", "schedule.steps"),
     ("schedule.steps=1.5", "schedule.steps"),
-    ("distributed.bf16=3", "distributed.bf16"),
+    ("distributed.precision=fp16", "distributed.precision"),
+    ("distributed.bf16=true", "distributed.bf16: this key moved to distributed.precision"),
     ("schedule.decay=linear", "schedule.decay"),
     ("distributed.zero_stage=4", "distributed.zero_stage"),
     ("optimizer.betas=[0.9]", "optimizer.betas"),

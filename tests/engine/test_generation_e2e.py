@@ -29,6 +29,7 @@ from geoforge.engine.eval.baselines import flat_frames, high_frequency_energy
 from geoforge.engine.eval.image_metrics import psnr
 from geoforge.engine.eval.run import load_model
 from geoforge.engine.eval.validate import validate, validation_batch
+from geoforge.engine.precision import resolve_precision, use_precision
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -57,9 +58,10 @@ def trained(tmp_path_factory) -> tuple[Path, object]:
 
 
 def _sample(recipe, run: Path, weights: str):
-    """Sampled on the training process's thread count: the run report's numbers are compared with these."""
+    """Sampled on the training process's thread count and precision: the run report's numbers are compared with
+    these."""
     dit = load_model(recipe, latest_checkpoint(run), weights)
-    with torch_threads(SUBPROCESS_THREADS):
+    with torch_threads(SUBPROCESS_THREADS), use_precision(resolve_precision(recipe.distributed.precision, "cpu")):
         return validate(dit, validation_batch(recipe, CLIPS), recipe, STEPS)
 
 
@@ -81,6 +83,10 @@ def test_samples_from_noise_are_the_scene_and_ema_is_not_worse(trained):
     assert report["flat frame"]["psnr"] == pytest.approx(p_flat, abs=1e-4)
     text = (run / "report.md").read_text()
     assert "held-out clips" in text and "repeated context" in text
+    # the recipe's precision (auto) as this machine resolves it: bf16 autocast where the CPU has AMX / AVX512-BF16
+    ran = resolve_precision("auto", "cpu")
+    assert f"Precision (training and these samples): {ran.describe()}." in text
+    assert json.loads((run / "report" / "metrics.json").read_text())["precision"] == ran.describe()
     for png in ("loss.png", "frames_training.png", "frames_heldout.png"):
         assert (run / "report" / png).stat().st_size > 1000
 

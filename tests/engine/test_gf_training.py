@@ -114,7 +114,7 @@ def test_cuda_bf16_gf_run_with_triton_flash_attn_and_sample_step(tmp_path, data_
     that crashed on ``.numpy()`` of a CUDA tensor), a checkpoint, finite losses."""
     run = tmp_path / "run"
     args = ["engine/train.py", "--recipe", "gf_tiny", "--run-dir", str(run)]
-    overrides = [*TINY, f"data.root={data_root}", "device=cuda", "distributed.bf16=true", "backend=triton",
+    overrides = [*TINY, f"data.root={data_root}", "device=cuda", "distributed.precision=bf16", "backend=triton",
                  "attention=auto", "distributed.zero_stage=1", "data.batch_size=2", "logging.sample_every=2",
                  "logging.sample_steps=2", "schedule.steps=3"]
     for o in overrides:

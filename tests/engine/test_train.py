@@ -25,6 +25,7 @@ TINY = [
     "model.hidden_dim=64", "model.depth=2", "model.num_heads=2", "model.patch_size=8",
     "data.resolution=32", "data.frames=4", "data.synthetic_clips=16", "data.synthetic_frames=6",
     "logging.every=1", "logging.sample_steps=2", "schedule.warmup=2", "ema.decay=0.9",
+    "distributed.precision=fp32",   # runs compared across launchers / layouts / resumes: fp32, explicitly
 ]
 
 

@@ -3,8 +3,9 @@
 Used by the VideoGPA 3D-consistency score (``engine.videogpa.teacher``) and by the eval geometry metrics
 (``engine.eval.geometry``). The frames are one multi-view sequence; ``pose_enc`` becomes camera-from-world
 extrinsics and pixel intrinsics (``pose_encoding_to_extri_intri``), ``depth`` / ``depth_conf`` the depth maps
-and their confidence. Runs under ``torch.inference_mode``, with bf16 autocast on CUDA (fp16 where bf16 is
-not supported; VGGT's recommendation) and in float32 on CPU.
+and their confidence. Runs under ``torch.inference_mode`` and the process precision's autocast
+(``engine.precision.network_dtype``: bf16 where it is native, fp16 on a CUDA device without bf16; the heads in
+float32).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from geoforge.engine.precision import network_dtype
 
 from .pose_encoding import pose_encoding_to_extri_intri
 
@@ -40,13 +43,6 @@ class Geometry:
         return unproject_depth_map_to_point_map(self.depth, self.extrinsics, self.intrinsics, backend=backend)
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype:
-    """The dtype VGGT runs in on ``device``: bf16 (fp16 without bf16 support) on CUDA, float32 elsewhere."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
 def check_geometry_heads(model, where: str) -> None:
     if model.camera_head is None or model.depth_head is None:
         raise ValueError(f"{where}: the VGGT model needs its camera_head and depth_head")
@@ -56,12 +52,12 @@ def check_geometry_heads(model, where: str) -> None:
 def estimate_geometry(model, images: Tensor, dtype: torch.dtype | None = None) -> Geometry:
     """VGGT's cameras, depth and confidence of ``images [S, 3, H, W]`` in [0, 1] (one sequence; H, W
     multiples of 14), as float32 on the model's device. ``dtype``: autocast dtype (default
-    :func:`autocast_dtype`; float32 runs without autocast)."""
+    ``engine.precision.network_dtype``; float32 runs without autocast)."""
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"estimate_geometry: images must be [S, 3, H, W], got {tuple(images.shape)}")
     check_geometry_heads(model, "estimate_geometry")
     device = next(model.parameters()).device
-    dtype = autocast_dtype(device) if dtype is None else dtype
+    dtype = network_dtype(device) if dtype is None else dtype
     height, width = images.shape[-2:]
     with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
         out = model(images.to(device)[None])
@@ -70,4 +66,4 @@ def estimate_geometry(model, images: Tensor, dtype: torch.dtype | None = None) -
                     out["depth_conf"][0].float())
 
 
-__all__ = ["Geometry", "autocast_dtype", "check_geometry_heads", "estimate_geometry"]
+__all__ = ["Geometry", "check_geometry_heads", "estimate_geometry"]

@@ -7,8 +7,8 @@ track head, and ``images`` is returned in eval mode. One difference in memory, n
 aggregator keeps only the outputs the heads read (VGGT-1B: 4, 11, 17, 23) instead of all 24.
 
 Teacher mode (Geometry Forcing): :meth:`VGGT.aggregator_features` returns selected aggregator outputs
-only, stopping after the deepest requested layer, under ``torch.inference_mode`` with bf16 autocast on
-CUDA (float32 on CPU).
+only, stopping after the deepest requested layer, under ``torch.inference_mode`` with the process precision's
+autocast (``engine.precision``: bf16 where native, else float32).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from geoforge.engine.precision import network_dtype
 from geoforge.engine.weights import check_state_dict, read_state_dict
 
 from .aggregator import Aggregator
@@ -118,16 +119,15 @@ class VGGT(nn.Module):
         blocks after the deepest one are not run. Tokens per frame: ``patch_start_idx`` special tokens,
         then the ``patch_grid((H, W))`` patches row-major (see :func:`patch_token_grid`).
 
-        ``dtype``: autocast dtype; default bf16 on CUDA (fp16 where bf16 is unsupported), float32
-        (no autocast) on CPU. The residual stream, hence the returned tokens, stays float32.
+        ``dtype``: autocast dtype; default the process precision's (``engine.precision.network_dtype``: bf16
+        where native, float32 = no autocast). The residual stream, hence the returned tokens, stays float32.
         ``inference=True`` runs under ``torch.inference_mode`` (fastest); its tensors cannot be saved for
         backward by a later loss - use them through ``.clone()`` or pass ``inference=False`` (no_grad).
         """
         if images.dim() == 4:
             images = images.unsqueeze(0)
         if dtype is None:
-            cuda_bf16 = images.is_cuda and torch.cuda.is_bf16_supported()
-            dtype = torch.float32 if not images.is_cuda else (torch.bfloat16 if cuda_bf16 else torch.float16)
+            dtype = network_dtype(images.device)
         grad_ctx = torch.inference_mode() if inference else torch.no_grad()
         with grad_ctx, torch.autocast(device_type=images.device.type, dtype=dtype,
                                       enabled=dtype != torch.float32):

@@ -1,4 +1,4 @@
-"""Under bf16 (``distributed.bf16: true``, every GPU recipe) the conditions stay float32 (issue 16 item 2).
+"""Under bf16 (``distributed.precision: bf16``, every GPU recipe: DeepSpeed's bf16 weights) the conditions stay float32.
 
 The training module used to cast intrinsics, extrinsics and the flow time ``t`` to the model's dtype before the
 embeddings saw them. bf16 keeps 8 bits of mantissa: a camera 3 m from the origin moves by ~1 cm, and the

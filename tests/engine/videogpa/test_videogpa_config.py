@@ -9,7 +9,7 @@ def test_paper_recipe_settings():
     vg = r.videogpa
     assert vg.policy.kind == "cogvideox_i2v" and vg.policy.checkpoint == "THUDM/CogVideoX-5B-I2V"
     assert (vg.lora.rank, vg.lora.alpha, vg.lora.targets) == (64, 128.0, ["to_q", "to_k", "to_v", "to_out.0"])
-    assert (r.optimizer.lr, vg.dpo.beta, r.distributed.bf16, r.distributed.zero_stage) == (5e-6, 1.0, True, 2)
+    assert (r.optimizer.lr, vg.dpo.beta, r.distributed.precision, r.distributed.zero_stage) == (5e-6, 1.0, "bf16", 2)
     assert (vg.score.frames, vg.score.resolution, vg.score.teacher) == (10, 518, "facebook/VGGT-1B")
     assert (vg.pairs.min_gap, vg.pairs.min_motion, vg.pairs.val_fraction) == (0.05, 0.001, 0.02)
     assert (r.schedule.steps, r.schedule.warmup, r.schedule.decay) == (10000, 500, "cosine")
