@@ -55,11 +55,11 @@ def cpu_threads(requested: int, local_size: int, env: dict[str, str] | None = No
     """Intra-op threads for one of ``local_size`` ranks on this machine, and why (for the banner).
 
     ``requested`` > 0 (``distributed.threads``) wins, then ``OMP_NUM_THREADS``; otherwise the cores this process
-    may run on (its CPU affinity, capped by a cgroup CPU quota) that other processes are not already keeping busy
-    (the 1-minute load average), split over the local ranks. OpenMP threads on oversubscribed cores wait on each
-    other: two threads on a loaded 2-core machine ran a tiny step ~20x slower than one (~10 s instead of ~0.5 s);
-    one thread too few costs at most 2x. (A container may see its host's load average: the banner says what was
-    read, and the override.)"""
+    may run on (its CPU affinity, capped by a cgroup CPU quota) that other processes are keeping busy right now
+    (:func:`_busy_elsewhere`; ``load``), split over the local ranks. OpenMP threads on oversubscribed cores wait on
+    each other: two threads on a loaded 2-core machine ran a tiny step ~20x slower than one (~10 s instead of
+    ~0.5 s); one thread too few costs at most 2x. (A container may see its host's run queue: the banner says what
+    was read, and the override.)"""
     env = os.environ if env is None else env
     if requested > 0:
         return requested, f"{requested} (distributed.threads)"
@@ -67,11 +67,26 @@ def cpu_threads(requested: int, local_size: int, env: dict[str, str] | None = No
         n = int(env["OMP_NUM_THREADS"])
         return n, f"{n} (OMP_NUM_THREADS)"
     cores = cores if cores is not None else _usable_cores()
-    load = load if load is not None else (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
+    load = load if load is not None else _busy_elsewhere()
     free = max(1, min(cores, round(cores - load)))
     n = max(1, free // local_size)
-    return n, (f"{n} per rank: {cores} core(s) allowed, load {load:.1f} from other processes, {local_size} local "
+    return n, (f"{n} per rank: {cores} core(s) allowed, {load:.1f} busy with other processes, {local_size} local "
                f"rank(s); set distributed.threads or OMP_NUM_THREADS to override")
+
+
+def _busy_elsewhere(samples: int = 5, interval: float = 0.02) -> float:
+    """Threads of other processes running right now: the run queue of ``/proc/loadavg`` (its 4th field,
+    ``running/total``) minus this process, averaged over a few samples. Not the 1-minute load average, which
+    still counts a job that just finished (back-to-back runs would each see the previous one)."""
+    counts = []
+    for i in range(samples):
+        try:
+            counts.append(int(open("/proc/loadavg").read().split()[3].split("/")[0]) - 1)
+        except (OSError, ValueError, IndexError):
+            return 0.0
+        if i + 1 < samples:
+            time.sleep(interval)
+    return max(0.0, sum(counts) / len(counts))
 
 
 def _usable_cores() -> int:

@@ -79,6 +79,7 @@ sys.path.insert(0, str(ROOT))
 
 from geoforge.engine.models.uvit3d import RE10K, UViT3D, UViT3DConfig, ray_condition  # noqa: E402
 from geoforge.engine.models.uvit3d import blocks as uvit_blocks  # noqa: E402
+from geoforge.engine.precision import Precision, autocast  # noqa: E402
 from profiling._harness import Case, append_csv, device_label, format_table, run_case  # noqa: E402
 
 CONFIGS = {
@@ -153,7 +154,7 @@ CPU_SECONDS: dict[str, list[float]] = {}   # process CPU time per call (all thre
 
 
 def cases(name: str, cfg: UViT3DConfig, frames: int, device: torch.device, official_dir: Path, repeat: int,
-          warmup: int) -> list[Case]:
+          warmup: int, precisions: tuple[str, ...] = ("fp32",)) -> list[Case]:
     cfg = replace(cfg, block_dropouts=[0.0] * cfg.num_levels, use_checkpointing=[False] * cfg.num_levels,
                   external_cond_dropout=0.0, max_frames=frames)
     torch.manual_seed(0)
@@ -173,24 +174,33 @@ def cases(name: str, cfg: UViT3DConfig, frames: int, device: torch.device, offic
     rays = ray_condition(torch.cat([k, rt.flatten(-2)], -1), r).to(device)
     params = sum(p.numel() for p in model.parameters())
 
-    def step(module, call, label):
+    def step(module, call, label, precision):
         def fn():
             module.zero_grad(set_to_none=True)
             t0 = time.process_time()
-            call().square().mean().backward()
+            with autocast(device, Precision(precision, "bench")):   # the forward under the precision's autocast
+                out = call()
+            out.float().square().mean().backward()
             CPU_SECONDS.setdefault(label, []).append(time.process_time() - t0)
         return fn
 
-    runs = [("eager", step(model, lambda: _with_eager(model, x, noise, rays), f"{name} eager")),
-            ("geoforge", step(model, lambda: model.dfot_forward(x, noise, rays), f"{name} geoforge")),
-            ("gf-refnorm", step(model, lambda: _reference_norm(model, x, noise, rays), f"{name} gf-refnorm"))]
-    if any(model._folds(i, frames * (r // cfg.patch_size >> i) ** 2) for i in range(cfg.num_levels)):
-        runs.append(("gf-nofold", step(model, lambda: _unfolded(model, x, noise, rays), f"{name} gf-nofold")))
     official = official_model(official_dir, cfg, state, device)
-    if official is not None:
-        runs.append(("official", step(official, lambda: official(x, noise, rays), f"{name} official")))
-    else:
+    if official is None:
         print(f"  (official code not found under {official_dir}: run tests/data/uvit3d/make_golden.py first)")
+    runs = []
+    for prec in precisions:   # provider names carry "@bf16" for the bf16 autocast runs
+        at = "" if prec == "fp32" else f"@{prec}"
+        runs += [(f"eager{at}", step(model, lambda: _with_eager(model, x, noise, rays), f"{name} eager{at}", prec)),
+                 (f"geoforge{at}", step(model, lambda: model.dfot_forward(x, noise, rays), f"{name} geoforge{at}",
+                                        prec)),
+                 (f"gf-refnorm{at}", step(model, lambda: _reference_norm(model, x, noise, rays),
+                                          f"{name} gf-refnorm{at}", prec))]
+        if any(model._folds(i, frames * (r // cfg.patch_size >> i) ** 2) for i in range(cfg.num_levels)):
+            runs.append((f"gf-nofold{at}", step(model, lambda: _unfolded(model, x, noise, rays),
+                                                f"{name} gf-nofold{at}", prec)))
+        if official is not None:
+            runs.append((f"official{at}", step(official, lambda: official(x, noise, rays), f"{name} official{at}",
+                                               prec)))
     note = (f"uvit3d-{name}: {params / 1e6:.1f}M parameters, x [1, {frames}, 3, {r}, {r}], fwd + bwd of mean(out^2), "
             f"train mode, dropout and checkpointing off")
     return [Case(kernel=f"uvit3d-{name}", provider=p, mode="fwd+bwd", x_name="frames", x=frames, fn=fn,
@@ -235,13 +245,15 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--official", type=Path, default=Path("/tmp/dfot_ref"))
     parser.add_argument("--csv", type=Path, default=None, help="append the rows to this CSV (harness format)")
+    parser.add_argument("--precisions", default="fp32", help="fp32 and/or bf16 (autocast), e.g. fp32,bf16")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    precisions = tuple(args.precisions.split(","))
     print(f"device: {device_label(device)}; torch {torch.__version__}; threads {torch.get_num_threads()}", flush=True)
     results = []
     for name in args.configs:
         frames = {"small": args.frames, "medium": 2}.get(name) or args.full_frames or (16 if device.type == "cuda" else 2)
-        for case in cases(name, CONFIGS[name], frames, device, args.official, args.repeat, args.warmup):
+        for case in cases(name, CONFIGS[name], frames, device, args.official, args.repeat, args.warmup, precisions):
             results.append(run_case(case, device))
     print()
     print(format_table(results))
@@ -249,10 +261,13 @@ def main(argv=None) -> int:
         print("\nprocess CPU seconds per call (min over calls; ratio vs eager):")
         for name in args.configs:
             ref = min(CPU_SECONDS.get(f"{name} eager", [float("nan")]))
-            for p in ("eager", "geoforge", "gf-refnorm", "gf-nofold", "official"):
-                secs = CPU_SECONDS.get(f"{name} {p}")
-                if secs:
-                    print(f"  uvit3d-{name:<6} {p:<9} {min(secs):8.2f} s   {ref / min(secs):5.2f}x")
+            for at in ("" if p == "fp32" else f"@{p}" for p in precisions):
+                official = min(CPU_SECONDS.get(f"{name} official{at}", [float("nan")]))
+                for p in ("eager", "geoforge", "gf-refnorm", "gf-nofold", "official"):
+                    secs = CPU_SECONDS.get(f"{name} {p}{at}")
+                    if secs:
+                        print(f"  uvit3d-{name:<6} {p + at:<15} {min(secs):8.2f} s   {ref / min(secs):5.2f}x eager   "
+                              f"{official / min(secs):5.2f}x official{at}")
     if args.csv is not None:
         print("rows appended to", append_csv(results, args.csv))
     return 0

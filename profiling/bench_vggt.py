@@ -15,12 +15,14 @@ shared machine the wall-clock time depends on the other load, so the process CPU
 (``time.process_time``, all threads; minimum over the calls) is printed as well.
 Peak memory: what the call allocates above what was allocated before it (the weights are not counted): on
 CPU the torch profiler's accounting of the c10 allocator (oneDNN scratch space outside c10 is not seen), on
-CUDA ``max_memory_allocated``. ``teacher`` calls use the default dtype: float32 on CPU, bf16 autocast on CUDA.
+CUDA ``max_memory_allocated``. Every call runs under the process precision (``engine.precision``) of each
+``--precisions`` value: ``fp32``, and ``bf16`` (autocast; providers named ``...@bf16``).
 
 Configurations: ``small`` = DINOv2 ViT-S/14 patch embed + 12 frame/global blocks of 384 (heads: camera 768-d
 trunk of 2, DPT on layers 2/5/8/11), ``1b`` = ``VGGT()`` (VGGT-1B's architecture).
 
     OMP_NUM_THREADS=2 python profiling/bench_vggt.py --configs small 1b --frames 4 --size 224
+    OMP_NUM_THREADS=2 python profiling/bench_vggt.py --configs small --precisions fp32,bf16
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from geoforge.engine.models.vggt import VGGT  # noqa: E402
+from geoforge.engine.precision import Precision, autocast, use_precision  # noqa: E402
 from profiling._harness import Case, append_csv, device_label, format_table, run_case  # noqa: E402
 
 CONFIGS = {
@@ -71,7 +74,8 @@ def cpu_timed(label: str, fn):
     return wrapped
 
 
-def cases(name: str, model: VGGT, images: torch.Tensor, repeat: int, warmup: int) -> list[Case]:
+def cases(name: str, model: VGGT, images: torch.Tensor, repeat: int, warmup: int,
+          precision: str = "fp32") -> list[Case]:
     depth = model.aggregator.depth
     dpt = sorted({i % depth for i in model.depth_head.intermediate_layer_idx})
     mid = dpt[len(dpt) // 2 - 1] if len(dpt) > 1 else dpt[0]
@@ -79,20 +83,26 @@ def cases(name: str, model: VGGT, images: torch.Tensor, repeat: int, warmup: int
     agg_bytes = sum(p.numel() * p.element_size() for p in model.aggregator.parameters())
     frames = images.shape[1]
 
+    installed = Precision(precision, "bench")
+    at = "" if precision == "fp32" else f"@{precision}"
+
     def full():
-        with torch.inference_mode():
+        with torch.inference_mode(), use_precision(installed), autocast(images.device):
             return model(images)
 
     def teacher(layers):
-        return lambda: model.aggregator_features(images, layers=layers)
+        def call():
+            with use_precision(installed):   # aggregator_features autocasts to the installed precision
+                return model.aggregator_features(images, layers=layers)
+        return call
 
     out = []
     for provider, fn, wbytes in (("full", full, weight_bytes),
                                  ("agg-all", teacher(list(range(depth))), agg_bytes),
                                  ("agg-dpt", teacher(dpt), agg_bytes),
                                  ("agg-mid", teacher([mid]), agg_bytes)):
-        out.append(Case(kernel=f"vggt-{name}", provider=provider, mode="fwd", x_name="frames", x=frames,
-                        fn=cpu_timed(f"vggt-{name} {provider}", fn),
+        out.append(Case(kernel=f"vggt-{name}", provider=provider + at, mode="fwd", x_name="frames", x=frames,
+                        fn=cpu_timed(f"vggt-{name} {provider}{at}", fn),
                         bytes_moved=wbytes, bytes_formula="weight bytes of the modules that run (all blocks)",
                         warmup=warmup, repeat=repeat, reference="full",
                         note=f"vggt-{name}: agg-dpt = layers {dpt}, agg-mid = layer {mid}, "
@@ -109,6 +119,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat-1b", type=int, default=1, help="timed calls for the 1B configuration")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--csv", type=Path, default=None, help="append the rows to this CSV (harness format)")
+    parser.add_argument("--precisions", default="fp32", help="fp32 and/or bf16 (autocast), e.g. fp32,bf16")
     args = parser.parse_args(argv)
     if args.size % 14:
         parser.error("--size must be a multiple of 14")
@@ -121,9 +132,10 @@ def main(argv=None) -> int:
         print(f"vggt-{name}: {params / 1e6:.1f} M parameters, built in {secs:.1f} s", flush=True)
         images = torch.rand(1, args.frames, 3, args.size, args.size, device=device)
         big = name == "1b"
-        for case in cases(name, model, images, repeat=args.repeat_1b if big else args.repeat,
-                          warmup=0 if big else 1):
-            results.append(run_case(case, device))
+        for precision in args.precisions.split(","):
+            for case in cases(name, model, images, repeat=args.repeat_1b if big else args.repeat,
+                              warmup=0 if big else 1, precision=precision):
+                results.append(run_case(case, device))
         del model
         gc.collect()
     print()

@@ -44,4 +44,4 @@ def test_cpu_threads_split_the_free_cores_over_the_local_ranks():
     n, why = pick(2, 1, env={"OMP_NUM_THREADS": "3"}, cores=8, load=5.0)
     assert n == 2 and "distributed.threads" in why
     n, why = pick(0, 2, env={}, cores=8, load=2.0)
-    assert n == 3 and "8 core(s)" in why and "load 2.0" in why and "override" in why
+    assert n == 3 and "8 core(s)" in why and "2.0 busy" in why and "override" in why
