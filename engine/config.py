@@ -190,6 +190,9 @@ class Recipe:
     gf: GFConfig = field(default_factory=GFConfig)   # Geometry Forcing (engine/objectives/geometry_forcing.py)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)   # GF's frozen teachers (engine/teacher)
     videogpa: VideoGPAConfig | None = None   # VideoGPA post-training (engine/videogpa); None = plain training
+    # what a full run needs (GPUs and memory, data layout, weights it downloads): said in the banner and in an
+    # error about a missing device or input, beside the toy twin to try instead (toy_twin)
+    needs: str = ""
 
     def validate(self) -> None:
         """Checks that span sections (each section validated its own fields already)."""
@@ -394,6 +397,16 @@ def _fix_yaml_floats(node: Any) -> Any:
     if isinstance(node, str) and _looks_numeric(node) and any(c in node.lower() for c in "e."):
         return float(node)
     return node
+
+
+def toy_twin(recipe: Recipe) -> str:
+    """The tiny recipe that runs the same method on a CPU in minutes: VideoGPA -> ``videogpa_tiny``, DFoT's U-ViT3D ->
+    ``uvit3d_tiny``, Geometry Forcing -> ``gf_tiny``, plain diffusion -> ``dfot_tiny``."""
+    if recipe.videogpa is not None:
+        return "videogpa_tiny"
+    if recipe.model.arch == "uvit3d":
+        return "uvit3d_tiny"
+    return "gf_tiny" if recipe.gf.enabled else "dfot_tiny"
 
 
 def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

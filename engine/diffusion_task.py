@@ -18,7 +18,7 @@ import torch
 
 from geoforge.engine.checkpoint import save_module_weights
 from geoforge.engine.config import Recipe
-from geoforge.engine.data.builder import build_loader
+from geoforge.engine.data.builder import build_dataset, build_loader
 from geoforge.engine.distributed import ParallelLayout, World
 from geoforge.engine.eval.validate import validate, validation_batch, write_sample_video
 from geoforge.engine.models.arch import build_model, checkpointed_blocks
@@ -37,6 +37,8 @@ class DiffusionTask(Task):
         # ranks of one sequence-parallel group share clips: the loader splits them over the DP groups
         self.data_parallel = (layout.dp_rank, layout.dp_size) if layout is not None else None
         self.count_clips = layout is None or layout.sp_rank == 0   # a shared clip's bad files counted once
+        # the data first: a missing data root or layout fails here, before the teacher and the model are built
+        self.dataset = build_dataset(recipe.data, world, recipe.seed)
         gf = recipe.gf
         released = gf.released_size if gf.alignment_form == "as_released" else None
         self.teacher = (build_teacher(recipe.teacher, recipe.data, world.device, seed=recipe.seed,
@@ -59,7 +61,7 @@ class DiffusionTask(Task):
 
     def micro_batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
         return iter(build_loader(self.recipe.data, self.world, self.recipe.seed, self.recipe.distributed.grad_accum,
-                                 start=start, data_parallel=self.data_parallel))
+                                 start=start, data_parallel=self.data_parallel, dataset=self.dataset))
 
     def prepare(self, raw: dict[str, torch.Tensor], step: int, timer) -> MicroBatch:
         r, device = self.recipe, self.world.device

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from geoforge.engine.errors import MissingCapability
+
 log = logging.getLogger("geoforge.distributed")
 
 
@@ -115,7 +117,7 @@ def init_world(device: str = "auto", local_rank_arg: int | None = None, threads:
 
     use_cuda = resolve_device(device).type == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("recipe device: 'cuda' but no CUDA device is available")
+        raise MissingCapability("device: 'cuda' but no CUDA device is available")
     how = ""
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

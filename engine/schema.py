@@ -28,8 +28,10 @@ import types
 import typing
 from typing import Any, Literal, Union
 
+from geoforge.engine.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A recipe value is unknown, mistyped or inconsistent. The message names the key."""
 
 

@@ -12,12 +12,14 @@ continues exactly, tensorboard events, ``metrics.jsonl``, a progress bar) -> a s
 VideoGPA recipes run their stages (``engine.videogpa.pipeline``), whose DPO stage uses the same trainer.
 
 Exit codes: 0 done, 1 error (non-finite losses, a damaged checkpoint, a failed checkpoint write, the run
-directory in use), 2 bad recipe or arguments, 75 preempted by SIGTERM / SIGUSR1 with a complete checkpoint
-(``engine/preemption.py``; continue with ``--resume auto``).
+directory in use), 2 a user error (``engine.errors``: bad recipe or arguments, a missing input or capability; one
+``error:`` line), 75 preempted by SIGTERM / SIGUSR1 with a complete checkpoint (``engine/preemption.py``; continue
+with ``--resume auto``).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -26,9 +28,10 @@ if __package__ in (None, ""):   # run as a script: engine/ must not shadow top-l
 
 
 from geoforge.engine.checkpoint import CheckpointError, CheckpointWriteError
-from geoforge.engine.config import ConfigError, Recipe, load_recipe
+from geoforge.engine.config import ConfigError, Recipe, load_recipe, toy_twin
 from geoforge.engine.diffusion_task import DiffusionTask
 from geoforge.engine.distributed import World, broadcast_object, init_world, parallel_layout, shutdown
+from geoforge.engine.errors import UserError
 from geoforge.engine.eval.run_report import write_run_report
 from geoforge.engine.models.attention import attention_backend, set_attention_backend
 from geoforge.engine.models.sequence_parallel import SequenceParallel, set_sequence_parallel
@@ -72,26 +75,43 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run, and report a user error (``engine.errors``: a bad key, a missing input, a missing capability) as one
+    ``error:`` line on rank 0 with what to do next, exit 2; a bug keeps its traceback."""
     args = parse_args(argv)
+    recipe = None
     try:
         recipe = load_recipe(args.recipe, args.overrides)   # fails before any compute
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        return run(args, recipe)
+    except UserError as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {err}{what_next(err, recipe)}", file=sys.stderr)
         return 2
+
+
+def what_next(err: UserError, recipe: Recipe | None) -> str:
+    """The hint after a user error: what the recipe needs and its toy twin, for errors of the machine or inputs."""
+    if recipe is None or isinstance(err, ConfigError):
+        return ""
+    needs = f"; {recipe.name} needs {recipe.needs}" if recipe.needs else ""
+    twin = toy_twin(recipe)
+    toy = f"; on this machine try its toy twin: deepspeed engine/train.py --recipe {twin}" if twin != recipe.name else ""
+    return needs + toy
+
+
+def run(args: argparse.Namespace, recipe: Recipe) -> int:
+    """One run of a loaded recipe; returns the exit code (user errors propagate to :func:`main`)."""
     if args.stage and recipe.videogpa is None:
-        print(f"error: --stage {args.stage}: recipe {recipe.name!r} has no videogpa section", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--stage {args.stage}: recipe {recipe.name!r} has no videogpa section")
+    if recipe.needs and int(os.environ.get("RANK", "0")) == 0:
+        print(f"{recipe.name} needs {recipe.needs}", flush=True)
     world = init_world(recipe.device, args.local_rank, recipe.distributed.threads)
-    sp = recipe.distributed.sequence_parallel
-    if world.size % sp:   # the one recipe check that needs the world size
-        if world.is_main:
-            print(f"error: distributed.sequence_parallel: {sp} does not divide the world of {world.size} ranks "
-                  f"(launch a multiple of {sp} processes)", file=sys.stderr)
-        shutdown()
-        return 2
     lock = None
     preempt = Preemption().install()   # SIGTERM / SIGUSR1: finish the step, checkpoint, exit 75
     try:
+        sp = recipe.distributed.sequence_parallel
+        if world.size % sp:   # the one recipe check that needs the world size
+            raise ConfigError(f"distributed.sequence_parallel: {sp} does not divide the world of {world.size} ranks "
+                              f"(launch a multiple of {sp} processes)")
         # every network of this process runs in the recipe's precision (engine/precision.py)
         with use_precision(resolve_precision(recipe.distributed.precision, world.device)):
             set_attention_backend(recipe.attention)
@@ -111,10 +131,6 @@ def main(argv: list[str] | None = None) -> int:
                     summary = run_pipeline(recipe, run_dir, world, stage=args.stage)
                 else:
                     summary = train(recipe, run_dir, args.resume, world)
-            except ConfigError as err:   # a check that needs the built model (a VideoGPA policy's heads / tokens)
-                if world.is_main:
-                    print(f"error: {err}", file=sys.stderr)
-                return 2
             except (NonFiniteLossError, CheckpointError, CheckpointWriteError) as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 1

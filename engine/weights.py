@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from geoforge.engine.errors import MissingInput
+
 HF_PREFIX = "hf://"
 # BatchNorm's step counter: absent from older/ported files, never used at inference.
 OPTIONAL_SUFFIXES = ("num_batches_tracked",)
@@ -68,12 +70,12 @@ def resolve_weights(source: str | os.PathLike, local_files_only: bool = False) -
             raise ValueError(f"weights source {text!r}: expected hf://OWNER/REPO[@REVISION]/PATH/IN/REPO")
         path = hub_file(repo_id, file, revision, local_files_only)
         if path is None:
-            raise FileNotFoundError(f"weights source {text!r}: the Hub repo has no such file")
+            raise MissingInput(f"weights source {text!r}: the Hub repo has no such file")
         return path
     path = Path(text).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {text!r} does not exist (give a local .safetensors/.pt/.pth "
-                                f"file or hf://OWNER/REPO/PATH/IN/REPO)")
+        raise MissingInput(f"weights file {text!r} does not exist (give a local .safetensors/.pt/.pth "
+                           f"file or hf://OWNER/REPO/PATH/IN/REPO)")
     return path
 
 

@@ -43,7 +43,9 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "profiling" / "results"
+# Where benchmarks write by default: an untracked folder (runs/ is ignored), so measuring leaves the checkout
+# clean. profiling/results/ holds the committed record; pass --csv profiling/results/<name>.csv to add to it.
+RESULTS = ROOT / "runs" / "profiling"
 CSV_COLUMNS = ("kernel", "provider", "mode", "metric", "unit", "x", "p50", "p20", "p80", "device", "commit")
 MB = float(1 << 20)
 
@@ -246,7 +248,7 @@ def assumed_peak_gbps(device: torch.device, override: float | None = None) -> fl
 
 
 def run_case(case: Case, device: torch.device, *, warmup: int = 1, repeat: int = 5, budget_s: float = 10.0,
-             verbose: bool = True) -> Result:
+             verbose: bool = True, progress: str = "") -> Result:
     """Measure one case: warmup, one memory call, then timed calls (``repeat`` at most, fewer when one call is
     slow: as many as fit in ``budget_s`` but at least 3)."""
     label = device_label(device)
@@ -271,13 +273,29 @@ def run_case(case: Case, device: torch.device, *, warmup: int = 1, repeat: int =
     if verbose:
         msg = (f"{result.p50:10.3f} ms" if result.error is None else f"FAILED {result.error}")
         mem = "" if result.peak_bytes is None else f"  peak {result.peak_bytes / MB:9.1f} MB"
-        print(f"  {case.kernel:<11} {case.mode:<8} {case.x_name}={case.x:<8} {case.provider:<8} {msg}{mem}"
+        print(f"  {progress}{case.kernel:<11} {case.mode:<8} {case.x_name}={case.x:<8} {case.provider:<8} {msg}{mem}"
               f"  ({time.perf_counter() - wall:.1f} s with warm-up)", flush=True)
     return result
 
 
-def run_cases(cases: Iterable[Case], device: torch.device, **kw) -> list[Result]:
-    return [run_case(c, device, **kw) for c in cases]
+def run_cases(cases: Iterable[Case], device: torch.device, done: int = 0, total: int | None = None,
+              **kw) -> list[Result]:
+    """:func:`run_case` of each case, its line prefixed with the progress ``[i/total]`` (``done`` before these)."""
+    cases = list(cases)
+    total = total or done + len(cases)
+    return [run_case(c, device, progress=f"[{done + i}/{total}] ", **kw) for i, c in enumerate(cases, 1)]
+
+
+def allow_static_recompiles(cases: int) -> None:
+    """Each benchmarked size compiles its own static-shape graph (what a run with one shape gets): raise dynamo's
+    per-function recompile limit above the number of cases, so no size silently falls back to eager (with a
+    ``recompile_limit`` warning) partway through a sweep."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):   # the name changed across torch releases
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), cases + 8))
 
 
 # ----------------------------------------------------------------------------- reporting

@@ -13,8 +13,9 @@ list for every backend) with every backend installed that decodes the codec here
 
 Each configuration is timed ``--repeat`` times (default 3 with ``--quick``, else 5; p50, p20, p80 of
 frames/s); every row has its ratio against PyAV in the same mode, measured in the same run. Rows are appended to
-``profiling/results/data.csv`` (codec, size, backend, mode, workers, clips_per_s, frames_per_s p50/p20/p80,
-ratio_vs_pyav, device, commit). ``--quick`` (under 2 minutes on 2 cores) uses fewer, shorter videos.
+``runs/profiling/data.csv``, untracked (the committed record is ``profiling/results/data.csv``): codec, size, backend,
+mode, workers, clips_per_s, frames_per_s p50/p20/p80, ratio_vs_pyav, device, commit. ``--quick`` (under 2 minutes
+on 2 cores) uses fewer, shorter videos.
 
     OMP_NUM_THREADS=1 python profiling/bench_data.py --quick
 """

@@ -28,7 +28,8 @@ a temporary directory unless ``--cache DIR`` is given) - and runs their steps in
 live, cache, baseline, ...) so that load from other processes hits all three alike. Reported: the median
 (p50) of each phase over the timed steps, and overhead = p50(step) / p50(baseline step) - 1. Peak memory:
 CUDA ``max_memory_allocated`` during a step; CPU: the torch profiler's c10 allocator peak of one extra,
-untimed step (``profiling/_harness.cpu_peak_bytes``). Rows are appended to ``profiling/results/train.csv``.
+untimed step (``profiling/_harness.cpu_peak_bytes``). Rows are appended to ``runs/profiling/train.csv`` (untracked;
+``--csv profiling/results/train.csv`` adds them to the committed record).
 
 **--precisions fp32,auto** builds the recipe once per ``distributed.precision`` value (same initial weights,
 ``engine.precision`` installed around each config's steps) and interleaves their steps the same way; the
@@ -70,7 +71,7 @@ from geoforge.engine.precision import resolve_precision, use_precision  # noqa: 
 from profiling.train_model import GPUS, print_model  # noqa: E402
 
 PHASES = ("data", "teacher", "dit_fwd", "align", "backward", "optimizer")
-RESULTS = ROOT / "profiling" / "results"
+from profiling._harness import RESULTS  # noqa: E402   (untracked runs/profiling; see _harness)
 
 # ----------------------------------------------------------------------------- measured steps
 class PhaseTimer:

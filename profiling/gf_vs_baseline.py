@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     recipe = load_recipe(args.recipe, args.set)
     args.steps = args.steps or recipe.schedule.steps
     out = Path(args.out).resolve()
+    print(f"plan: {2 * len(args.seeds)} runs (GF and baseline x seeds {args.seeds}) of {args.steps} steps, finished ones "
+          f"reused -> {out}; gf_tiny's 400 steps take ~2-3 min per run on 2 cores, plus the held-out evaluation",
+          flush=True)
     results = {}
     for seed in args.seeds:
         for variant in VARIANTS:

@@ -51,13 +51,13 @@ def uses_dali(data: DataConfig, world: World) -> bool:
 
 
 def build_loader(data: DataConfig, world: World, seed: int, grad_accum: int = 1, start: int = 0,
-                 data_parallel: tuple[int, int] | None = None):
+                 data_parallel: tuple[int, int] | None = None, dataset: torch.utils.data.Dataset | None = None):
     """An endless loader of this rank's micro-batches (``grad_accum`` per optimizer step), starting after
     ``start`` consumed micro-batches: a DataLoader (PyAV / torchcodec in its workers), or on a GPU with DALI
     the main-process NVDEC loader (same plan, order and bad-file handling; :func:`uses_dali`).
     ``data_parallel = (dp_rank, dp_size)`` when ranks share clips (sequence parallelism); default
-    ``(world.rank, world.size)``."""
-    dataset = build_dataset(data, world, seed)
+    ``(world.rank, world.size)``. ``dataset``: :func:`build_dataset`'s, when the caller built it already."""
+    dataset = dataset if dataset is not None else build_dataset(data, world, seed)
     dp_rank, dp_size = data_parallel or (world.rank, world.size)
     sampler = ResumableBatchSampler(len(dataset), data.batch_size, grad_accum, dp_size, dp_rank, seed=seed,
                                     start=start)

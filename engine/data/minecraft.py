@@ -36,8 +36,11 @@ from geoforge.engine.data.re10k import pixel_intrinsics, relative_extrinsics
 from geoforge.engine.data.synthetic import ensure_generated
 from geoforge.engine.data.video_io import ResizeCrop, encode_video
 from geoforge.engine.data.voxel_render import NUM_ACTIONS, render_minecraft_clip
+from geoforge.engine.errors import MissingInput
 
 log = logging.getLogger("geoforge.data")
+PREPARE_HINT = ("point data.root at a Minecraft set (<split>/<name>.mp4 + <name>.npz), or render synthetic clips with "
+                "geoforge-minecraft --out DATA_ROOT --clips N and --set data.root=DATA_ROOT")
 
 FPS = 10
 GENERATOR_VERSION = 1
@@ -64,7 +67,7 @@ def find_minecraft_clips(root: str | Path, split: str, on_error: str = "raise") 
     if not folder.is_dir() and split == "test":
         folder = Path(root) / "validation"
     if not folder.is_dir():
-        raise FileNotFoundError(f"no Minecraft split {split!r}: {folder} does not exist")
+        raise MissingInput(f"data.root: no Minecraft split {split!r}: {folder} does not exist; {PREPARE_HINT}")
     videos = {p.with_suffix(""): p for p in folder.rglob("*.mp4")}
     archives = {p.with_suffix(""): p for p in folder.rglob("*.npz")}
     lonely = sorted(str(p) + " has no " + ("actions .npz" if p.suffix == ".mp4" else "video .mp4")
@@ -78,7 +81,7 @@ def find_minecraft_clips(root: str | Path, split: str, on_error: str = "raise") 
                     lonely[0])
     pairs = [(videos[k], archives[k]) for k in sorted(videos.keys() & archives.keys())]
     if not pairs:
-        raise FileNotFoundError(f"no Minecraft clips (<name>.mp4 + <name>.npz) under {folder}")
+        raise MissingInput(f"data.root: no Minecraft clips (<name>.mp4 + <name>.npz) under {folder}; {PREPARE_HINT}")
     return pairs
 
 

@@ -37,11 +37,14 @@ from torch.utils.data import Dataset
 
 from geoforge.engine.data.decode import BACKENDS, DataError, SkipBadClips, decode_clip, probe
 from geoforge.engine.data.video_io import ResizeCrop, read_image
+from geoforge.engine.errors import MissingInput
 
 __all__ = ["Re10KClips", "ResizeCrop", "find_clips", "pixel_intrinsics", "read_dfot_poses", "read_pose_file",
            "relative_extrinsics", "write_pose_file"]
 
 log = logging.getLogger("geoforge.data")
+PREPARE_HINT = ("prepare RealEstate10K with geoforge-prepare-re10k --txt-dir TXT --video-dir VIDEOS --out DATA_ROOT "
+                "and --set data.root=DATA_ROOT, or train a toy recipe on synthetic scenes (--recipe gf_tiny)")
 
 LAYOUTS = ("auto", "raw", "dfot")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -187,7 +190,7 @@ def find_clips(root: str | Path, split: str, layout: str = "auto", on_error: str
     if layout == "dfot":
         poses, videos = root / f"{split}_poses", _dfot_videos(root, split, video_size, resolution)
         if not poses.is_dir() or not videos.is_dir():
-            raise FileNotFoundError(f"DFoT layout needs {poses} and {videos}")
+            raise MissingInput(f"data.root: the DFoT layout needs {poses} and {videos}; {PREPARE_HINT}")
         entries = set(os.listdir(videos))
         for pt in sorted(poses.glob("*.pt")):
             if f"{pt.stem}.mp4" in entries:
@@ -199,7 +202,8 @@ def find_clips(root: str | Path, split: str, layout: str = "auto", on_error: str
         if not folder.is_dir() and split == "training" and (root / "train").is_dir():
             folder = root / "train"
         if not folder.is_dir():
-            raise FileNotFoundError(f"no clips for split {split!r}: neither {root / split} nor {root}/{split}_poses exist")
+            raise MissingInput(f"data.root: no clips for split {split!r}: neither {root / split} nor "
+                               f"{root}/{split}_poses exist; {PREPARE_HINT}")
         entries = set(os.listdir(folder))
         for txt in sorted(e for e in entries if e.endswith(".txt")):
             name = txt[: -len(".txt")]
@@ -216,7 +220,8 @@ def find_clips(root: str | Path, split: str, layout: str = "auto", on_error: str
         log.warning("%s/%s: %d camera files have no video and are left out (data.on_error=skip), e.g. %s",
                     root, split, len(missing), missing[0])
     if not clips:
-        raise FileNotFoundError(f"no clips with both cameras and frames in {root} (split {split!r}, layout {layout})")
+        raise MissingInput(f"data.root: no clips with both cameras and frames in {root} (split {split!r}, layout "
+                           f"{layout}); {PREPARE_HINT}")
     return layout, clips
 
 

@@ -675,12 +675,12 @@ def _run(opts: EvalOptions, networks: Networks | None, recipe, protocol, frames:
 
 def main(argv: list[str] | None = None) -> int:
     from geoforge.engine.checkpoint import CheckpointError
-    from geoforge.engine.config import ConfigError
+    from geoforge.engine.errors import UserError
 
     opts = parse_args(argv)
     try:
         run(opts)
-    except (ConfigError, ValueError, FileNotFoundError, CheckpointError) as err:
+    except (UserError, ValueError, FileNotFoundError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -29,6 +29,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from geoforge.engine.errors import MissingCapability
+
 log = logging.getLogger("geoforge.attention")
 ATTENTION_BACKENDS = ("auto", "flash_attn", "xformers", "sdpa")
 _state = {"backend": None}
@@ -58,8 +60,9 @@ def set_attention_backend(requested: str = "auto") -> str:
         chosen = requested
         if chosen in ("flash_attn", "xformers") and not (cuda and _available(
                 "flash_attn" if chosen == "flash_attn" else "xformers.ops")):
-            raise RuntimeError(f"attention backend {chosen!r} requested but not usable here "
-                               f"(CUDA available: {cuda}); install the 'gpu' extra or use 'sdpa'")
+            raise MissingCapability(f"attention: {chosen!r} requested but not usable here (CUDA available: {cuda}); "
+                                    f"on a CUDA machine install the 'gpu' extra (pip install -e '.[gpu]'), or "
+                                    f"--set attention=auto (picks {chosen} where it works, sdpa elsewhere)")
     if _state["backend"] != chosen:
         log.info("attention backend: %s (requested %s)", chosen, requested)
     _state["backend"] = chosen

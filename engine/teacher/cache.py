@@ -43,6 +43,7 @@ from geoforge.engine.data.builder import build_dataset
 from geoforge.engine.data.sampler import EpochIndexed
 from geoforge.engine.atomic import TEMP_PREFIX, atomic_save, atomic_write_json
 from geoforge.engine.distributed import World, resolve_device
+from geoforge.engine.errors import UserError
 from geoforge.engine.precision import resolve_precision, use_precision
 from geoforge.engine.teacher.live import LiveTeacher
 from geoforge.engine.teacher.reader import FORMAT, MANIFEST, VERSION, WINDOW_KEYS, expected_manifest
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             build_cache(recipe, out, epochs=args.epochs, world_size=args.world_size, shard_size=args.shard_size,
                         batch_size=args.batch_size, max_windows=args.max_windows, num_workers=args.num_workers,
                         device=device, overwrite=args.overwrite)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
+    except (UserError, ValueError, FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
