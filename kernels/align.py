@@ -39,14 +39,13 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from pathlib import Path
 from typing import Protocol, Sequence
 
 import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
-from geoforge.kernels import _backend
+from geoforge.kernels import _backend, _cpp
 
 try:
     import triton
@@ -55,7 +54,7 @@ except ImportError:  # pragma: no cover - platforms without triton use the cpu /
     triton = None
 
 EPS = 1e-6
-CSRC = Path(__file__).resolve().parent.parent / "csrc" / "align_tail.cpp"
+CSRC = _cpp.CSRC / "align_tail.cpp"
 DEFAULT_CHUNK = {"cpu": 384, "cuda": 2048}  # tokens per chunk (CPU: measured with profiling/bench_align.py)
 
 
@@ -119,19 +118,8 @@ class _CppTail:
         return self.ext.tail(p, s, y, grad_p, grad_s, ang_coef, scale_coef, EPS)
 
 
-@functools.lru_cache(maxsize=None)
 def _load_cpp_extension():
-    from torch.utils import cpp_extension
-
-    if not CSRC.is_file():
-        raise RuntimeError(f"align: the cpu backend compiles {CSRC}, which is missing (a source checkout is "
-                           "needed); use backend='reference'")
-    try:
-        return cpp_extension.load(name="geoforge_align_tail", sources=[str(CSRC)],
-                                  extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
-    except Exception as err:  # compiler missing, no OpenMP, ...
-        raise RuntimeError(f"align: building the cpu backend from {CSRC} failed (needs a C++ compiler with "
-                           f"OpenMP); use backend='reference'. Cause: {err}") from err
+    return _cpp.load_extension("align", "geoforge_align_tail", CSRC.name)
 
 
 if triton is not None:

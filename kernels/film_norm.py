@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import functools
 import math
-from pathlib import Path
 from typing import Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from geoforge.kernels import _backend
+from geoforge.kernels import _backend, _cpp
 
 try:
     import triton
@@ -43,7 +42,7 @@ except ImportError:  # pragma: no cover - platforms without triton use the cpu /
     triton = None
 
 EPS = 1e-6
-CSRC = Path(__file__).resolve().parent.parent / "csrc" / "film_norm.cpp"
+CSRC = _cpp.CSRC / "film_norm.cpp"
 FUSED_DTYPES = (torch.float32, torch.bfloat16)
 MAX_TRITON_COLS = 4096  # widest row one program holds: the backward keeps three [BLOCK_R, BLOCK_D] tiles live and
 # spills at 8192 in bf16 on sm_90 even at 32 warps (compile lane); wider rows take the reference under ``auto``
@@ -96,19 +95,8 @@ class _MetaFilm:
         return torch.empty(w.shape, dtype=torch.float32, device=w.device) if want_dw else None
 
 
-@functools.lru_cache(maxsize=None)
 def _load_cpp_extension():
-    from torch.utils import cpp_extension
-
-    if not CSRC.is_file():
-        raise RuntimeError(f"film_norm: the cpu backend compiles {CSRC}, which is missing (a source checkout is "
-                           "needed); use backend='reference'")
-    try:
-        return cpp_extension.load(name="geoforge_film_norm", sources=[str(CSRC)],
-                                  extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
-    except Exception as err:  # compiler missing, no OpenMP, ...
-        raise RuntimeError(f"film_norm: building the cpu backend from {CSRC} failed (needs a C++ compiler with "
-                           f"OpenMP); use backend='reference'. Cause: {err}") from err
+    return _cpp.load_extension("film_norm", "geoforge_film_norm", CSRC.name)
 
 
 if triton is not None:

@@ -30,13 +30,12 @@ Only ``reference`` supports autograd (``unproject_depth``).
 """
 from __future__ import annotations
 
-import functools
 import operator
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from geoforge.kernels import _cpp
 from geoforge.kernels._backend import check_grid, device_guard, resolve
 
 try:
@@ -48,7 +47,7 @@ except ImportError:  # pragma: no cover - platforms without triton
 Z_MIN = torch.tensor(1e-6, dtype=torch.float32).item()  # float32(1e-6), exact in every backend
 MAX_POINTS = 2**31 - 1
 _EMPTY = torch.iinfo(torch.int64).max
-_CSRC = Path(__file__).resolve().parent.parent / "csrc" / "reproject.cpp"
+_CSRC = _cpp.CSRC / "reproject.cpp"
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -256,15 +255,9 @@ if triton is not None:
 
 
 # ------------------------------------------------------------------------------------------------ fast paths
-@functools.lru_cache(maxsize=None)
 def _cpu_extension():
     """Build (first call, ~20 s) or load the cached C++/OpenMP extension from ``csrc/reproject.cpp``."""
-    if not _CSRC.is_file():
-        raise RuntimeError(f"reproject: backend 'cpu' needs {_CSRC} (an editable/source install of geoforge)")
-    from torch.utils.cpp_extension import load
-
-    return load(name="geoforge_reproject", sources=[str(_CSRC)], extra_ldflags=["-fopenmp"],
-                extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"])
+    return _cpp.load_extension("reproject", "geoforge_reproject", _CSRC.name, ("-ffp-contract=off",))
 
 
 def _unproject_fast(depth: Tensor, extrinsic: Tensor, intrinsic: Tensor, backend: str) -> Tensor:
