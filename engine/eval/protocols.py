@@ -13,18 +13,70 @@
   FID between the sets of first and last frames), reprojection consistency and camera accuracy
   against the rotation.
 
-Guidance levels (``stabilization``, ``fraction``) are flow times for the DiT; for DFoT's U-ViT3D
-(``model.arch: uvit3d``) ``engine.eval.run`` reads them in DFoT's units, as GF's scripts give them
-(:func:`engine.eval.run.dfot_guidance`).
+History guidance is given as GF's / DFoT's scripts give it (:class:`GuidanceSpec`): DFoT's scheme name and
+its levels in DFoT's units, whatever the architecture; :meth:`GuidanceSpec.to_guidance` turns them into the
+sampler's flow times on the recipe's DFoT schedule.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from geoforge.engine.sampling import Guidance
+from geoforge.engine.objectives.dfot_diffusion import DFoTDiffusionConfig
+from geoforge.engine.objectives.dfot_velocity import dfot_level_time
+from geoforge.engine.sampling import GUIDANCE_NAMES, Guidance
+from geoforge.engine.schema import ConfigError
+
+
+@dataclass(frozen=True)
+class GuidanceSpec:
+    """History guidance in the user's units: one unit per flag, the same on every architecture.
+
+    ``name``: DFoT's scheme (:data:`engine.sampling.GUIDANCE_NAMES`); ``scale``: the HG-v / HG-f weight w;
+    ``stabilization_level`` (``stabilized_*``: the noise level of generated history) and ``freq_scale`` (HG-f:
+    the noise level of the fractional history) are DFoT's ``stabilization_level`` / ``freq_scale``, in DFoT's
+    units: a fraction of its discrete noise schedule (T = 1000 levels; level ``(k T - 1)``, e.g. 0.02 = level 19,
+    logSNR 2.83, flow time 0.196), as the published scripts and papers give them (GF's and DFoT's
+    ``stabilization_level=0.02``). Chosen over flow time because these are the numbers a reader of the papers
+    and of the released code has; :meth:`to_guidance` converts them, on the recipe's ``dfot`` schedule, into
+    the flow times the sampler works in (``engine.objectives.dfot_velocity.dfot_level_time``). Flow time t and
+    DFoT's VP path have the same logSNR ``2 log((1 - t) / t)``, so a level is the same noise level on the DiT
+    and on the U-ViT3D (for the DiT, whose own diffusion is not DFoT's, the recipe's ``dfot`` section only
+    serves this conversion: DFoT's RE10K schedule unless set). ``cond_scale``, ``subsets``,
+    ``subset_weights``: as :class:`engine.sampling.Guidance`.
+    """
+
+    name: str = "conditional"
+    scale: float = 1.0
+    stabilization_level: float = 0.0
+    freq_scale: float = 0.5
+    cond_scale: float = 1.0
+    subsets: tuple[tuple[int, ...], ...] = ()
+    subset_weights: tuple[float, ...] = ()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the field (and its ``geoforge-eval`` flag) of an invalid setting."""
+        if self.name not in GUIDANCE_NAMES:
+            raise ConfigError(f"guidance: must be one of {GUIDANCE_NAMES}, got {self.name!r}")
+        if not 0.0 <= self.stabilization_level < 1.0:
+            raise ConfigError(f"stabilization_level (--stabilization-level): DFoT's noise level, must be in "
+                              f"[0, 1), got {self.stabilization_level}")
+        if not 0.0 < self.freq_scale < 1.0:
+            raise ConfigError(f"freq_scale (--freq-scale): DFoT's noise level, must be in (0, 1), got "
+                              f"{self.freq_scale}")
+
+    def to_guidance(self, dfot: DFoTDiffusionConfig | None = None) -> Guidance:
+        """The sampler's :class:`Guidance`: the levels as flow times on ``dfot``'s schedule (default: DFoT's
+        RE10K one, ``DFoTDiffusionConfig()``)."""
+        self.validate()
+        dfot = dfot if dfot is not None else DFoTDiffusionConfig()
+        fractional = self.name.removeprefix("stabilized_") == "fractional"
+        return Guidance.named(self.name, scale=self.scale, cond_scale=self.cond_scale,
+                              stabilization=dfot_level_time(dfot, self.stabilization_level),
+                              fraction=dfot_level_time(dfot, self.freq_scale) if fractional else Guidance.fraction,
+                              subsets=[list(s) for s in self.subsets], subset_weights=list(self.subset_weights))
 
 
 @dataclass(frozen=True)
@@ -35,8 +87,8 @@ class Protocol:
     num_videos: int = 100
     frame_skip: int = 1
     keyframe_density: float | None = None
-    guidance: Guidance = field(default_factory=lambda: Guidance.named("stabilized_vanilla", 4.0, 0.02))
-    interpolation_guidance: Guidance = field(default_factory=lambda: Guidance.named("vanilla", 1.5))
+    guidance: GuidanceSpec = GuidanceSpec("stabilized_vanilla", 4.0, stabilization_level=0.02)
+    interpolation_guidance: GuidanceSpec = GuidanceSpec("vanilla", 1.5)
     rotation: bool = False  # replace the clip's cameras by a 360-degree turn about the first camera
 
 

@@ -32,22 +32,29 @@ def _fmt(value: float | None) -> str:
     return f"{value:.4g}"
 
 
-def describe_sampler(sampler: dict) -> str:
-    """One line for the report from ``asdict(SamplerConfig)``."""
-    def guidance(g: dict) -> str:
+def describe_sampler(sampler: dict, levels: dict | None = None) -> str:
+    """One line for the report from ``asdict(SamplerConfig)``; ``levels``: the guidance as the user gave it
+    (``{"prediction": asdict(GuidanceSpec), "interpolation": ...}``), whose noise levels (DFoT's units) are
+    shown next to the sampler's flow times."""
+    def guidance(g: dict, spec: dict | None) -> str:
+        def level(key: str, t: float) -> str:
+            return f"{spec[key]:g} (flow time {t:.3g})" if spec else f"at flow time {t:.3g}"
+
         text = g["history"] + (f" {g['scale']:g}" if g["history"] in ("vanilla", "fractional") else "")
-        text += f" (fraction {g.get('fraction', 0.5):g})" if g["history"] == "fractional" else ""
+        text += f" (freq_scale {level('freq_scale', g.get('fraction', 0.5))})" if g["history"] == "fractional" else ""
         if g["history"] == "temporal":
             text += " (" + "; ".join(f"frames {list(s)} x {w:g}" for s, w in
                                      zip(g.get("subsets", ()), g.get("subset_weights", ()))) + ")"
-        text += f", stabilization {g['stabilization']:g}" if g["stabilization"] else ""
+        if g["stabilization"]:
+            text += f", stabilization level {level('stabilization_level', g['stabilization'])}"
         return text + (f", camera/action CFG {g['cond_scale']:g}" if g["cond_scale"] != 1 else "")
 
+    levels = levels or {}
     text = (f"{sampler['method']} ({sampler['steps']} steps, {sampler['schedule']}), window {sampler['window']}, "
-            f"history guidance {guidance(sampler['guidance'])}")
+            f"history guidance {guidance(sampler['guidance'], levels.get('prediction'))}")
     if sampler.get("keyframe_density"):
         text += (f"; keyframes at density {sampler['keyframe_density']:g}, interpolation guidance "
-                 f"{guidance(sampler['interpolation_guidance'])}")
+                 f"{guidance(sampler['interpolation_guidance'], levels.get('interpolation'))}")
     return text
 
 
@@ -110,7 +117,8 @@ def write_report(out: Path, summary: dict, curves: dict[str, list[float | None]]
     lines = [f"# Evaluation: {summary['protocol']}", "",
              f"- recipe: `{summary['recipe']}`, checkpoint: `{summary['checkpoint']}` ({summary['weights']} weights)",
              f"- videos: {summary['num_videos']}, frames: {summary['frames']}, context frames: {summary['context']}",
-             f"- sampler: {describe_sampler(summary['sampler'])}", "", "| metric | value | better |", "|---|---|---|"]
+             f"- sampler: {describe_sampler(summary['sampler'], summary.get('guidance'))}", "",
+             "| metric | value | better |", "|---|---|---|"]
     for name, value in summary["metrics"].items():
         lines.append(f"| {name} | {_fmt(value)} | {'lower' if name in LOWER_IS_BETTER else 'higher'} |")
     if summary.get("skipped"):

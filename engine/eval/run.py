@@ -27,6 +27,12 @@ and it is sampled through the v-prediction adapter (``engine.objectives.dfot_vel
 grid by default (``--grid auto``: Euler on it is DFoT's own 50-step DDIM, the paper's sampler), with the
 protocol's history guidance (or ``--guidance ...``) on top.
 
+History-guidance levels (``--stabilization-level``, ``--freq-scale``, and the protocols') are DFoT's noise levels
+on every architecture, as GF's / DFoT's scripts give them (``stabilization_level=0.02``: a fraction of DFoT's
+discrete schedule), converted to the sampler's flow times inside (``engine.eval.protocols.GuidanceSpec``).
+The old flags ``--stabilization`` / ``--fraction`` (flow times for the DiT, DFoT's levels for the U-ViT3D) are
+refused, naming the new ones.
+
 Metric networks come from local files or hub references (``--i3d``, ``--inception``,
 ``--lpips-backbone`` + ``--lpips-lin``, ``--vggt``); a metric whose network is not given is skipped
 and named, with the reason, on the console, in ``metrics.json`` (``skipped``) and in the report.
@@ -50,12 +56,12 @@ from geoforge.engine.atomic import TEMP_PREFIX, atomic_write_bytes, atomic_write
 from geoforge.engine.distributed import resolve_device
 from geoforge.engine.eval.frechet import extract_features, frechet_distance_from_features
 from geoforge.engine.eval.image_metrics import psnr, ssim
-from geoforge.engine.eval.protocols import PROTOCOLS, Protocol, get_protocol, rotation_extrinsics
+from geoforge.engine.eval.protocols import PROTOCOLS, GuidanceSpec, Protocol, get_protocol, rotation_extrinsics
 from geoforge.engine.eval.report import frame_grid, write_report
 from geoforge.engine.models.arch import condition_keys
 from geoforge.engine.objectives.dfot_velocity import from_model_space, recipe_velocity_model, to_model_space
 from geoforge.engine.precision import PRECISIONS, Precision, resolve_precision, use_precision
-from geoforge.engine.sampling import GUIDANCE_NAMES, Guidance, SamplerConfig, generate
+from geoforge.engine.sampling import GUIDANCE_NAMES, SamplerConfig, generate
 
 if TYPE_CHECKING:
     from geoforge.engine.eval.geometry import VGGTGeometry
@@ -102,12 +108,29 @@ class EvalOptions:
     camera_scale: str = "own"
     guidance: str | None = None
     guidance_scale: float = 1.0
-    stabilization: float = 0.0
+    stabilization_level: float = 0.0
     cond_scale: float = 1.0
-    fraction: float = 0.5
+    freq_scale: float = 0.5
     subsets: str | None = None
     subset_weights: str | None = None
     progress: bool = True
+
+
+RENAMED_FLAGS = {   # old spelling -> (new flag, what changed)
+    "--stabilization": ("--stabilization-level", ("DFoT's noise level on every architecture (was a flow time for "
+                                                  "the DiT); GF's scripts' stabilization_level=0.02 is "
+                                                  "--stabilization-level 0.02")),
+    "--fraction": ("--freq-scale", "DFoT's freq_scale noise level on every architecture (was a flow time for the DiT)"),
+}
+
+
+class _Renamed(argparse.Action):
+    """A flag that was renamed: refused, naming its new spelling (argparse would otherwise take an old spelling
+    that is a prefix of the new one as its abbreviation)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        new, why = RENAMED_FLAGS[option_string]
+        parser.error(f"{option_string} was renamed {new}: {why}")
 
 
 def parse_args(argv: list[str] | None = None) -> EvalOptions:
@@ -154,20 +177,23 @@ def parse_args(argv: list[str] | None = None) -> EvalOptions:
     g = p.add_argument_group("history guidance (default: the protocol's; see engine/sampling)")
     g.add_argument("--guidance", choices=GUIDANCE_NAMES, default=None, help="scheme of the prediction windows")
     g.add_argument("--guidance-scale", type=float, default=1.0, help="HG-v / HG-f weight w")
-    g.add_argument("--stabilization", type=float, default=0.0,
-                   help="noise level of generated history (stabilized_*): a flow time; for model.arch uvit3d "
-                        "DFoT's level (fraction of its schedule, as GF's scripts)")
+    g.add_argument("--stabilization-level", type=float, default=0.0,
+                   help="stabilized_*: noise level of generated history, DFoT's stabilization_level on every "
+                        "architecture (a fraction of DFoT's schedule: 0.02 = level 19, flow time 0.196)")
     g.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance on cameras / actions")
-    g.add_argument("--fraction", type=float, default=0.5,
-                   help="HG-f: noise level of the fractional history (uvit3d: DFoT's freq_scale level)")
+    g.add_argument("--freq-scale", type=float, default=0.5,
+                   help="HG-f: noise level of the fractional history, DFoT's freq_scale on every architecture")
+    for old in RENAMED_FLAGS:
+        g.add_argument(old, action=_Renamed, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     g.add_argument("--subsets", default=None, metavar="0,1;-1", help="HG-t: history-frame positions per subset")
     g.add_argument("--subset-weights", default=None, metavar="2,1.5", help="HG-t: one weight per subset")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return EvalOptions(**vars(p.parse_args(argv)))
 
 
-def guidance_option(opts: EvalOptions, default: Guidance) -> Guidance:
-    """The guidance of ``--guidance ...`` (ValueError naming the flag if malformed), else ``default``."""
+def guidance_option(opts: EvalOptions, default: GuidanceSpec) -> GuidanceSpec:
+    """The guidance of ``--guidance ...`` in the user's units (ValueError naming the flag if malformed), else
+    ``default``."""
     if opts.guidance is None:
         return default
 
@@ -178,9 +204,10 @@ def guidance_option(opts: EvalOptions, default: Guidance) -> Guidance:
             raise ValueError(f"{flag}: expected comma-separated {kind.__name__}s, got {text!r}") from None
 
     subsets = [numbers("--subsets", part, int) for part in opts.subsets.split(";")] if opts.subsets else []
-    return Guidance.named(opts.guidance, scale=opts.guidance_scale, stabilization=opts.stabilization,
-                          cond_scale=opts.cond_scale, fraction=opts.fraction, subsets=subsets,
-                          subset_weights=numbers("--subset-weights", opts.subset_weights, float))
+    return GuidanceSpec(opts.guidance, scale=opts.guidance_scale, stabilization_level=opts.stabilization_level,
+                        freq_scale=opts.freq_scale, cond_scale=opts.cond_scale,
+                        subsets=tuple(tuple(s) for s in subsets),
+                        subset_weights=tuple(numbers("--subset-weights", opts.subset_weights, float)))
 
 
 def log(text: str) -> None:
@@ -512,28 +539,14 @@ def time_grid_option(opts: EvalOptions, recipe) -> tuple[float, ...] | None:
     return dfot_flow_times(recipe.dfot, opts.steps)
 
 
-def dfot_guidance(guidance: Guidance, recipe) -> Guidance:
-    """``guidance`` with its levels read in DFoT's units, as GF's / DFoT's scripts give them (``stabilization``,
-    ``fraction``: fractions of DFoT's discrete schedule, e.g. 0.02 = level 19 = flow time 0.196), as flow
-    times (``engine.objectives.dfot_velocity.dfot_level_time``); the U-ViT3D's history guidance then noises
-    history exactly as DFoT's code does."""
-    from dataclasses import replace
-
-    from geoforge.engine.objectives.dfot_velocity import dfot_level_time
-
-    fractional = guidance.history == "fractional"
-    fraction = dfot_level_time(recipe.dfot, guidance.fraction) if fractional else guidance.fraction
-    out = replace(guidance, stabilization=dfot_level_time(recipe.dfot, guidance.stabilization), fraction=fraction)
-    out.validate()
-    return out
-
-
 def sampler_config(protocol: Protocol, opts: EvalOptions, window: int, frames: int,
                    times: tuple[float, ...] | None = None, recipe=None) -> SamplerConfig:
-    """The sampler of a run; for a ``uvit3d`` ``recipe`` the guidance levels are DFoT's (:func:`dfot_guidance`)."""
-    guidance, interpolation = guidance_option(opts, protocol.guidance), protocol.interpolation_guidance
-    if recipe is not None and recipe.model.arch == "uvit3d":
-        guidance, interpolation = dfot_guidance(guidance, recipe), dfot_guidance(interpolation, recipe)
+    """The sampler of a run: the guidance (``--guidance ...`` or the protocol's) with its levels, DFoT's units
+    on every architecture, as flow times on ``recipe.dfot``'s schedule (:meth:`GuidanceSpec.to_guidance`;
+    DFoT's RE10K schedule without a recipe)."""
+    dfot = recipe.dfot if recipe is not None else None
+    guidance = guidance_option(opts, protocol.guidance).to_guidance(dfot)
+    interpolation = protocol.interpolation_guidance.to_guidance(dfot)
     return SamplerConfig(method=opts.method, steps=opts.steps, times=times, window=window,
                          sliding_context=opts.sliding_context,
                          keyframe_density=protocol.keyframe_density if frames > window else None,
@@ -662,6 +675,8 @@ def _run(opts: EvalOptions, networks: Networks | None, recipe, protocol, frames:
         "weights": opts.weights, "num_videos": num_videos, "frames": frames, "context": context,
         "precision": precision.describe(),
         "sampler": {k: v for k, v in asdict(sampler).items() if k not in ("progress",)},
+        "guidance": {"prediction": asdict(guidance_option(opts, protocol.guidance)),   # the user's units
+                     "interpolation": asdict(protocol.interpolation_guidance)},
         "metrics": dict(sorted(metrics.items())), "skipped": skipped,
         "grid_caption": ("Rows alternate ground truth / generated" if has_gt else "Generated rotation videos")
                         + f" (first {min(4, num_videos)} videos, evenly spaced frames).",

@@ -27,7 +27,13 @@ both move the frame to ``alpha' x0_hat + sigma' eps_hat`` (up to the scale ``alp
 ``sample_clip`` through the adapter reproduces ``ddim_sample`` (up to the first level, taken as t = 1
 exactly, and float32 rounding), and every guidance scheme of the sampler (history guidance included) runs
 on DFoT's own sampler grid. History-guidance levels given in DFoT's units (a fraction of its discrete
-schedule) become flow times with :func:`dfot_level_time` (``engine.eval`` does this for the U-ViT3D).
+schedule) become flow times with :func:`dfot_level_time` (``engine.eval`` reads every architecture's levels so).
+With a separate noise per guidance branch, drawn in DFoT's layout (``engine.sampling.window.history_noise``), one
+guided step through the adapter is DFoT's history-guidance step to float32 rounding
+(``tests/engine/objectives/test_dfot_history_guidance.py``, measured <= 1e-6 relative). The one difference left
+is below that: history that guidance noises fully (the unconditional branch) is pure noise at t = 1 here, while
+DFoT's ``q_sample`` at its last level ``T - 1`` keeps ``alpha = 7e-5`` of the clean frame (the network input
+is the same, ``logsnr[T - 1]``).
 
 **Cameras.** The U-ViT3D's ray condition takes DFoT's raw ``poses16`` when given (RealEstate10K batches
 carry them; what training and DFoT use), else GeoForge's ``intrinsics`` / ``extrinsics``; ``actions`` are
@@ -116,18 +122,29 @@ def dfot_flow_times(cfg: DFoTDiffusionConfig, steps: int) -> tuple[float, ...]:
     return tuple(float(x) for x in times)
 
 
+def dfot_index_time(cfg: DFoTDiffusionConfig, index: int) -> float:
+    """The flow time ``sigma / (alpha + sigma)`` of DFoT's discrete level ``index`` (its ``alphas_cumprod``;
+    ``index < 0``: clean, 0). Level ``T - 1`` is just short of 1 (``1 - 7e-5`` on the RE10K schedule)."""
+    if index < 0:
+        return 0.0
+    ac = float(DiscreteSchedule(cfg).alphas_cumprod.double()[index])
+    a, s = ac ** 0.5, (1 - ac) ** 0.5
+    return s / (a + s)
+
+
 def dfot_level_time(cfg: DFoTDiffusionConfig, level: float) -> float:
     """The flow time of a history-guidance level of DFoT's code (``stabilization_level``, ``freq_scale``: a
     fraction of its discrete schedule): DFoT noises such history to index ``(level * T - 1).long()`` (float32,
-    as its ``HistoryGuidanceManager``; -1 = clean -> 0, T - 1 -> 1), here the flow time of that index."""
+    as its ``HistoryGuidanceManager``; -1 = clean -> 0), here the flow time of that index; a level at or above
+    ``T - 1`` is "fully noised", 1 (pure noise; DFoT's ``q_sample`` at ``T - 1`` keeps 7e-5 of the clean frame).
+
+    GeoForge's guidance levels (``geoforge-eval --stabilization-level / --freq-scale``, the protocols) are
+    given in these units for every architecture and become flow times here: the same level is the same
+    logSNR on the DiT and on the U-ViT3D (``engine.eval.protocols.GuidanceSpec``)."""
     index = int((torch.tensor(level, dtype=torch.float32) * cfg.timesteps - 1).long())
-    if index < 0:
-        return 0.0
     if index >= cfg.timesteps - 1:
         return 1.0
-    ac = float(DiscreteSchedule(cfg).alphas_cumprod[index])
-    a, s = ac ** 0.5, (1 - ac) ** 0.5
-    return s / (a + s)
+    return dfot_index_time(cfg, index)
 
 
 # ----------------------------------------------------------------------------- one call per recipe
@@ -155,5 +172,5 @@ def default_times(model: nn.Module, steps: int) -> Sequence[float] | None:
     return model.flow_times(steps) if isinstance(model, DFoTVelocity) else None
 
 
-__all__ = ["DFoTVelocity", "vp_scales", "flow_logsnr", "dfot_flow_times", "dfot_level_time", "recipe_velocity_model",
-           "to_model_space", "from_model_space", "default_times"]
+__all__ = ["DFoTVelocity", "vp_scales", "flow_logsnr", "dfot_flow_times", "dfot_index_time", "dfot_level_time",
+           "recipe_velocity_model", "to_model_space", "from_model_space", "default_times"]

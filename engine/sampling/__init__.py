@@ -28,8 +28,10 @@ space: callers map context frames in and samples out with its ``encode`` / ``dec
 
 **Guidance** (DFoT's ``history_guidance.py``, :class:`Guidance`). The guided velocity is a weighted
 sum of model evaluations, batched into one call. Each evaluation gives every history frame a *level*
-k (it is fed as ``(1 - k) clean + k eps`` at flow time k; one eps draw per step, shared by all
-evaluations) and keeps or drops the cameras / actions. With ``u`` = every history frame at k = 1 and,
+k (it is fed as ``(1 - k) clean + k eps`` at flow time k, with an eps drawn for that evaluation
+alone, as DFoT draws a separate noise per branch: :func:`engine.sampling.window.history_noise`) and
+keeps or drops the cameras / actions. Levels here are flow times; ``engine.eval`` takes them from the user
+in DFoT's units (``engine.eval.protocols.GuidanceSpec``). With ``u`` = every history frame at k = 1 and,
 with ``guide_cond`` (DFoT's ``use_external_cond_guidance``), no cameras / actions either, and
 ``v_c`` = the full history (ground truth clean; generated history, kind 2, at k = s with
 stabilization s > 0, else clean) with cond, the composition is ``u + sum_i w_i (v_i - u)``:

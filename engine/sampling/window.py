@@ -13,31 +13,54 @@ from geoforge.engine.sampling.config import CONTEXT, GENERATE, GENERATED_CONTEXT
 from geoforge.engine.sampling.steps import flow_step, scheduling_matrix
 
 
+def history_noise(guidance: Guidance, branches: Sequence[tuple[tuple[float, ...], bool, float]],
+                  shape: Sequence[int], generator: torch.Generator | None, device: torch.device
+                  ) -> dict[int, torch.Tensor]:
+    """The noise of each branch's noised history, ``{branch index: [B, T, C, H, W]}``: a separate draw per
+    branch, drawn as DFoT's history-guidance step draws it, so that a generator in the state of DFoT's RNG
+    gives DFoT's noise.
+
+    DFoT's ``HistoryGuidanceManager.prepare`` repeats the window once per branch (``b t -> (b h) t``) and
+    noises the history of all of them with one ``q_sample`` call: one draw of ``[B * N, T, C, H, W]``, video
+    major, branch minor, every branch drawn (N = the branches). Its ``SimpleHistoryGuidanceManager`` (HG-v or
+    conditional sampling without stabilization) noises only the unconditional branch: one draw of
+    ``[B, T, C, H, W]``. Nothing is drawn when no branch has noised history (a window without history, or
+    conditional sampling); branches without noised history get no entry.
+    """
+    noised = [i for i, (levels, _, _) in enumerate(branches) if any(k > 0 for k in levels)]
+    if not noised:
+        return {}
+    simple = guidance.history in ("conditional", "vanilla") and guidance.stabilization == 0.0
+    drawn = noised if simple else list(range(len(branches)))
+    eps = randn_on((shape[0], len(drawn), *shape[1:]), generator, device)
+    return {i: eps[:, j] for j, i in enumerate(drawn) if i in noised}
+
+
 def guided_velocity(model: Model, x: torch.Tensor, t: torch.Tensor, kinds: torch.Tensor, clean: torch.Tensor,
                     cond: dict[str, torch.Tensor], guidance: Guidance, generator: torch.Generator | None = None,
                     autocast: str = "auto", max_batch: int | None = None) -> torch.Tensor:
     """Guided velocity ``[B, T, C, H, W]`` (float32) of window ``x`` at per-frame times ``t [T]``.
 
     ``kinds [T]`` as in the module docstring; ``clean`` holds the history frames' clean values.
-    History frames of ``x`` and ``t`` are ignored and rebuilt per branch.
+    History frames of ``x`` and ``t`` are ignored and rebuilt per branch, each branch's noised history from
+    its own noise draw (:func:`history_noise`).
     """
     b, frames = x.shape[:2]
     device = x.device
     is_hist = (kinds == CONTEXT) | (kinds == GENERATED_CONTEXT)
     hist_pos = torch.nonzero(is_hist).flatten().tolist()
     branches = guidance.branches(kinds[is_hist].tolist(), bool(cond))
-    needs_noise = any(k > 0 for levels, _, _ in branches for k in levels)
-    eps = randn_on(x.shape, generator, device) if needs_noise else None
+    eps = history_noise(guidance, branches, x.shape, generator, device)
     hist_mask = is_hist.to(device)[None, :, None, None, None]
     xs, ts, drops = [], [], []
-    for levels, drop, _ in branches:
+    for i, (levels, drop, _) in enumerate(branches):
         tb = t.to(device=device, dtype=torch.float32).expand(b, frames).clone()
         hist = clean
-        for k in dict.fromkeys(levels):  # history frames at flow time k: (1 - k) clean + k eps
+        for k in dict.fromkeys(levels):  # history frames at flow time k: (1 - k) clean + k eps (this branch's)
             if k > 0:
                 at_k = torch.zeros(frames, dtype=torch.bool)
                 at_k[[p for p, level in zip(hist_pos, levels) if level == k]] = True
-                noised = eps if k == 1 else (1 - k) * clean + k * eps
+                noised = eps[i] if k == 1 else (1 - k) * clean + k * eps[i]
                 hist = torch.where(at_k.to(device)[None, :, None, None, None], noised, hist)
         xb = torch.where(hist_mask, hist, x)
         if levels:

@@ -158,8 +158,8 @@ def test_stabilization_noises_only_generated_history() -> None:
     assert bool((t_seen[:, 0] == 0).all())
     torch.testing.assert_close(t_seen[:, 1], torch.full((2,), 0.02))
     assert torch.equal(x_seen[:, 0], torch.full((2, C, H, W), 0.5))
-    eps = torch.randn(x_seen.shape, generator=torch.Generator().manual_seed(0))  # the first draw
-    torch.testing.assert_close(x_seen[:, 1], 0.98 * 0.5 + 0.02 * eps[:, 1])
+    eps = torch.randn(2, 1, *x_seen.shape[1:], generator=torch.Generator().manual_seed(0))  # [B, branches, ...]
+    torch.testing.assert_close(x_seen[:, 1], 0.98 * 0.5 + 0.02 * eps[:, 0, 1])
     _, probe = _probe_velocity(Guidance.named("conditional"), kinds)
     assert bool((probe.seen[0][1][:, :2] == 0).all())  # unstabilized: all history clean
 
@@ -178,16 +178,22 @@ class MixProbe(torch.nn.Module):
         return 0.5 * x + x.mean(1, keepdim=True) * (1 + tt) + torch.sin(3 * tt) + dropped * (1 + x.square())
 
 
-def _mix_setup(kinds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict, torch.Tensor]:
+def _mix_setup(kinds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     g = torch.Generator().manual_seed(7)
     x, clean = torch.randn(2, len(kinds), C, H, W, generator=g), torch.randn(2, len(kinds), C, H, W, generator=g)
     t = torch.tensor([0.0 if k in (CONTEXT, GENERATED_CONTEXT) else 0.6 for k in kinds])
-    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))  # guided_velocity's one draw
-    return x, t, clean, frame_actions(len(kinds), 2), eps
+    return x, t, clean, frame_actions(len(kinds), 2)
+
+
+def _draws(x: torch.Tensor, branches: int) -> torch.Tensor:
+    """guided_velocity's history noise with DFoT's history-guidance manager: one draw of ``[B, branches, T, ...]``
+    (DFoT's ``(b h)`` batch: video-major), from the generator of :func:`_guided`; branch i's noise is ``[:, i]``."""
+    return torch.randn(x.shape[0], branches, *x.shape[1:], generator=torch.Generator().manual_seed(0))
 
 
 def _by_hand(model, x, t, clean, cond, eps, levels: dict[int, float], drop: bool) -> torch.Tensor:
-    """One model call with history frame p (window position) at level ``levels[p]``."""
+    """One model call with history frame p (window position) at level ``levels[p]``, noised with ``eps`` (that
+    branch's draw)."""
     xb, tb = x.clone(), t.expand(x.shape[0], -1).clone()
     for p, k in levels.items():
         xb[:, p] = (1 - k) * clean[:, p] + k * eps[:, p]
@@ -202,35 +208,39 @@ def _guided(model, guidance: Guidance, kinds, x, t, clean, cond) -> torch.Tensor
 @pytest.mark.parametrize("stabilization", [0.0, 0.1])
 def test_fractional_history_guidance_matches_the_composition(stabilization: float) -> None:
     kinds = [CONTEXT, GENERATED_CONTEXT, GENERATE, GENERATE]
-    x, t, clean, cond, eps = _mix_setup(kinds)
+    x, t, clean, cond = _mix_setup(kinds)
+    eps = _draws(x, 3)  # a separate noise per branch, in DFoT's order: u, c, fractional
     model = MixProbe()
     name = "stabilized_fractional" if stabilization else "fractional"
     v = _guided(model, Guidance.named(name, 3.0, stabilization, fraction=0.4), kinds, x, t, clean, cond)
     assert model.batches == [6]  # c, fractional and u in one batched call
-    c = _by_hand(model, x, t, clean, cond, eps, {0: 0.0, 1: stabilization}, False)
-    f = _by_hand(model, x, t, clean, cond, eps, {0: 0.4, 1: 0.4}, False)
-    u = _by_hand(model, x, t, clean, cond, eps, {0: 1.0, 1: 1.0}, True)
+    c = _by_hand(model, x, t, clean, cond, eps[:, 1], {0: 0.0, 1: stabilization}, False)
+    f = _by_hand(model, x, t, clean, cond, eps[:, 2], {0: 0.4, 1: 0.4}, False)
+    u = _by_hand(model, x, t, clean, cond, eps[:, 0], {0: 1.0, 1: 1.0}, True)
     torch.testing.assert_close(v, c + (3.0 - 1) * (f - u), atol=1e-5, rtol=1e-5)
+    shared = _by_hand(model, x, t, clean, cond, eps[:, 0], {0: 0.4, 1: 0.4}, False)   # f with u's noise
+    assert not torch.allclose(v, c + (3.0 - 1) * (shared - u), atol=1e-3)
     # Without guide_cond the unconditional branch keeps the cameras / actions.
     no_guide_cond = Guidance.named(name, 3.0, stabilization, fraction=0.4, guide_cond=False)
     v = _guided(model, no_guide_cond, kinds, x, t, clean, cond)
-    u = _by_hand(model, x, t, clean, cond, eps, {0: 1.0, 1: 1.0}, False)
+    u = _by_hand(model, x, t, clean, cond, eps[:, 0], {0: 1.0, 1: 1.0}, False)
     torch.testing.assert_close(v, c + 2 * (f - u), atol=1e-5, rtol=1e-5)
 
 
 def test_temporal_history_guidance_matches_the_composition() -> None:
     kinds = [CONTEXT, CONTEXT, GENERATE, GENERATED_CONTEXT, GENERATE]  # history positions 0, 1, 2 = frames 0, 1, 3
-    x, t, clean, cond, eps = _mix_setup(kinds)
+    x, t, clean, cond = _mix_setup(kinds)
+    eps = _draws(x, 5)  # one noise per branch, in this order: u, the two subsets, the full history +- cond
     model = MixProbe()
     guidance = Guidance.named("stabilized_temporal", stabilization=0.05, subsets=[[0, -1], [1]],
                               subset_weights=[2.0, 0.5], cond_scale=1.5)
     v = _guided(model, guidance, kinds, x, t, clean, cond)
     assert model.batches == [2 * 5]  # u, the two subsets, the full history with and without cond (CFG)
-    u = _by_hand(model, x, t, clean, cond, eps, {0: 1.0, 1: 1.0, 3: 1.0}, True)
-    v1 = _by_hand(model, x, t, clean, cond, eps, {0: 0.0, 1: 1.0, 3: 0.05}, False)
-    v2 = _by_hand(model, x, t, clean, cond, eps, {0: 1.0, 1: 0.0, 3: 1.0}, False)
-    full = _by_hand(model, x, t, clean, cond, eps, {0: 0.0, 1: 0.0, 3: 0.05}, False)
-    full_nc = _by_hand(model, x, t, clean, cond, eps, {0: 0.0, 1: 0.0, 3: 0.05}, True)
+    u = _by_hand(model, x, t, clean, cond, eps[:, 0], {0: 1.0, 1: 1.0, 3: 1.0}, True)
+    v1 = _by_hand(model, x, t, clean, cond, eps[:, 1], {0: 0.0, 1: 1.0, 3: 0.05}, False)
+    v2 = _by_hand(model, x, t, clean, cond, eps[:, 2], {0: 1.0, 1: 0.0, 3: 1.0}, False)
+    full = _by_hand(model, x, t, clean, cond, eps[:, 3], {0: 0.0, 1: 0.0, 3: 0.05}, False)
+    full_nc = _by_hand(model, x, t, clean, cond, eps[:, 4], {0: 0.0, 1: 0.0, 3: 0.05}, True)
     expected = u + 2.0 * (v1 - u) + 0.5 * (v2 - u) + 0.5 * (full - full_nc)
     torch.testing.assert_close(v, expected, atol=1e-5, rtol=1e-5)
     for bad in ([3], [0, -4]):
@@ -240,15 +250,21 @@ def test_temporal_history_guidance_matches_the_composition() -> None:
 
 def test_new_history_guidance_reduces_to_the_old_schemes() -> None:
     kinds = [CONTEXT, GENERATED_CONTEXT, GENERATE, PAD]
-    x, t, clean, cond, _ = _mix_setup(kinds)
+    x, t, clean, cond = _mix_setup(kinds)
     model = MixProbe()
     run = lambda g: _guided(model, g, kinds, x, t, clean, cond)  # noqa: E731
     for stab, cs in ((0.0, 1.0), (0.1, 2.0)):
         ref = run(Guidance(stabilization=stab, cond_scale=cs))
         assert torch.equal(run(Guidance("fractional", 1.0, stab, cs, fraction=0.3)), ref)
-        ref = run(Guidance("vanilla", 2.5, stab, cs))
+        vanilla = Guidance("vanilla", 2.5, stab, cs)
         temporal = Guidance("temporal", stabilization=stab, cond_scale=cs, subsets=[[0, 1]], subset_weights=[2.5])
-        assert torch.equal(run(temporal), ref)
+        assert temporal.branches([CONTEXT, GENERATED_CONTEXT], True) == vanilla.branches([CONTEXT, GENERATED_CONTEXT],
+                                                                                          True)
+        if stab:   # both through DFoT's HistoryGuidanceManager: the same draws too
+            assert torch.equal(run(temporal), run(vanilla))
+        else:   # HG-v is DFoT's SimpleHistoryGuidanceManager: only u's noise is drawn, [B, T, ...] not [B, 2, T, ...]
+            a, b = run(temporal), run(vanilla)   # video 0's u noise is the same numbers, video 1's is not
+            assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
     # The same branches, merged: history frames are identified by their kinds only.
     assert (Guidance.named("fractional", 1.0).branches([CONTEXT, GENERATED_CONTEXT], True)
             == Guidance().branches([CONTEXT, GENERATED_CONTEXT], True) == [((0.0, 0.0), False, 1.0)])

@@ -161,16 +161,20 @@ def test_guidance_flags_choose_the_prediction_scheme() -> None:
     named; without it the protocol's scheme stays."""
     from geoforge.engine.eval.protocols import get_protocol
     from geoforge.engine.eval.run import sampler_config
+    from geoforge.engine.objectives.dfot_diffusion import DFoTDiffusionConfig
+    from geoforge.engine.objectives.dfot_velocity import dfot_level_time
     from geoforge.engine.sampling import Guidance
 
     base = ["--recipe", "dfot_tiny", "--protocol", "long256", "--videos-dir", "unused"]
     protocol = get_protocol("long256")
     default = sampler_config(protocol, parse_args(base), window=8, frames=256)
-    assert default.guidance == protocol.guidance and default.interpolation_guidance == protocol.interpolation_guidance
-    opts = parse_args([*base, "--guidance", "stabilized_fractional", "--guidance-scale", "4", "--stabilization", "0.02",
-                       "--fraction", "0.4"])
+    assert default.guidance == protocol.guidance.to_guidance()
+    assert default.interpolation_guidance == protocol.interpolation_guidance.to_guidance() == Guidance("vanilla", 1.5)
+    opts = parse_args([*base, "--guidance", "stabilized_fractional", "--guidance-scale", "4",
+                       "--stabilization-level", "0.02", "--freq-scale", "0.4"])
+    cfg = DFoTDiffusionConfig()   # levels in DFoT's units -> flow times (tests/engine/eval/test_guidance_levels.py)
     assert sampler_config(protocol, opts, 8, 256).guidance == Guidance(
-        history="fractional", scale=4.0, stabilization=0.02, fraction=0.4)
+        history="fractional", scale=4.0, stabilization=dfot_level_time(cfg, 0.02), fraction=dfot_level_time(cfg, 0.4))
     opts = parse_args([*base, "--guidance", "temporal", "--subsets", "0,1;-1", "--subset-weights", "2,1.5"])
     guidance = sampler_config(protocol, opts, 8, 256).guidance
     assert guidance.history == "temporal" and guidance.subsets == [[0, 1], [-1]] and guidance.subset_weights == [2, 1.5]

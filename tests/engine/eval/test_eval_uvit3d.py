@@ -22,6 +22,7 @@ from geoforge.engine.eval.run import (Networks, load_generated, load_model, pars
                              time_grid_option)
 from geoforge.engine.objectives.dfot_velocity import dfot_flow_times, dfot_level_time
 from geoforge.engine.models.arch import build_model
+from geoforge.engine.sampling import Guidance
 
 REPO = Path(__file__).resolve().parents[3]
 RECIPE = """
@@ -102,7 +103,7 @@ def test_cli_short16_on_a_released_format_checkpoint(setup) -> None:
 
 
 @pytest.mark.parametrize("guidance", [["--guidance", "stabilized_fractional", "--guidance-scale", "2",
-                                       "--stabilization", "0.02"],
+                                       "--stabilization-level", "0.02"],
                                       ["--guidance", "temporal", "--subsets=-1;0", "--subset-weights", "1.5,1"]])
 def test_long_video_protocol_with_history_guidance(setup, guidance) -> None:
     """long256 cut to 12 frames in 4-frame windows: keyframes (autoregressive, the chosen HG) then
@@ -152,8 +153,8 @@ def test_uvit3d_sampler_defaults_are_dfots(setup) -> None:
     assert sampler.times == dfot_flow_times(recipe.dfot, 50)
     assert sampler.guidance.history == "vanilla" and sampler.guidance.scale == 4.0
     assert sampler.guidance.stabilization == dfot_level_time(recipe.dfot, 0.02)
-    assert sampler.interpolation_guidance == protocol.interpolation_guidance   # HG-v 1.5: no levels to convert
+    assert sampler.interpolation_guidance == Guidance("vanilla", 1.5)   # HG-v 1.5: no levels to convert
     opts = parse_args(["--recipe", setup["recipe"], "--protocol", "long256", "--videos-dir", "unused",
-                       "--grid", "uniform", "--guidance", "fractional", "--guidance-scale", "2", "--fraction", "0.5"])
+                       "--grid", "uniform", "--guidance", "fractional", "--guidance-scale", "2", "--freq-scale", "0.5"])
     sampler = sampler_config(protocol, opts, 4, 256, time_grid_option(opts, recipe), recipe)
     assert sampler.times is None and sampler.guidance.fraction == dfot_level_time(recipe.dfot, 0.5)
