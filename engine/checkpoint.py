@@ -6,7 +6,8 @@ A checkpoint directory holds
 - ``model.safetensors``   the consolidated model weights (gathered under ZeRO-3)
 - ``ema.safetensors``     the consolidated EMA weights (when EMA is on)
 - ``trainer_state.json``  optimizer step, consumed micro-batches, counters, world size
-- ``rng_rank{r}.pt``      each rank's torch RNG state (tensors only; loaded with ``weights_only=True``)
+- ``rng_rank{r}.pt``      each rank's torch RNG states: the CPU's, and its CUDA device's on a GPU (dropout draws
+                          there; tensors only, loaded with ``weights_only=True``)
 - ``MANIFEST.json``       size and CRC-32 of every other file (see below)
 - ``COMPLETE``            written last
 
@@ -280,7 +281,10 @@ def atomic_checkpoint_dir(run_dir: Path, step: int, world: World, keep: int = 0)
 def write_checkpoint_files(directory: Path, world: World, trainer_state: dict, ema=None) -> None:
     """The trainer's own files of a checkpoint being written: each rank's RNG, the EMA (gathered:
     collective) and ``trainer_state.json``."""
-    torch.save({"torch": torch.get_rng_state()}, directory / f"rng_rank{world.rank}.pt")
+    rng = {"torch": torch.get_rng_state()}
+    if world.device.type == "cuda":   # the stream dropout draws from on a GPU (engine.trainer.seed_data_parallel_stream)
+        rng["cuda"] = torch.cuda.get_rng_state(world.device)
+    torch.save(rng, directory / f"rng_rank{world.rank}.pt")
     ema_weights = ema.full_state_dict() if ema is not None else None
     if world.is_main:
         if ema_weights is not None:
@@ -317,7 +321,10 @@ def load_checkpoint(path: Path, engine, world: World, ema=None, strict: bool = T
         ema.load_full_state_dict(load_file(str(ema_file)))
     rng_file = path / f"rng_rank{world.rank}.pt"
     if rng_file.is_file():   # absent when resuming with more ranks than were saved
-        torch.set_rng_state(torch.load(rng_file, weights_only=True)["torch"])
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and world.device.type == "cuda":   # absent in checkpoints of CPU runs and older ones
+            torch.cuda.set_rng_state(rng["cuda"], world.device)
     if dist.is_initialized():
         barrier()
     return state

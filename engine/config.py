@@ -91,20 +91,23 @@ class OptimizerConfig:
 @dataclass
 class ScheduleConfig:
     steps: int = 300                      # optimizer steps
-    warmup: int = 0                       # linear warmup steps
+    warmup: int = 0                       # linear warmup steps; may exceed steps (the lr then never peaks, as in GF)
     decay: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = 0.0             # cosine floor as a fraction of optimizer.lr
 
     def validate(self) -> None:
         if self.steps < 1:
             raise ConfigError(f"steps: must be >= 1, got {self.steps}")
-        if not 0 <= self.warmup <= self.steps:
-            raise ConfigError(f"warmup: must be in [0, schedule.steps={self.steps}], got {self.warmup}")
+        if self.warmup < 0:
+            raise ConfigError(f"warmup: must be >= 0, got {self.warmup}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
 
     def lr_factor(self, step: int) -> float:
-        """Multiplier of the base learning rate at optimizer step ``step`` (0-based)."""
+        """Multiplier of the base learning rate at optimizer step ``step`` (0-based): ``(step + 1) / warmup``
+        during the warm-up, then constant or cosine. A warm-up longer than the run (``warmup > steps``, Geometry
+        Forcing's published run: 10k warm-up steps, ~1,500 optimizer steps) is allowed: the rate then rises
+        linearly to ``steps / warmup`` of its peak at the last step and the decay never starts."""
         import math
 
         if step < self.warmup:
@@ -113,6 +116,13 @@ class ScheduleConfig:
             return 1.0
         progress = min(1.0, (step - self.warmup) / max(1, self.steps - self.warmup))
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def never_peaks(self, lr: float) -> str | None:
+        """The warning of a warm-up longer than the run (None otherwise): the peak ``lr`` is never reached."""
+        if self.warmup <= self.steps:
+            return None
+        return (f"the learning rate never reaches its peak: warm-up {self.warmup} > steps {self.steps}, last LR = "
+                f"{lr * self.lr_factor(self.steps - 1):.4g} (schedule.warmup; peak optimizer.lr = {lr:g})")
 
 
 @dataclass

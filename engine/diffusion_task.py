@@ -44,7 +44,9 @@ class DiffusionTask(Task):
         self.teacher = (build_teacher(recipe.teacher, recipe.data, world.device, seed=recipe.seed,
                                       released_size=released)
                         if gf.enabled else None)   # frozen GF teacher (or its cache), or None
-        torch.manual_seed(recipe.seed)   # identical initial weights on every rank
+        # identical initial weights on every rank; the trainer then reseeds the global RNG per DP rank
+        # (engine.trainer.seed_data_parallel_stream: dropout masks differ between DP ranks)
+        torch.manual_seed(recipe.seed)
         backbone = build_model(recipe.model, recipe.backend)   # model.arch: the video DiT or DFoT's U-ViT3D
         if recipe.model.pretrained:
             chosen = load_backbone_weights(recipe.model.pretrained, backbone, recipe.model.pretrained_weights)

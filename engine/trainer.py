@@ -6,9 +6,14 @@ micro-batch becomes the module's outputs, which weights a checkpoint exports and
 step (validation, sample videos). The :class:`Trainer` owns *how*, once for every task:
 
 - **build**: a client ``torch.optim.AdamW`` over the trainable parameters, the recipe's warm-up +
-  constant / cosine schedule, and ``deepspeed.initialize`` (the only call in the code base) with the
+  constant / cosine schedule (a warm-up longer than the run is allowed and named in a warning: the learning
+  rate never reaches its peak), and ``deepspeed.initialize`` (the only call in the code base) with the
   recipe's ZeRO stage, gradient accumulation and clipping; activation checkpointing of the
   task's blocks (``distributed.activation_checkpointing``) is applied here, from outside the model;
+- **random streams**: the task builds its module under the same seed on every rank (identical initial
+  weights); once everything is built, the global torch RNG is reseeded per data-parallel rank
+  (:func:`seed_data_parallel_stream`), so dropout and every other stochastic layer draw different masks on
+  different DP ranks and the same on the ranks of one sequence-parallel group;
 - **precision**: the process's (``engine.precision``, installed by the entry point): under bf16 the forward
   runs under autocast over fp32 weights, optimizer state and EMA - on CUDA, DeepSpeed's bf16 mode instead;
 - **train_step**: ``grad_accum`` micro-batches through ``engine(...)``, ``backward``, ``step``; the
@@ -18,7 +23,7 @@ step (validation, sample videos). The :class:`Trainer` owns *how*, once for ever
   ``logging.max_nonfinite`` in a row raise :class:`NonFiniteLossError`;
 - **one checkpoint writer** (:meth:`Trainer.save`): ``checkpoints/step_N`` written atomically
   (``engine.checkpoint.atomic_checkpoint_dir``) with the DeepSpeed state (frozen weights excluded),
-  each rank's RNG, the task's exported weights, the EMA and ``trainer_state.json``; **resume**
+  each rank's RNG (CPU and CUDA), the task's exported weights, the EMA and ``trainer_state.json``; **resume**
   (:meth:`Trainer.resume`) restores all of it and the data position, so a resumed run reproduces the
   uninterrupted one;
 - **preemption**: SIGTERM / SIGUSR1 (``engine.preemption``) finish the current step on every rank, write a
@@ -31,6 +36,7 @@ object whose ``mark(phase)`` is called at the end of each phase - ``data`` and `
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -56,6 +62,40 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def data_parallel_stream_seed(seed: int, dp_rank: int) -> int:
+    """The seed of data-parallel rank ``dp_rank``'s stream of a run seeded ``seed`` (63 bits, any ints)."""
+    digest = hashlib.sha256(f"geoforge.dp_stream:{seed}:{dp_rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def seed_data_parallel_stream(seed: int, dp_rank: int) -> int:
+    """Reseed the global torch RNG (CPU and every CUDA device) with :func:`data_parallel_stream_seed`; returns it.
+
+    Called by the trainer once the task's module, the optimizer, DeepSpeed's engine and the EMA are built.
+    Before: every rank seeds ``torch.manual_seed(seed)`` and builds its module from that one stream, so initial
+    weights are identical on every rank (DeepSpeed also broadcasts rank 0's). Left there, the ranks would go on
+    drawing the same numbers, and ``nn.Dropout`` (the U-ViT3D's ``block_dropouts``, DFoT's RE10K model: 0.1)
+    would drop the same positions on every DP rank, on different clips. After: one stream per *data-parallel*
+    rank, derived from ``(seed, dp_rank)``, so the ranks of one sequence-parallel group (same ``dp_rank``, other
+    ``sp_rank``) keep sharing one stream, as their replicated computation needs (``engine.models.sequence_parallel``;
+    the U-ViT3D forks each slice's dropout off it by ``sp_rank``). A one-rank run draws DP rank 0's stream.
+
+    Why reseeding the global RNG, and why it leaves a model without dropout exactly as it was: nothing else of
+    a training step draws from the global RNG. The per-frame times, the context frames, the Gaussian noise and
+    the conditioning drop come from a generator per sample seeded by ``(seed, step, dataset index)``
+    (``engine.objectives.video_loss.sample_noise``; DPO: ``pair_noise``), the clip windows and flips from
+    ``(seed, epoch, index)`` (``engine.data``), the data order from ``(seed, epoch)`` (``ResumableBatchSampler``),
+    validation and sample videos from their own generators; the DataLoader's one draw for its workers' base seed
+    is taken outside the stream (:meth:`Trainer._next_micro_batch`). So those streams are the same as before
+    and the losses of a run without stochastic layers do not change (``tests/engine/test_dp_stream.py`` trains
+    both ways and compares). A separate ``torch.Generator`` would not do instead: ``nn.Dropout`` /
+    ``F.dropout`` and the fused attention's dropout take none, they draw from the global (device) RNG.
+    Resume restores each rank's saved CPU and CUDA states over this seed (``engine.checkpoint``)."""
+    value = data_parallel_stream_seed(seed, dp_rank)
+    torch.manual_seed(value)   # the CPU generator and every CUDA device's
+    return value
+
+
 @dataclass
 class MicroBatch:
     """One micro-batch as the task prepared it: the engine's call arguments plus host-side counts and metrics."""
@@ -71,6 +111,8 @@ class Task(ABC):
 
     module: nn.Module           # what DeepSpeed wraps
     use_ema: bool = False
+    # (dp_rank, dp_size) when the ranks of a sequence-parallel group share clips; None: (world.rank, world.size)
+    data_parallel: tuple[int, int] | None = None
     counters: tuple[str, ...] = ()   # names of MicroBatch.counts, kept cumulative in checkpoints
 
     def checkpointed_blocks(self) -> list[nn.Module]:
@@ -117,6 +159,12 @@ class Trainer:
         self.ema = (ShardedEMA(self.engine.module, recipe.ema.decay, world.rank, world.size, recipe.ema.warmup)
                     if task.use_ema and recipe.ema.enabled else None)
         self.log = RunLog(self.run_dir, world, total_steps=recipe.schedule.steps)
+        # everything is built, from the seed every rank shares: from here one stream per DP rank (dropout)
+        self.dp_rank = task.data_parallel[0] if task.data_parallel is not None else world.rank
+        self.stream_seed = seed_data_parallel_stream(recipe.seed, self.dp_rank)
+        never_peaks = recipe.schedule.never_peaks(recipe.optimizer.lr)
+        if never_peaks:
+            self.log.info(f"warning: {never_peaks}")
         self.step = 0
         self.consumed = 0
         self.counts: dict[str, int] = {"skipped_nonfinite": 0, **{k: 0 for k in task.counters}}
@@ -172,7 +220,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------ training
     def _next_micro_batch(self) -> MicroBatch:
         if self._batches is None:
-            self._batches = iter(self.task.micro_batches(self.consumed))
+            # outside the RNG stream: a DataLoader draws its workers' base seed from the global RNG when its
+            # iterator is made, at the first step of a run and again after a resume (it would shift the dropout
+            # masks of a resumed run by one draw)
+            with torch.random.fork_rng(devices=[]):
+                self._batches = iter(self.task.micro_batches(self.consumed))
         raw = next(self._batches)
         self.consumed += 1
         return self.task.prepare(raw, self.step, self.timer)
@@ -281,4 +333,5 @@ class Trainer:
         return self.log.finish(time.perf_counter() - began)
 
 
-__all__ = ["MicroBatch", "NonFiniteLossError", "Task", "Trainer"]
+__all__ = ["MicroBatch", "NonFiniteLossError", "Task", "Trainer", "data_parallel_stream_seed",
+           "seed_data_parallel_stream"]

@@ -65,8 +65,8 @@ def test_impossible_combinations_fail_before_compute(tmp_path):
         load_recipe(write(tmp_path, {"model": {"patch_size": 8}, "data": {"resolution": 60}}))
     with pytest.raises(ConfigError, match="objective.context_frames"):
         load_recipe(write(tmp_path, {"data": {"frames": 4}, "objective": {"context_frames": 4}}))
-    with pytest.raises(ConfigError, match="schedule.warmup"):
-        load_recipe(write(tmp_path, {"schedule": {"steps": 5, "warmup": 6}}))
+    with pytest.raises(ConfigError, match=r"schedule\.warmup: must be >= 0, got -1"):
+        load_recipe(write(tmp_path, {"schedule": {"steps": 5, "warmup": -1}}))
     with pytest.raises(ConfigError, match="num_heads"):
         load_recipe(write(tmp_path, {"model": {"hidden_dim": 100, "num_heads": 3}}))
     with pytest.raises(ConfigError, match="logging.sample_steps"):   # DFoT's DDIM grid has dfot.timesteps levels
@@ -157,6 +157,24 @@ def test_lr_schedule():
     assert s.lr_factor(10) == pytest.approx(1.0)
     assert s.lr_factor(55) == pytest.approx(0.1 + 0.9 * 0.5)
     assert s.lr_factor(100) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("decay", ["constant", "cosine"])
+def test_warmup_longer_than_the_run(tmp_path, decay):
+    """Geometry Forcing's run: 10k warm-up steps, ~1,500 optimizer steps. Allowed: the rate rises by (s + 1) / warmup
+    at every step of the run, never reaches its peak, and the decay never starts; the run is warned."""
+    r = load_recipe(write(tmp_path, {"optimizer": {"lr": 8e-6},
+                                     "schedule": {"steps": 1500, "warmup": 10000, "decay": decay}}))
+    s = r.schedule
+    assert [s.lr_factor(i) for i in range(s.steps)] == pytest.approx([(i + 1) / 10000 for i in range(1500)],
+                                                                     rel=1e-12)
+    assert max(s.lr_factor(i) for i in range(s.steps)) == s.lr_factor(1499) == pytest.approx(0.15)
+    assert s.never_peaks(r.optimizer.lr) == ("the learning rate never reaches its peak: warm-up 10000 > steps 1500, "
+                                             "last LR = 1.2e-06 (schedule.warmup; peak optimizer.lr = 8e-06)")
+    # warmup == steps: the last step reaches the peak, no warning; the paper recipe keeps GF's schedule
+    assert load_recipe("dfot_tiny", ["schedule.steps=10", "schedule.warmup=10"]).schedule.never_peaks(1e-3) is None
+    paper = load_recipe("gf_re10k_paper").schedule
+    assert (paper.warmup, paper.steps, paper.decay) == (10000, 1500, "constant")
 
 
 def test_velocity_prediction_with_a_narrow_pixel_model_is_refused(tmp_path):
