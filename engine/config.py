@@ -53,6 +53,8 @@ class DataConfig:
     hflip_prob: float = 0.0
     synthetic_clips: int = 64             # size of the generated synthetic set (kind: synthetic)
     synthetic_frames: int = 16            # frames rendered per synthetic clip
+    synthetic_seed: int | None = None     # the scenes of the synthetic set (its held-out split: + 1); null: the run's
+                                          # seed. Fixed, one rendered set serves runs of every seed
     decode_backend: Literal["auto", "dali", "torchcodec", "pyav"] = "auto"   # video decoding (engine/data/decode.py)
     on_error: Literal["raise", "skip"] = "raise"   # bad clip: raise naming the file, or skip it (logged once, counted)
     fixed_windows: bool = False           # every epoch draws epoch 0's start frame (and flip) per clip: one teacher-
@@ -69,6 +71,10 @@ class DataConfig:
         if self.kind == "synthetic" and self.synthetic_frames < (self.frames - 1) * self.frame_skip + 1:
             raise ConfigError(f"synthetic_frames: {self.synthetic_frames} frames cannot hold a clip of "
                               f"data.frames={self.frames} with data.frame_skip={self.frame_skip}")
+
+    def scene_seed(self, run_seed: int) -> int:
+        """The seed the synthetic set's scenes are rendered from (``synthetic_seed``, else the run's)."""
+        return run_seed if self.synthetic_seed is None else self.synthetic_seed
 
 
 @dataclass

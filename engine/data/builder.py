@@ -19,7 +19,7 @@ def build_dataset(data: DataConfig, world: World, seed: int) -> torch.utils.data
     if data.kind == "synthetic":
         if world.is_main:   # generated once, atomically, on first use
             ensure_synthetic_dataset(Path(data.root), clips=data.synthetic_clips, frames=data.synthetic_frames,
-                                     resolution=data.resolution, seed=seed, split=data.split)
+                                     resolution=data.resolution, seed=data.scene_seed(seed), split=data.split)
         if world.size > 1:   # the ranks of ``world`` wait for it (a one-process World, e.g. the run report, does not)
             barrier()
     common = dict(split=data.split, num_frames=data.frames, frame_skip=data.frame_skip,

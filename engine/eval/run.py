@@ -384,7 +384,8 @@ def to_unit(frames: np.ndarray) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------- data
 def build_eval_dataset(recipe, opts: EvalOptions, frames: int, num_videos: int):
-    """The clips of the evaluation split (the synthetic one is rendered on first use, seed = recipe seed + 1)."""
+    """The clips of the evaluation split (the synthetic one is rendered on first use from the training scenes' seed
+    + 1: ``data.synthetic_seed``, else the recipe's seed)."""
     from geoforge.engine.data.re10k import Re10KClips
     from geoforge.engine.data.synthetic import ensure_synthetic_dataset
 
@@ -396,7 +397,8 @@ def build_eval_dataset(recipe, opts: EvalOptions, frames: int, num_videos: int):
         log(f"rendering the synthetic {opts.split!r} split: {clips} clips of {max(data.synthetic_frames, span)} "
             f"frames into {root / opts.split}")
         ensure_synthetic_dataset(root, clips=clips, frames=max(data.synthetic_frames, span),
-                                 resolution=data.resolution, seed=recipe.seed + 1, split=opts.split)
+                                 resolution=data.resolution, seed=data.scene_seed(recipe.seed) + 1,
+                                 split=opts.split)
     dataset = Re10KClips(root, split=opts.split, num_frames=frames, frame_skip=1, resolution=data.resolution,
                          seed=opts.seed, load_depth=False)
     if len(dataset) < num_videos:

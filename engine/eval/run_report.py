@@ -15,9 +15,9 @@ reads everything from the run directory) writes
 Samples are drawn as validation draws them (:func:`engine.eval.validate.validate`: the first
 ``max(1, objective.context_frames)`` frames as clean context, the clip's cameras, ``logging.sample_steps``
 Euler steps - for DFoT's U-ViT3D on DFoT's DDIM grid, i.e. DFoT's DDIM - noise from ``recipe.seed``).
-Held-out clips: for synthetic data the split ``heldout_<N>`` (N = the clips used) rendered from seed
-``recipe.seed + 1`` (the seed ``engine.eval`` renders its ``test`` split from, so its clip n is the eval's
-clip n); otherwise the dataset's ``test`` split when it exists.
+Held-out clips: for synthetic data the split ``heldout_<N>`` (N = the clips used) rendered from the training
+scenes' seed + 1 (``data.synthetic_seed``, else ``recipe.seed``: the seed ``engine.eval`` renders its ``test``
+split from, so its clip n is the eval's clip n); otherwise the dataset's ``test`` split when it exists.
 """
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def heldout_recipe(recipe, videos: int):
     data = recipe.data
     if data.kind == "synthetic":
         return replace(recipe, seed=recipe.seed + 1,   # one split per count: a root's split has one clip count
-                       data=replace(data, split=f"{HELDOUT_SPLIT}_{videos}", synthetic_clips=videos))
+                       data=replace(data, split=f"{HELDOUT_SPLIT}_{videos}", synthetic_clips=videos,
+                                    synthetic_seed=data.scene_seed(recipe.seed) + 1))
     if (Path(data.root) / "test").is_dir():
         return replace(recipe, data=replace(data, split="test"))
     return None

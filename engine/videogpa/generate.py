@@ -61,7 +61,7 @@ def _dataset_inputs(recipe, policy: VideoPolicy, count: int) -> list[Condition]:
     data = recipe.data
     if data.kind == "synthetic":
         ensure_synthetic_dataset(Path(data.root), clips=data.synthetic_clips, frames=data.synthetic_frames,
-                                 resolution=data.resolution, seed=recipe.seed, split=data.split)
+                                 resolution=data.resolution, seed=data.scene_seed(recipe.seed), split=data.split)
     clips = Re10KClips(data.root, split=data.split, num_frames=policy.frames, frame_skip=data.frame_skip,
                        resolution=data.resolution, seed=recipe.seed, load_depth=False)
     if len(clips) < count:

@@ -8,6 +8,7 @@ match frame j's colour.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from geoforge.engine.data.re10k import Re10KClips, pixel_intrinsics
@@ -69,3 +70,27 @@ def test_written_dataset_reads_back_with_cameras_and_depth(tmp_path):
     # video is lossless H.264 4:4:4: decoded colours within RGB<->YUV rounding of the render
     rendered = torch.from_numpy(clip["frames"][start:start + 4]).permute(0, 3, 1, 2).float() / 255
     assert (sample["frames"] - rendered).abs().mean() < 2 / 255
+
+
+
+def test_synthetic_seed_shares_one_rendered_set_across_run_seeds(tmp_path):
+    """``data.synthetic_seed`` fixes the scenes: runs of seeds 0 and 3 read the one set rendered from it (without
+    it, a root rendered for seed 0 is refused to a seed-3 run), and the held-out split comes from its seed + 1."""
+    from geoforge.engine.config import DataConfig, load_recipe
+    from geoforge.engine.data.builder import build_dataset
+    from geoforge.engine.distributed import World
+    from geoforge.engine.eval.run_report import heldout_recipe
+
+    world = World(rank=0, local_rank=0, size=1, local_size=1, device=torch.device("cpu"))
+    data = DataConfig(root=str(tmp_path / "set"), frames=4, resolution=16, synthetic_clips=2, synthetic_frames=6,
+                      synthetic_seed=5)
+    clip = render_clip(seed=5, n=1, frames=6, resolution=16)
+    for run_seed in (0, 3):
+        sample = build_dataset(data, world, seed=run_seed)[1]
+        start = int(sample["frame_indices"][0])
+        np.testing.assert_allclose(sample["depth"].numpy(), clip["depth"][start:start + 4], rtol=1e-6)
+    unfixed = DataConfig(root=str(tmp_path / "set"), frames=4, resolution=16, synthetic_clips=2, synthetic_frames=6)
+    with pytest.raises(ValueError, match="seed=5"):
+        build_dataset(unfixed, world, seed=3)
+    recipe = load_recipe("gf_small", ["seed=3"])
+    assert heldout_recipe(recipe, 4).data.synthetic_seed == recipe.data.synthetic_seed + 1 == 1
