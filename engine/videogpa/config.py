@@ -11,7 +11,7 @@ Sub-sections (all optional, defaults = the paper's setting where it has one):
 - ``policy``   which generator is aligned (own DiT, or diffusers CogVideoX-I2V / Wan2.2-TI2V)
 - ``inputs``   where the conditioning inputs (first frame, cameras, prompt) come from
 - ``generate`` K candidates per input, sampler steps, guidance, seeds
-- ``score``    the 3D-consistency scorer: teacher, T frames, resolution, LPIPS, motion
+- ``score``    the 3D-consistency scorer: geometry from VGGT or the true geometry (oracle), T frames, LPIPS, motion
 - ``pairs``    winner/loser selection, min gap, min motion, train/val split
 - ``lora``     peft LoRA adapters (r 64, α 128 on attention q/k/v/out)
 - ``dpo``      β, the reference model, pairs per micro-batch, latent cache
@@ -113,10 +113,17 @@ class GenerateConfig:
 
 @dataclass
 class ScoreConfig:
+    # Where each video's geometry (cameras, depth) comes from:
+    # vggt:   the teacher VGGT estimates it from the frames (real video; the paper's scorer);
+    # oracle: the true depth of the input's dataset clip and the cameras the video was generated along (the
+    #         stored condition), for data with known geometry (synthetic scenes; a VGGT with random weights
+    #         carries none). Needs inputs.kind 'dataset' and clips with depth; frames are scored at the
+    #         clips' own resolution (``resolution``, ``teacher`` and ``teacher_config`` do not apply).
+    kind: Literal["vggt", "oracle"] = "vggt"
     teacher: str = "facebook/VGGT-1B"     # VGGT hub id or local path; "random": VGGT.from_config(teacher_config)
     teacher_config: dict[str, Any] | None = None
     frames: int = 10                      # T frames sampled uniformly from each video
-    resolution: int = 518                 # square teacher input (centre crop + resize), multiple of 14
+    resolution: int = 518                 # vggt: square teacher input (centre crop + resize), multiple of 14
     conf_threshold: float = 0.0           # pixels with depth_conf above it become points
     lpips_weight: float = 1.0             # score = MSE + lpips_weight * LPIPS(VGG)
     lpips_backbone: str = ""              # torchvision VGG16 weights (path or hf://...)
@@ -125,11 +132,11 @@ class ScoreConfig:
     rotation_weight: float = 0.1          # motion = mean |Δt| + rotation_weight * mean rotation step (rad)
 
     def validate(self) -> None:
-        if self.teacher == "random" and self.teacher_config is None:
+        if self.kind == "vggt" and self.teacher == "random" and self.teacher_config is None:
             raise ConfigError("teacher_config: teacher 'random' needs a VGGT config")
         if self.frames < 2:
             raise ConfigError(f"frames: must be >= 2, got {self.frames}")
-        if self.resolution < 14 or self.resolution % 14:
+        if self.kind == "vggt" and (self.resolution < 14 or self.resolution % 14):
             raise ConfigError(f"resolution: must be a positive multiple of 14, got {self.resolution}")
         if self.lpips_weight < 0 or self.rotation_weight < 0:
             raise ConfigError("lpips_weight / rotation_weight: must be >= 0")
@@ -203,6 +210,10 @@ class VideoGPAConfig:
             raise ConfigError(f"stages: must be a non-empty subset of {list(STAGES)}, got {self.stages}")
         if [s for s in STAGES if s in self.stages] != list(self.stages):
             raise ConfigError(f"stages: must keep the order {list(STAGES)}, got {self.stages}")
+        if self.score.kind == "oracle" and self.inputs.kind != "dataset":
+            raise ConfigError(f"score.kind: 'oracle' scores with the true geometry of dataset clips; inputs.kind "
+                              f"{self.inputs.kind!r} has none (use inputs.kind 'dataset' with clips that have "
+                              f"depth, or score.kind 'vggt')")
         if self.dpo.reference == "adapters_disabled" and not self.lora.enabled:
             raise ConfigError("dpo.reference: 'adapters_disabled' needs lora.enabled (a fully fine-tuned "
                               "policy has no adapters to switch off); use 'frozen_copy' or 'auto'")

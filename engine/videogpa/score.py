@@ -11,6 +11,11 @@ Score of one video (lower is better):
 5. ``motion = mean ‖t_{i+1} − t_i‖ + w_rot · mean angle(R_{i+1} R_iᵀ)`` (radians) over consecutive
    teacher extrinsics (VideoGPA's measure, used to drop static videos).
 
+``score.kind: oracle`` (:class:`OracleScorer`) replaces step 2 for data with known geometry: each video's
+cameras and depth are the true ones of the scene it continues (the true depth of the input's dataset clip, the
+cameras the video was generated along, :class:`InputGeometry`), and its frames are scored at their own
+resolution (no resize: the geometry is the clip's). Steps 3-5 are the same code.
+
 Standalone use (any folder of videos; resumable, progress bar, summary table with the stage breakdown):
 
     geoforge-score --videos DIR_OR_GLOB --out scores.jsonl [--teacher facebook/VGGT-1B]
@@ -38,9 +43,10 @@ from geoforge.engine import preemption
 from geoforge.engine.preemption import Preempted
 from geoforge.engine.atomic import atomic_write_text
 from geoforge.engine.distributed import resolve_device
+from geoforge.engine.errors import MissingInput
 from geoforge.engine.precision import PRECISIONS, autocast, resolve_precision, use_precision
 from geoforge.engine.videogpa.io import AppendLog, atomic_write_jsonl
-from geoforge.engine.videogpa.teacher import Geometry, VGGTTeacher
+from geoforge.engine.videogpa.teacher import FixedGeometryTeacher, Geometry, VGGTTeacher
 
 log = logging.getLogger("geoforge.videogpa")
 STAGES = ("decode", "teacher", "reprojection", "lpips")
@@ -138,12 +144,20 @@ class ConsistencyScorer:
         self.timer = StageTimer(self.device)
 
     @classmethod
-    def from_config(cls, cfg, device: torch.device | str = "cpu", backend: str = "auto") -> ConsistencyScorer:
-        """From a :class:`engine.videogpa.config.ScoreConfig`."""
-        teacher = VGGTTeacher.load(cfg.teacher, cfg.teacher_config, device)
+    def from_config(cls, cfg, device: torch.device | str = "cpu", backend: str = "auto",
+                    geometry: Callable[[dict[str, Any]], Geometry] | None = None) -> ConsistencyScorer:
+        """From a :class:`engine.videogpa.config.ScoreConfig`: VGGT (``kind: vggt``), or an
+        :class:`OracleScorer` over ``geometry`` (``kind: oracle``; e.g. :class:`InputGeometry` of a run)."""
         lpips = None
         if cfg.lpips_weight > 0:
             lpips = build_lpips(cfg.lpips_backbone, cfg.lpips_lin, cfg.lpips_random, device)
+        if cfg.kind == "oracle":
+            if geometry is None:
+                raise ValueError("score.kind 'oracle' scores videos with their true geometry: give the geometry of "
+                                 "their inputs (engine.videogpa.score.InputGeometry of a run)")
+            return OracleScorer(geometry, lpips, cfg.frames, cfg.conf_threshold, cfg.lpips_weight,
+                                cfg.rotation_weight, backend, device)
+        teacher = VGGTTeacher.load(cfg.teacher, cfg.teacher_config, device)
         return cls(teacher, lpips, cfg.frames, cfg.resolution, cfg.conf_threshold, cfg.lpips_weight,
                    cfg.rotation_weight, backend)
 
@@ -194,6 +208,119 @@ class ConsistencyScorer:
         frames, count = self.load_frames(path)
         return {**self.score_frames(frames), "num_frames": count}
 
+    def score_item(self, item: dict[str, Any], path: Path) -> dict[str, Any]:
+        """Score the video of a stage item (``path``: its file); VGGT needs only the frames."""
+        return self.score_video(path)
+
+
+def select_frames(geometry: Geometry, indices: Sequence[int]) -> Geometry:
+    """The geometry of frames ``indices`` (repeats allowed, as :func:`sample_indices` makes)."""
+    idx = torch.as_tensor(list(indices), dtype=torch.long)
+    return Geometry(geometry.extrinsics[idx], geometry.intrinsics[idx], geometry.depth[idx], geometry.conf[idx])
+
+
+class OracleScorer(ConsistencyScorer):
+    """The 3D-consistency score with known geometry (``score.kind: oracle``).
+
+    ``geometry(item) -> Geometry`` gives the true cameras and depth of every frame of an item's video (confidence
+    1 everywhere); the T sampled frames are scored, at the video's own resolution, through the same
+    :meth:`ConsistencyScorer.score_frames` (reprojection, LPIPS, motion) with a :class:`FixedGeometryTeacher` of
+    those frames' geometry in place of VGGT. Lower is better; the ground truth's own score is the floor (not 0:
+    antialiased pixels, occlusion edges, surfaces seen at a grazing angle).
+    """
+
+    def __init__(self, geometry: Callable[[dict[str, Any]], Geometry], lpips=None, frames: int = 10,
+                 conf_threshold: float = 0.0, lpips_weight: float = 1.0, rotation_weight: float = 0.1,
+                 backend: str = "auto", device: torch.device | str = "cpu"):
+        super().__init__(None, lpips, frames, 0, conf_threshold, lpips_weight, rotation_weight, backend)
+        self.geometry = geometry
+        self.device = torch.device(device)
+        self.timer = StageTimer(self.device)
+
+    def score_clip(self, video: Tensor, geometry: Geometry) -> dict[str, Any]:
+        """Score a whole video ``[N, 3, H, W]`` in [0, 1] with the geometry of its N frames."""
+        if video.dim() != 4 or video.shape[1] != 3:
+            raise ValueError(f"score_clip: video must be [N, 3, H, W], got {tuple(video.shape)}")
+        n, _, h, w = video.shape
+        try:
+            geometry.check(n, h, w, "the true geometry")
+        except ValueError as err:
+            raise ValueError(f"oracle score: the video is {n} frames of {h}x{w}, which its geometry does not "
+                             f"fit: {err}") from err
+        indices = sample_indices(n, self.frames)
+        self.teacher = FixedGeometryTeacher(select_frames(geometry, indices))
+        return self.score_frames(video[indices])
+
+    def score_video(self, path: str | Path) -> dict[str, Any]:
+        raise TypeError("OracleScorer: a video's geometry comes from its input; use score_item(item, path)")
+
+    def score_item(self, item: dict[str, Any], path: Path) -> dict[str, Any]:
+        from geoforge.engine.data.video_io import decode_video
+
+        with self.timer("decode"):
+            video = decode_video(path)
+            frames = torch.from_numpy(np.ascontiguousarray(video)).permute(0, 3, 1, 2).float().div_(255.0)
+        with self.timer("teacher"):
+            geometry = self.geometry(item)
+        return {**self.score_clip(frames, geometry), "num_frames": len(video)}
+
+
+class InputGeometry:
+    """``item -> Geometry`` for :class:`OracleScorer` in a run whose inputs are dataset clips (``inputs.kind:
+    dataset``): the cameras stored with the item's input (``candidates/<key>/condition.safetensors``: what its
+    videos were generated along) and the true depth of the dataset clip the input was taken from, read as the
+    generate stage read the clip (the recipe's ``data`` section and seed, the input's index, the policy's frames),
+    with a check that the clip's cameras are the stored ones. One geometry per input, cached."""
+
+    def __init__(self, recipe, run_dir: Path):
+        self.recipe, self.run_dir = recipe, Path(run_dir)
+        self._datasets: dict[int, Any] = {}
+        self._cache: dict[str, Geometry] = {}
+
+    def dataset(self, frames: int):
+        """The clips of the recipe's data as the generate stage reads them (``frames`` per clip), with depth."""
+        from geoforge.engine.data.re10k import Re10KClips
+
+        if frames not in self._datasets:
+            data = self.recipe.data
+            self._datasets[frames] = Re10KClips(data.root, split=data.split, num_frames=frames,
+                                                frame_skip=data.frame_skip, resolution=data.resolution,
+                                                seed=self.recipe.seed, load_depth=True)
+        return self._datasets[frames]
+
+    def __call__(self, item: dict[str, Any]) -> Geometry:
+        key = item["input"]
+        if key not in self._cache:
+            self._cache[key] = self._load(key)
+        return self._cache[key]
+
+    def _load(self, key: str) -> Geometry:
+        from geoforge.engine.videogpa.generate import load_condition
+
+        meta = json.loads((self.run_dir / "candidates" / key / "meta.json").read_text())
+        cond = load_condition(self.run_dir, key)
+        data = self.recipe.data
+        if cond.intrinsics is None or cond.extrinsics is None:
+            raise ValueError(f"score.kind 'oracle': input {key} has no cameras (the policy's {meta['height']}x"
+                             f"{meta['width']} videos differ from data.resolution={data.resolution}, so the "
+                             f"generate stage stored none); the oracle needs the cameras the videos follow")
+        clips = self.dataset(int(meta["frames"]))
+        sample = clips[int(meta["index"])]
+        if "depth" not in sample:
+            clip = clips.clips[int(meta["index"])]
+            raise MissingInput(f"videogpa.score.kind 'oracle' needs the true depth of the inputs' clips, but clip "
+                               f"{clip.name} of {data.root}/{data.split} has none (no {clip.name}.depth.npz): "
+                               f"the oracle is for data with known geometry (data.kind synthetic renders it); for "
+                               f"real video use --set videogpa.score.kind=vggt")
+        for name in ("intrinsics", "extrinsics"):
+            stored, true = getattr(cond, name).float(), sample[name].float()
+            if stored.shape != true.shape or not torch.allclose(stored, true, atol=1e-4, rtol=1e-4):
+                raise ValueError(f"score.kind 'oracle': the {name} stored with input {key} differ from those of "
+                                 f"clip {int(meta['index'])} of {data.root}/{data.split}: the recipe's data section "
+                                 f"or seed changed since the generate stage")
+        depth = sample["depth"].float()
+        return Geometry(cond.extrinsics.float(), cond.intrinsics.float(), depth, torch.ones_like(depth))
+
 
 def score_items(scorer: ConsistencyScorer, items: Sequence[dict[str, Any]], progress: AppendLog,
                 root: Path | None = None, show_progress: bool = True, desc: str = "score") -> list[dict[str, Any]]:
@@ -214,7 +341,7 @@ def score_items(scorer: ConsistencyScorer, items: Sequence[dict[str, Any]], prog
                 break
             path = Path(item["video"]) if root is None else Path(root) / item["video"]
             try:
-                scored = scorer.score_video(path)
+                scored = scorer.score_item(item, path)
             except ValueError as err:
                 raise ValueError(f"{path}: {err}") from err
             row = {**item, **scored}
@@ -273,7 +400,8 @@ def run_score_stage(recipe, run_dir: Path, world, show_progress: bool = True) ->
         return {"skipped": True}
     items = candidate_items(run_dir)
     cfg = recipe.videogpa.score
-    scorer = ConsistencyScorer.from_config(cfg, world.device, recipe.backend)
+    geometry = InputGeometry(recipe, run_dir) if cfg.kind == "oracle" else None
+    scorer = ConsistencyScorer.from_config(cfg, world.device, recipe.backend, geometry)
     mine = [it for i, it in enumerate(items) if i % world.size == world.rank]
     began = time.perf_counter()
     progress = AppendLog(run_dir / f"scores.partial.rank{world.rank}.jsonl")

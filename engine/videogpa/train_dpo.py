@@ -141,7 +141,6 @@ def prepare_batch(policy: VideoPolicy, batch: dict[str, Any], cached: bool, seed
     return x_w, x_l, cond, noise
 
 
-@torch.no_grad()
 def eval_share(indices: list[int], rank: int, size: int, batch_size: int = 4) -> tuple[list[int], int]:
     """This rank's share of the evaluation pairs and the number of batches *every* rank runs: the same on all
     ranks, because under ZeRO-3 each forward gathers the partitioned parameters collectively, so a rank with
@@ -150,6 +149,7 @@ def eval_share(indices: list[int], rank: int, size: int, batch_size: int = 4) ->
     return indices[rank::size], -(-per_rank // batch_size)
 
 
+@torch.no_grad()
 def implicit_accuracy(module: DPOModule, policy: VideoPolicy, dataset: PairSet, indices: list[int], draws: int,
                       seed: int, cached: bool, batch_size: int = 4, batches: int | None = None) -> dict[str, float]:
     """Implicit accuracy and mean reward margin of ``module`` on the pairs ``indices``, each with ``draws``
