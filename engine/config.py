@@ -59,6 +59,16 @@ class DataConfig:
     on_error: Literal["raise", "skip"] = "raise"   # bad clip: raise naming the file, or skip it (logged once, counted)
     fixed_windows: bool = False           # every epoch draws epoch 0's start frame (and flip) per clip: one teacher-
                                           # cache window per clip serves any run length (less augmentation)
+    # Geometry Forcing's / DFoT's RealEstate10K augmentations (engine/data/re10k.py; GF's
+    # configurations/dataset_experiment/realestate10k_video_generation.yaml, datasets/video/realestate10k.py):
+    reverse_prob: float = 0.0             # play the clip backwards, frames and cameras (GF: 0.5)
+    back_and_forth_prob: float = 0.0      # GF's back-and-forth order 0 2 4 ... 5 3 1, frames and cameras (GF: 0.1)
+    frame_skip_increase: int = 0          # frame_skip grows by this every sub-epoch, capped per clip by the frames
+                                          # left after its start frame (GF: 1)
+    subepoch_samples: int = 0             # samples (all ranks) per sub-epoch for frame_skip_increase, counted in
+                                          # whole optimizer steps (GF's dataset.subdataset_size: 10000)
+
+    AUGMENTATIONS = ("reverse_prob", "back_and_forth_prob", "frame_skip_increase")
 
     def validate(self) -> None:
         for name in ("frames", "frame_skip", "resolution", "batch_size", "synthetic_clips", "synthetic_frames"):
@@ -66,11 +76,34 @@ class DataConfig:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers: must be >= 0, got {self.num_workers}")
-        if not 0.0 <= self.hflip_prob <= 1.0:
-            raise ConfigError(f"hflip_prob: must be in [0, 1], got {self.hflip_prob}")
+        for name in ("hflip_prob", "reverse_prob", "back_and_forth_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
+        for name in ("frame_skip_increase", "subepoch_samples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.frame_skip_increase and not self.subepoch_samples:
+            raise ConfigError(f"subepoch_samples: frame_skip_increase={self.frame_skip_increase} grows the frame skip "
+                              f"every sub-epoch; set its size in samples (GF: 10000)")
+        if self.kind == "minecraft" and self.augmented():
+            raise ConfigError(f"{self.augmented()[0]}: GF's reverse / back-and-forth / frame-skip growth are "
+                              f"RealEstate10K augmentations (data.kind re10k or synthetic); Minecraft clips carry "
+                              f"actions and are not augmented")
         if self.kind == "synthetic" and self.synthetic_frames < (self.frames - 1) * self.frame_skip + 1:
             raise ConfigError(f"synthetic_frames: {self.synthetic_frames} frames cannot hold a clip of "
                               f"data.frames={self.frames} with data.frame_skip={self.frame_skip}")
+
+    def augmented(self) -> list[str]:
+        """The keys of GF's augmentations that are on (reverse, back-and-forth, frame-skip growth)."""
+        return [name for name in self.AUGMENTATIONS if getattr(self, name)]
+
+    def subepoch_steps(self, global_batch: int) -> int:
+        """Optimizer steps per sub-epoch: ``ceil(subepoch_samples / global_batch)`` (a sub-epoch ends on a whole step,
+        as Lightning's epoch ends on the last, partial accumulation: GF's 10,000 samples at 4 x 5 x 8 = 160 per step
+        are 63 steps); 0 without frame-skip growth."""
+        if not self.frame_skip_increase:
+            return 0
+        return -(-self.subepoch_samples // global_batch)
 
     def scene_seed(self, run_seed: int) -> int:
         """The seed the synthetic set's scenes are rendered from (``synthetic_seed``, else the run's)."""
@@ -133,12 +166,13 @@ class ScheduleConfig:
 
 @dataclass
 class DistributedConfig:
-    MOVED_KEYS = {"bf16": "distributed.precision (auto | bf16 | fp32; 'bf16: true' is 'precision: bf16')"}
+    MOVED_KEYS = {"bf16": "distributed.precision (auto | bf16 | fp16 | fp32; 'bf16: true' is 'precision: bf16')"}
 
     zero_stage: int = 0                   # DeepSpeed ZeRO stage 0-3
     # auto: bf16 mixed precision where the device computes bf16 natively (CUDA sm_80+, CPUs with AMX-BF16 or
-    # AVX512-BF16), else fp32 (engine/precision.py); bf16 / fp32: as given
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # AVX512-BF16), else fp32 (engine/precision.py); bf16 / fp32: as given; fp16: fp16 mixed precision with dynamic
+    # loss scaling (DeepSpeed's fp16 mode), CUDA only, as GF / DFoT trained
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     grad_accum: int = 1                   # micro-batches per optimizer step
     activation_checkpointing: bool = False
     sequence_parallel: int = 1            # ranks that split each clip's tokens (DeepSpeed-Ulysses); DP = world / this
@@ -243,7 +277,36 @@ class Recipe:
                               f"data.frame_skip={self.data.frame_skip} needs action_dim={4 * self.data.frame_skip}, "
                               f"got {self.model.action_dim}")
         check_gf_recipe(self)
+        self._check_augmentations()
+        self._check_fp16()
         self._check_sequence_parallel()
+
+    def _check_augmentations(self) -> None:
+        """GF's reverse / back-and-forth / frame-skip growth change a sample's frames beyond (start, flip), the key of a
+        teacher-cache window: refused with ``teacher.cache``."""
+        on = self.data.augmented()
+        if on and self.gf.enabled and self.teacher.cache:
+            raise ConfigError(f"teacher.cache: a cached window is keyed by (clip, start frame, flip), and data.{on[0]} "
+                              f"changes the frames beyond it; drop teacher.cache (the live teacher) or data.{on[0]}")
+
+    def _check_fp16(self) -> None:
+        """``distributed.precision: fp16`` runs on CUDA only (``engine.precision``), and GeoForge's fused kernels take
+        float32 / bfloat16 only (``kernels.film_norm``: the U-ViT3D's FiLM norms; ``kernels.align``: GF's per-token
+        alignment): with them, fp16 needs ``backend: reference`` (plain autograd, whose gradients carry the loss
+        scale)."""
+        if self.distributed.precision != "fp16":
+            return
+        if self.device == "cpu":
+            raise ConfigError("distributed.precision: fp16 needs a CUDA device (fp16 mixed precision with dynamic loss "
+                              "scaling), and device is cpu; use bf16 or auto (--set distributed.precision=auto)")
+        fused = [what for what, used in (
+            ("the U-ViT3D's FiLM norms (kernels/film_norm.py)", self.model.arch == "uvit3d"),
+            ("GF's per-token alignment (kernels/align.py)",
+             self.gf.enabled and (self.gf.alignment_form == "per_token" or self.gf.dino is not None))) if used]
+        if fused and self.backend != "reference":
+            raise ConfigError(f"backend: {self.backend} runs {' and '.join(fused)} on fused kernels, which take float32 "
+                              f"/ bfloat16 only; distributed.precision fp16 needs backend: reference "
+                              f"(--set backend=reference)")
 
     def _check_sequence_parallel(self) -> None:
         """distributed.sequence_parallel N: heads and the split tokens divide evenly over N ranks (the world size

@@ -136,20 +136,37 @@ def init_world(device: str = "auto", local_rank_arg: int | None = None, threads:
                  local_size=local_size, device=dev, threads=how)
 
 
-def deepspeed_config(recipe, bf16: bool = False) -> dict:
-    """The DeepSpeed config of a recipe (engine.config.Recipe): micro-batch, accumulation, clipping, ZeRO, and
-    ``bf16``: DeepSpeed's bf16 mode (bf16 weights and gradients, fp32 master weights), which the trainer asks
-    for on CUDA only (``engine.precision``: elsewhere bf16 runs as autocast over fp32 weights)."""
-    return {
+# DeepSpeed's dynamic loss scaling set as torch's GradScaler, which Lightning's "16-mixed" (GF's and DFoT's training
+# precision) uses: initial scale 2^16, halved at every overflow (hysteresis 1), doubled after 2000 steps without one
+FP16_LOSS_SCALING = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 2000, "hysteresis": 1,
+                     "consecutive_hysteresis": False, "min_loss_scale": 1}
+
+
+def deepspeed_config(recipe, mode: str = "fp32") -> dict:
+    """The DeepSpeed config of a recipe (engine.config.Recipe): micro-batch, accumulation, clipping, ZeRO, and the
+    precision ``mode`` DeepSpeed runs, which the trainer picks (``engine.precision``) on CUDA only:
+
+    - ``bf16``: DeepSpeed's bf16 mode (bf16 weights and gradients, fp32 master weights);
+    - ``fp16``: DeepSpeed's fp16 mode (fp16 weights and gradients, fp32 master weights) with dynamic loss scaling
+      (``loss_scale: 0``; :data:`FP16_LOSS_SCALING`), as GF trained;
+    - ``fp32``: neither block enabled (elsewhere bf16 runs as autocast over fp32 weights).
+    """
+    if mode not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"deepspeed_config: mode must be bf16, fp16 or fp32, got {mode!r}")
+    config = {
         "train_micro_batch_size_per_gpu": recipe.data.batch_size,
         "gradient_accumulation_steps": recipe.distributed.grad_accum,
         "gradient_clipping": recipe.optimizer.grad_clip,
         "zero_optimization": {"stage": recipe.distributed.zero_stage},
-        "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if mode == "fp16":
+        config["fp16"] = {"enabled": True, **FP16_LOSS_SCALING}
+    else:
+        config["bf16"] = {"enabled": mode == "bf16"}
+    return config
 
 
 @dataclass(frozen=True)

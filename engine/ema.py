@@ -10,7 +10,7 @@ Cost per rank: 4 bytes x parameters / world of memory, and one fused ``lerp`` ov
 optimizer step (``torch._foreach_lerp_``), no communication. Gathering happens only when a checkpoint
 is written (one all-gather per parameter).
 
-Warm-up (``ema.warmup``, on by default in recipes; DFoT / timm / diffusers): the decay of the update
+Warm-up (``ema.warmup``, on by default in recipes; diffusers' ``EMAModel`` decay): the decay of the update
 after optimizer step ``step`` (1-based, the train loop's counter) is
 
     decay_t = min(decay, (1 + step) / (10 + step))
@@ -18,7 +18,9 @@ after optimizer step ``step`` (1-based, the train loop's counter) is
 (0.18 after step 1, 0.5 after step 8, 0.9 after step 80, 0.99 after step 890), so the average forgets
 the random initialisation within the first steps instead of after ~1 / (1 - decay) of them. The decay
 is a function of the step alone, so a resumed run (EMA shards from the checkpoint, step from
-``trainer_state.json``) continues exactly.
+``trainer_state.json``) continues exactly. DFoT's and Geometry Forcing's EMA has no warm-up: a constant decay
+(0.9999) from the first step, the average starting at the loaded weights (CIntellifusion/GeometryForcing
+``utils/lightning_utils.py``, ``EMAOptimizer.update`` / ``ema_update``); ``ema.warmup: false`` is that.
 """
 from __future__ import annotations
 

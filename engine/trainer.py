@@ -16,6 +16,9 @@ step (validation, sample videos). The :class:`Trainer` owns *how*, once for ever
   different DP ranks and the same on the ranks of one sequence-parallel group;
 - **precision**: the process's (``engine.precision``, installed by the entry point): under bf16 the forward
   runs under autocast over fp32 weights, optimizer state and EMA - on CUDA, DeepSpeed's bf16 mode instead;
+  fp16 (CUDA only) is DeepSpeed's fp16 mode with dynamic loss scaling and the forward under fp16 autocast, as
+  GF's Lightning ``16-mixed`` trained (a step whose gradients overflow is skipped by DeepSpeed, which lowers
+  the scale; the learning-rate schedule does not advance on it);
 - **train_step**: ``grad_accum`` micro-batches through ``engine(...)``, ``backward``, ``step``; the
   sharded EMA after the optimizer step; loss parts averaged over micro-batches and ranks;
 - **one non-finite policy**: a micro-batch whose loss is not finite on any rank is dropped on every rank
@@ -54,7 +57,7 @@ from geoforge.engine.distributed import World, any_rank, deepspeed_config, mean_
 from geoforge.engine.ema import ShardedEMA
 from geoforge.engine.models.attention import attention_report
 from geoforge.engine.models.checkpointing import enable_activation_checkpointing
-from geoforge.engine.precision import FP32, autocast, current_precision
+from geoforge.engine.precision import FP32, autocast, check_fp16_device, current_precision
 from geoforge.engine.run_dir import RunLog
 
 
@@ -153,8 +156,13 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.timer = timer or _NoTimer()
         self.precision = current_precision()
-        # bf16 on CUDA is DeepSpeed's bf16 mode (engine.precision says why); elsewhere autocast around the forward
-        self.deepspeed_bf16 = self.precision.bf16 and world.device.type == "cuda"
+        if self.precision.fp16:
+            check_fp16_device(world.device)   # one line naming distributed.precision: fp16 is CUDA's
+        # bf16 on CUDA is DeepSpeed's bf16 mode (engine.precision says why); elsewhere autocast around the forward.
+        # fp16 (CUDA) is DeepSpeed's fp16 mode + dynamic loss scaling, its forward under fp16 autocast
+        self.deepspeed_mode = (self.precision.name if world.device.type == "cuda" and self.precision.name in
+                               ("bf16", "fp16") else "fp32")
+        self.deepspeed_bf16 = self.deepspeed_mode == "bf16"
         self.engine = self._build()
         self.ema = (ShardedEMA(self.engine.module, recipe.ema.decay, world.rank, world.size, recipe.ema.warmup)
                     if task.use_ema and recipe.ema.enabled else None)
@@ -183,14 +191,18 @@ class Trainer:
         optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay, eps=opt.eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.recipe.schedule.lr_factor)
         engine, _, _, _ = deepspeed.initialize(model=self.task.module, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=deepspeed_config(self.recipe, self.deepspeed_bf16),
+                                               config=deepspeed_config(self.recipe, self.deepspeed_mode),
                                                dist_init_required=False)
         return engine
 
     def describe_precision(self) -> str:
         """The banner's words: which precision trains, how, and why."""
-        how = ("DeepSpeed bf16 mode" if self.deepspeed_bf16 else "autocast over fp32 weights") if self.precision.bf16 \
-            else "fp32"
+        if self.precision.fp16:
+            how = "DeepSpeed fp16 mode, dynamic loss scaling, fp16 autocast"
+        elif self.precision.bf16:
+            how = "DeepSpeed bf16 mode" if self.deepspeed_bf16 else "autocast over fp32 weights"
+        else:
+            how = "fp32"
         return f"precision {self.precision.name} ({how}; {self.precision.reason})"
 
     @property

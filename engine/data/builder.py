@@ -27,7 +27,9 @@ def build_dataset(data: DataConfig, world: World, seed: int) -> torch.utils.data
                   decode_backend=data.decode_backend, on_error=data.on_error)
     if data.kind == "minecraft":
         return MinecraftClips(data.root, **common)
-    return Re10KClips(data.root, hflip_prob=data.hflip_prob, **common)
+    return Re10KClips(data.root, hflip_prob=data.hflip_prob, reverse_prob=data.reverse_prob,
+                      back_and_forth_prob=data.back_and_forth_prob, frame_skip_increase=data.frame_skip_increase,
+                      **common)
 
 
 def clip_names(data: DataConfig) -> list[str]:
@@ -56,11 +58,14 @@ def build_loader(data: DataConfig, world: World, seed: int, grad_accum: int = 1,
     ``start`` consumed micro-batches: a DataLoader (PyAV / torchcodec in its workers), or on a GPU with DALI
     the main-process NVDEC loader (same plan, order and bad-file handling; :func:`uses_dali`).
     ``data_parallel = (dp_rank, dp_size)`` when ranks share clips (sequence parallelism); default
-    ``(world.rank, world.size)``. ``dataset``: :func:`build_dataset`'s, when the caller built it already."""
+    ``(world.rank, world.size)``. ``dataset``: :func:`build_dataset`'s, when the caller built it already.
+    With ``data.frame_skip_increase`` the sampler's items carry their sub-epoch: ``data.subepoch_samples`` rounded up
+    to whole optimizer steps of the global batch (``DataConfig.subepoch_steps``)."""
     dataset = dataset if dataset is not None else build_dataset(data, world, seed)
     dp_rank, dp_size = data_parallel or (world.rank, world.size)
     sampler = ResumableBatchSampler(len(dataset), data.batch_size, grad_accum, dp_size, dp_rank, seed=seed,
-                                    start=start)
+                                    start=start,
+                                    subepoch_steps=data.subepoch_steps(data.batch_size * grad_accum * dp_size))
     if uses_dali(data, world):
         from geoforge.engine.data.dali_loader import PlannedLoader
 

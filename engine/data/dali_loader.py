@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 import torch
 
 from geoforge.engine.data.decode import DataError, decode_clips
+from geoforge.engine.data.sampler import select
 
 Decode = Callable[[list[tuple[object, list[int]]]], list[torch.Tensor]]
 
@@ -66,14 +67,10 @@ class PlannedLoader:
             return self.decode([(plan["video"], plan["frame_indices"])])[0]
         return self.dataset._frames(plan["clip"], plan["frame_indices"], plan["count"])  # an image folder
 
-    def batch(self, keys: list[tuple[int, int]]) -> dict:
-        """The collated micro-batch of ``[(index, epoch), ...]`` (the sampler's items)."""
-        plans = []
-        for index, epoch in keys:
-            set_epoch = getattr(self.dataset, "set_epoch", None)
-            if set_epoch is not None:
-                set_epoch(epoch)
-            plans.append(self._plan(index))
+    def batch(self, keys: list[tuple[int, ...]]) -> dict:
+        """The collated micro-batch of ``[(index, epoch), ...]`` or ``[(index, epoch, subepoch), ...]`` (the
+        sampler's items)."""
+        plans = [self._plan(select(self.dataset, key)) for key in keys]
         videos = [n for n, p in enumerate(plans) if p["decodable"]]
         frames: dict[int, torch.Tensor] = {}
         try:
@@ -82,25 +79,26 @@ class PlannedLoader:
         except DataError:
             pass  # one of them is bad: decode them one at a time below, where on_error applies per clip
         samples = []
-        for n, ((index, epoch), plan) in enumerate(zip(keys, plans)):
+        for n, (key, plan) in enumerate(zip(keys, plans)):
             if n in frames:
                 sample = self.dataset.from_frames(plan, frames[n])
                 sample["skipped_clips"] = plan["skipped_clips"]
             else:
-                sample = self._resilient(index, epoch, plan)
+                sample = self._resilient(key, plan)
             samples.append(sample)
         return _collate(samples)
 
-    def _resilient(self, index: int, epoch: int, first: dict) -> dict:
-        """Sample ``index`` decoded alone, with ``on_error`` applied to decode errors as ``SkipBadClips`` does."""
+    def _resilient(self, key: tuple[int, ...], first: dict) -> dict:
+        """The sample of sampler item ``key`` decoded alone, with ``on_error`` applied to decode errors as
+        ``SkipBadClips`` does."""
         cache = {first["index"]: first}
 
         def load(i: int) -> dict:
-            getattr(self.dataset, "set_epoch", lambda _: None)(epoch)
+            select(self.dataset, key)   # the item's epoch and sub-epoch (the index is i)
             plan = cache.pop(i, None) or self._plan_strict(i)
             return self.dataset.from_frames(plan, self._decode_one(plan))
 
-        return self.dataset._skip.fetch(index, load)
+        return self.dataset._skip.fetch(key[0], load)
 
     def _plan_strict(self, i: int) -> dict:
         plan = self.dataset.plan(i)

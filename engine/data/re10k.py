@@ -17,6 +17,29 @@ On-disk layouts (``Re10KClips(layout=...)``); row ``i`` of a camera file belongs
   ``<root>/<split>_poses/<clip>.pt``, a float32 [T, 18] tensor of the camera-file columns without the
   timestamp (``engine.data.prepare_re10k`` writes it from camera files and source videos).
 
+Geometry Forcing's augmentations (all off by default; on, the samples drawn so far are unchanged: their draws
+come after the start frame and the flip). GF trains on DFoT's RealEstate10K dataset class, whose training
+``__getitem__`` and ``_augment`` (CIntellifusion/GeometryForcing ``datasets/video/realestate10k.py``,
+``RealEstate10KAdvancedVideoDataset``; probabilities in ``configurations/dataset_experiment/
+realestate10k_video_generation.yaml``, sub-epoch size ``dataset.subdataset_size=10000`` in
+``scripts/train_geometry_forcing.sh``) do, in this order:
+
+- **frame skip**: ``min((length - start - 1) // (frames - 1), frame_skip + subepoch * frame_skip_increase)``
+  (``_training_frame_skip``): the skip grows by ``frame_skip_increase`` every sub-epoch, capped per sample by the
+  frames left after its start frame; the start itself is drawn over the windows of the base ``frame_skip``
+  (``prepare_clips``), so a late start keeps a smaller skip. ``frame_skip_increase`` 0 is ``frame_skip``;
+- **horizontal flip** (``hflip_prob``), as before;
+- **back-and-forth** (``back_and_forth_prob``): frames ``0 1 2 ... 2k+1`` -> ``0 2 4 ... 2k 2k+1 ... 3 1``, i.e.
+  ``cat([x[::2], x[1::2].flip(0)])`` of frames and cameras together;
+- **reverse** (``reverse_prob``): ``x.flip(0)`` of frames and cameras.
+
+The cameras follow the frames: a sample's frame ``i`` keeps its own pose, and, as DFoT normalises the raw poses
+by the first frame *after* the augmentation (``algorithms/dfot/dfot_video_pose.py`` ``_process_conditions``,
+``normalize_by_first``), ``extrinsics`` are relative to the sample's frame 0 - the last of the window when
+reversed. ``frame_indices`` lists the source frames in playback order. GF draws with Python's ``random`` in
+each worker; here every draw comes from ``(seed, epoch, index)`` and the sub-epoch from the sampler's position
+(``engine.data.sampler``), so a resumed run draws the same.
+
 Bad data (``on_error``): a camera file without its video, a malformed camera line, a missing,
 truncated or undecodable video, a clip shorter than a sample, or a video whose frame count differs from
 its camera rows raises ``DataError`` naming the file (and line) in ``raise`` mode; in ``skip`` mode the
@@ -248,11 +271,15 @@ class Re10KClips(Dataset):
         resolution: output side R; frames are resized (short side -> R, antialiased bicubic) and
             centre-cropped to R x R, intrinsics follow.
         layout: ``auto`` (``dfot`` when ``<root>/<split>_poses`` exists, else ``raw``), ``raw`` or ``dfot``.
-        seed: the start frame and the flip of sample ``index`` are drawn from ``(seed, epoch, index)``
-            only, so a resumed run sees identical data; ``set_epoch`` changes them.
+        seed: the start frame, the flip, the back-and-forth and the reversal of sample ``index`` are drawn
+            from ``(seed, epoch, index)`` only, so a resumed run sees identical data; ``set_epoch`` changes them.
         fixed_windows: draw them from epoch 0 in every epoch (one window per clip).
         hflip_prob: probability of a horizontal flip (image, intrinsics, extrinsics and depth mirrored
             consistently).
+        reverse_prob: probability of playing the sample backwards (frames and cameras; module docstring).
+        back_and_forth_prob: probability of GF's back-and-forth order ``0 2 4 ... 5 3 1`` (module docstring).
+        frame_skip_increase: the frame skip grows by this every sub-epoch (``set_subepoch``), capped per sample
+            by the frames left after its start (module docstring); 0 keeps ``frame_skip``.
         cache_clips: keep this many decoded, resized clips (all their frames, uint8) in an in-memory LRU
             per process; 0 decodes only the sampled frames each time. Outputs are identical either way.
         load_depth: return ``depth`` for clips that have a depth file.
@@ -265,7 +292,8 @@ class Re10KClips(Dataset):
 
     ``__getitem__`` returns dict(frames float32 [T, 3, R, R] in [0, 1], intrinsics float32 [T, 3, 3] in
     output pixels, extrinsics float32 [T, 3, 4] camera-from-world relative to frame 0 (frame 0 is
-    [I|0]), index int64 [] (of the clip actually returned), frame_indices int64 [T], clip str,
+    [I|0]), index int64 [] (of the clip actually returned), frame_indices int64 [T] (source frames in
+    playback order), clip str,
     skipped_clips int64 [] (bad clips passed over to produce it, 0 unless ``on_error="skip"``), depth
     float32 [T, R, R] when the clip has a depth file, and poses16 float32 [T, 16]: DFoT's raw condition, the
     camera file's normalised fx fy cx cy *as written* (for the uncropped frame, as DFoT feeds its released
@@ -283,6 +311,9 @@ class Re10KClips(Dataset):
         seed: int = 0,
         fixed_windows: bool = False,
         hflip_prob: float = 0.0,
+        reverse_prob: float = 0.0,
+        back_and_forth_prob: float = 0.0,
+        frame_skip_increase: int = 0,
         cache_clips: int = 0,
         load_depth: bool = True,
         decode_backend: str = "auto",
@@ -293,8 +324,12 @@ class Re10KClips(Dataset):
         for name, value in (("num_frames", num_frames), ("frame_skip", frame_skip), ("resolution", resolution)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Re10KClips: {name} must be a positive int, got {value!r}")
-        if not 0.0 <= hflip_prob <= 1.0:
-            raise ValueError(f"Re10KClips: hflip_prob must lie in [0, 1], got {hflip_prob}")
+        for name, value in (("hflip_prob", hflip_prob), ("reverse_prob", reverse_prob),
+                            ("back_and_forth_prob", back_and_forth_prob)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"Re10KClips: {name} must lie in [0, 1], got {value}")
+        if not isinstance(frame_skip_increase, int) or frame_skip_increase < 0:
+            raise ValueError(f"Re10KClips: frame_skip_increase must be an int >= 0, got {frame_skip_increase!r}")
         if cache_clips < 0:
             raise ValueError(f"Re10KClips: cache_clips must be >= 0, got {cache_clips}")
         if decode_backend not in BACKENDS:
@@ -303,11 +338,14 @@ class Re10KClips(Dataset):
         self.num_frames, self.frame_skip, self.resolution = num_frames, frame_skip, resolution
         self.seed, self.hflip_prob, self.cache_clips, self.load_depth = seed, hflip_prob, cache_clips, load_depth
         self.fixed_windows = fixed_windows
+        self.reverse_prob, self.back_and_forth_prob = reverse_prob, back_and_forth_prob
+        self.frame_skip_increase = frame_skip_increase
         self.decode_backend, self.decode_device = decode_backend, decode_device
         self._skip = SkipBadClips(on_error, 0, f"Re10KClips({root}, {split})")  # validates on_error first
         self.layout, self.clips = find_clips(root, split, layout, on_error, video_size, resolution)
         self._skip.length = len(self.clips)
         self.epoch = 0
+        self.subepoch = 0
         self._cache: OrderedDict[int, _Loaded] = OrderedDict()
 
     def __len__(self) -> int:
@@ -316,6 +354,31 @@ class Re10KClips(Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose start frames and flips ``__getitem__`` draws."""
         self.epoch = int(epoch)
+
+    def set_subepoch(self, subepoch: int) -> None:
+        """Select the sub-epoch whose frame skip ``__getitem__`` uses (``frame_skip_increase``)."""
+        if subepoch < 0:
+            raise ValueError(f"Re10KClips: sub-epoch must be >= 0, got {subepoch}")
+        self.subepoch = int(subepoch)
+
+    def skip_for(self, count: int, start: int) -> int:
+        """The frame skip of a sample starting at frame ``start`` of a clip of ``count`` frames in the current
+        sub-epoch: GF's ``min((count - start - 1) // (frames - 1), frame_skip + subepoch * frame_skip_increase)``
+        (``datasets/video/realestate10k.py`` ``__getitem__`` / ``_training_frame_skip``)."""
+        grown = self.frame_skip + self.subepoch * self.frame_skip_increase
+        if self.num_frames == 1:
+            return grown
+        return min((count - start - 1) // (self.num_frames - 1), grown)
+
+    def playback_order(self, back_and_forth: bool, reverse: bool) -> list[int]:
+        """Positions of the window's frames in playback order: back-and-forth ``cat([x[::2], x[1::2].flip(0)])``,
+        then the reversal ``flip(0)``, as GF's ``_augment`` applies them."""
+        order = list(range(self.num_frames))
+        if back_and_forth:
+            order = order[::2] + order[1::2][::-1]
+        if reverse:
+            order = order[::-1]
+        return order
 
     @property
     def span(self) -> int:
@@ -397,7 +460,8 @@ class Re10KClips(Dataset):
         bad camera file, a clip too short, or a video whose frame count differs from its camera rows (a probe,
         no decoding). ``from_frames(plan, images)`` finishes the sample from the decoded frames; ``_sample``
         is the two with this dataset's decoder, the DALI loader (``engine.data.dali_loader``) the two with
-        NVDEC in between, so both paths share the plan."""
+        NVDEC in between, so both paths share the plan. The window follows GF's augmentations (module
+        docstring): ``frame_indices`` in playback order, at the current sub-epoch's frame skip."""
         clip, loaded = self.clips[index], self._cache.get(index)
         if loaded is None:
             intrinsics, w2c = self._cameras(clip)
@@ -412,7 +476,12 @@ class Re10KClips(Dataset):
         rng = np.random.default_rng([self.seed, 0 if self.fixed_windows else self.epoch, index])
         start = int(rng.integers(0, count - self.span + 1))
         flip = bool(rng.random() < self.hflip_prob)
-        indices = [start + i * self.frame_skip for i in range(self.num_frames)]
+        # drawn after the start and the flip (which stay what they were without them), in GF's order
+        back_and_forth = bool(rng.random() < self.back_and_forth_prob)
+        reverse = bool(rng.random() < self.reverse_prob)
+        skip = self.skip_for(count, start)
+        window = [start + i * skip for i in range(self.num_frames)]
+        indices = [window[i] for i in self.playback_order(back_and_forth, reverse)]
         return {"index": index, "clip": clip, "video": clip.video, "count": count, "intrinsics": intrinsics,
                 "w2c": w2c, "frame_indices": indices, "flip": flip}
 

@@ -12,6 +12,13 @@ The position is one number, the count of micro-batches this rank has consumed (t
 rank): ``ResumableBatchSampler(..., start=k)`` continues with exactly the micro-batches an
 uninterrupted run would have seen after ``k``. The trainer counts consumption itself, because a
 DataLoader with workers pulls batches from the sampler ahead of their use.
+
+Sub-epochs (``subepoch_steps > 0``, GF's frame-skip growth): optimizer step ``s`` lies in sub-epoch
+``s // subepoch_steps``, and every item then carries it, ``(index, epoch, subepoch)``; like the epoch, a
+function of the position alone, so a resumed run continues in the right sub-epoch. In GF's code a
+sub-epoch is a Lightning epoch of ``dataset.subdataset_size`` samples, the dataset rebuilt each epoch with
+``current_epoch`` (CIntellifusion/GeometryForcing ``experiments/data_modules/resumable_data_module.py``,
+``datasets/video/base_video.py`` ``_build_idx_remap``).
 """
 from __future__ import annotations
 
@@ -20,16 +27,20 @@ from collections.abc import Iterator
 import torch
 
 
-class ResumableBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
-    """Yields this rank's micro-batches as ``[(dataset index, epoch), ...]``, forever.
+class ResumableBatchSampler(torch.utils.data.Sampler[list[tuple[int, ...]]]):
+    """Yields this rank's micro-batches as ``[(dataset index, epoch), ...]``, forever; with ``subepoch_steps``
+    as ``[(dataset index, epoch, subepoch), ...]``.
 
-    The epoch travels with each index so that a dataset whose sampling depends on it (random clip
-    start, flips) stays deterministic inside DataLoader workers (see ``EpochIndexed``)."""
+    The epoch (and sub-epoch) travels with each index so that a dataset whose sampling depends on it (random
+    clip start, flips, frame skip) stays deterministic inside DataLoader workers (see ``EpochIndexed``)."""
 
     def __init__(self, dataset_len: int, micro_batch: int, grad_accum: int = 1, world_size: int = 1,
-                 rank: int = 0, seed: int = 0, start: int = 0):
+                 rank: int = 0, seed: int = 0, start: int = 0, subepoch_steps: int = 0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of size {world_size}")
+        if subepoch_steps < 0:
+            raise ValueError(f"subepoch_steps must be >= 0, got {subepoch_steps}")
+        self.subepoch_steps = subepoch_steps
         self.dataset_len = dataset_len
         self.micro_batch = micro_batch
         self.grad_accum = grad_accum
@@ -61,22 +72,45 @@ class ResumableBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
     def epoch_of(self, k: int) -> int:
         return k // (self.steps_per_epoch * self.grad_accum)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def subepoch_of(self, k: int) -> int:
+        """The sub-epoch of this rank's ``k``-th micro-batch: its optimizer step // ``subepoch_steps``."""
+        return (k // self.grad_accum) // self.subepoch_steps
+
+    def __iter__(self) -> Iterator[list[tuple[int, ...]]]:
         k, epoch, perm = self.start, -1, None
         while True:
             if self.epoch_of(k) != epoch:
                 epoch = self.epoch_of(k)
                 perm = self.permutation(epoch)
-            yield [(i, epoch) for i in self.micro_batch_indices(k, perm)]
+            if self.subepoch_steps:
+                sub = self.subepoch_of(k)
+                yield [(i, epoch, sub) for i in self.micro_batch_indices(k, perm)]
+            else:
+                yield [(i, epoch) for i in self.micro_batch_indices(k, perm)]
             k += 1
 
     def __len__(self) -> int:
         return self.steps_per_epoch * self.grad_accum
 
 
+def select(dataset, key: tuple[int, ...]) -> int:
+    """Point ``dataset`` at a sampler item's epoch (``set_epoch``) and sub-epoch (``set_subepoch``), where it
+    has them; returns the item's dataset index."""
+    index, epoch, *sub = key
+    set_epoch = getattr(dataset, "set_epoch", None)
+    if set_epoch is not None:
+        set_epoch(epoch)
+    if sub:
+        set_subepoch = getattr(dataset, "set_subepoch", None)
+        if set_subepoch is not None:
+            set_subepoch(sub[0])
+    return index
+
+
 class EpochIndexed(torch.utils.data.Dataset):
     """Adapter: ``dataset[(index, epoch)]`` calls ``dataset.set_epoch(epoch)`` (if it has one), then
-    ``dataset[index]``. Works inside DataLoader workers, where a set_epoch call from the main process
+    ``dataset[index]``; ``dataset[(index, epoch, subepoch)]`` also ``dataset.set_subepoch(subepoch)``
+    (:func:`select`). Works inside DataLoader workers, where a set_epoch call from the main process
     would not reach the workers' copies."""
 
     def __init__(self, dataset):
@@ -85,9 +119,5 @@ class EpochIndexed(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]):
-        index, epoch = key
-        set_epoch = getattr(self.dataset, "set_epoch", None)
-        if set_epoch is not None:
-            set_epoch(epoch)
-        return self.dataset[index]
+    def __getitem__(self, key: tuple[int, ...]):
+        return self.dataset[select(self.dataset, key)]

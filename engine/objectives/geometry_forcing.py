@@ -109,6 +109,9 @@ class GFConfig:
     scale_weight: float = 0.05
     projector_hidden: int = 2048
     scale_hidden: int = 512
+    # the alignment head (projectors, scale heads) frozen at its initialisation, outside the optimizer, as GF's
+    # released code leaves it (engine/objectives/video_loss.py); false: trained, as the paper describes
+    freeze_projector: bool = False
     chunk_size: int | None = None                       # tokens per chunk of the fused alignment
     dino: DinoTermConfig | None = None                  # the REPA term (its teacher: teacher.dino)
     alignment_form: Literal["per_token", "as_released"] = "per_token"   # as_released: GF's published code

@@ -6,7 +6,8 @@ from ``(seed, step, dataset index)`` by :func:`sample_noise`, so that the same s
 noise whatever the number of ranks and micro-batches: a 2-rank run reproduces a 1-rank run.
 
 With Geometry Forcing (``gf``: :class:`engine.objectives.geometry_forcing.GFConfig`, enabled) the module
-also owns the alignment projectors (:class:`GeometryForcingHead`, trained with the DiT); the frozen
+also owns the alignment projectors (:class:`GeometryForcingHead`, trained with the DiT, or frozen at their
+initialisation with ``gf.freeze_projector`` as GF's released code leaves them); the frozen
 teacher's features come in the batch (``teacher.<key>``, see ``engine.teacher``) and the loss is
 ``fm + gf.angular_weight * L_ang + gf.scale_weight * L_scale`` (+ the optional DINO term), each part logged.
 """
@@ -64,6 +65,13 @@ class VideoDiffusionLoss(nn.Module):
             self.gf = GeometryForcingHead(gf, teacher_dims, feature_channels(dit, gf.dit_block),
                                           getattr(dit.cfg, "temporal_patch_size", 1), backend,
                                           feature_channels(dit, gf.dino.dit_block) if gf.dino is not None else None)
+            if gf.freeze_projector:
+                # GF's released code: its optimizer takes diffusion_model.parameters() only, so the alignment head
+                # keeps its random initialisation (CIntellifusion/GeometryForcing algorithms/dfot/dfot_video.py
+                # configure_optimizers); the loss still reaches the backbone through it. Frozen parameters are left
+                # out of the optimizer, the EMA and DeepSpeed's checkpoint (engine/trainer.py); a resumed run
+                # rebuilds them from the seed, identically.
+                self.gf.requires_grad_(False)
 
     def condition(self, batch: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The conditioning inputs in float32 whatever the model's dtype (``dtype`` is ignored): a bf16 camera

@@ -48,7 +48,7 @@ def test_unknown_key_is_named_with_a_suggestion(tmp_path, data, key):
 @pytest.mark.parametrize("override, key", [
     ("schedule.steps=ten", "schedule.steps"),
     ("schedule.steps=1.5", "schedule.steps"),
-    ("distributed.precision=fp16", "distributed.precision"),
+    ("distributed.precision=fp8", "distributed.precision"),
     ("distributed.bf16=true", "distributed.bf16: this key moved to distributed.precision"),
     ("schedule.decay=linear", "schedule.decay"),
     ("distributed.zero_stage=4", "distributed.zero_stage"),

@@ -1,5 +1,6 @@
-"""``engine.precision``: ``distributed.precision: auto | bf16 | fp32`` resolved from the processor (faked flag sets
-here, never the machine's), installed per process, and the autocast every network runs under."""
+"""``engine.precision``: ``distributed.precision: auto | bf16 | fp16 | fp32`` resolved from the processor (faked
+flag sets here, never the machine's), installed per process, and the autocast every network runs under; fp16
+refused off CUDA, and DeepSpeed's fp16 config with dynamic loss scaling."""
 from __future__ import annotations
 
 import pytest
@@ -42,7 +43,67 @@ def test_explicit_values_are_taken_as_given_and_bad_ones_named():
     for name in ("bf16", "fp32"):
         assert resolve_precision(name, "cpu", frozenset()) == Precision(name, "distributed.precision")
     with pytest.raises(ValueError, match="distributed.precision"):
-        resolve_precision("fp16", "cpu")
+        resolve_precision("fp8", "cpu")
+
+
+# ----------------------------------------------------------------------------- fp16 (GF's training precision)
+def test_fp16_on_a_cpu_is_refused_in_one_line_naming_the_key():
+    """No CPU fp16 autocast: resolving, installing-then-autocasting, the recipe with device cpu and the trainer's
+    check all refuse it with a ConfigError (a UserError: one line, no traceback) that names the key and says what
+    to use instead."""
+    from geoforge.engine.errors import UserError
+    from geoforge.engine.precision import check_fp16_device
+
+    def refused(call):
+        with pytest.raises(ConfigError) as err:
+            call()
+        text = str(err.value)
+        assert isinstance(err.value, UserError) and "\n" not in text
+        assert "distributed.precision: fp16 needs a CUDA device" in text and "bf16 or auto" in text
+
+    refused(lambda: resolve_precision("fp16", "cpu"))
+    refused(lambda: check_fp16_device(torch.device("cpu")))
+    refused(lambda: network_dtype("cpu", Precision("fp16", "test")))
+    refused(lambda: load_recipe("dfot_tiny", ["device=cpu", "distributed.precision=fp16"]))
+    assert current_precision() == FP32
+
+
+def test_fp16_recipe_keys():
+    """fp16 loads on an auto / cuda device; with the U-ViT3D's FiLM norms or GF's per-token alignment (fused kernels:
+    float32 / bfloat16 only) it needs backend: reference, named."""
+    assert load_recipe("dfot_tiny", ["distributed.precision=fp16"]).distributed.precision == "fp16"
+    with pytest.raises(ConfigError, match=r"backend: auto .*distributed.precision fp16 needs backend: reference"):
+        load_recipe("gf_re10k_paper", ["distributed.precision=fp16"])
+    recipe = load_recipe("gf_re10k_paper", ["distributed.precision=fp16", "backend=reference"])
+    assert (recipe.distributed.precision, recipe.backend) == ("fp16", "reference")
+    assert Precision("fp16", "test").dtype == torch.float16 and Precision("fp16", "test").fp16
+
+
+def test_deepspeed_config_for_fp16_has_dynamic_loss_scaling_and_no_bf16_block():
+    """distributed.precision fp16 -> DeepSpeed's fp16 block with dynamic loss scaling (loss_scale 0), set as torch's
+    GradScaler that Lightning's 16-mixed uses (init 2^16, halved at each overflow, doubled after 2000 good steps);
+    no bf16 block. bf16 -> the bf16 block and no fp16 block; fp32 -> neither enabled. Loaded by DeepSpeed's own
+    config parser, which reads the dynamic scaling from it."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from geoforge.engine.distributed import deepspeed_config
+
+    recipe = load_recipe("gf_re10k_paper", ["distributed.precision=fp16", "backend=reference"])
+    config = deepspeed_config(recipe, "fp16")
+    assert "bf16" not in config
+    assert config["fp16"]["enabled"] is True and config["fp16"]["loss_scale"] == 0
+    assert (config["fp16"]["initial_scale_power"], config["fp16"]["hysteresis"],
+            config["fp16"]["loss_scale_window"]) == (16, 1, 2000)
+    fp16 = DeepSpeedConfig(config).float16_config
+    assert fp16.enabled and fp16.loss_scale == 0 and not DeepSpeedConfig(config).bfloat16_config.enabled
+    assert fp16.dynamic_loss_scale_args() == {"init_scale": 2 ** 16, "scale_window": 2000, "delayed_shift": 1,
+                                              "consecutive_hysteresis": False, "min_scale": 1}
+    bf16 = deepspeed_config(recipe, "bf16")
+    assert bf16["bf16"] == {"enabled": True} and "fp16" not in bf16
+    fp32 = deepspeed_config(recipe, "fp32")
+    assert fp32["bf16"] == {"enabled": False} and "fp16" not in fp32
+    with pytest.raises(ValueError, match="mode must be"):
+        deepspeed_config(recipe, "fp8")
 
 
 def test_the_old_bf16_key_fails_naming_the_new_one(tmp_path):
