@@ -15,7 +15,8 @@ shared machine the wall-clock time depends on the other load, so the process CPU
 (``time.process_time``, all threads; minimum over the calls) is printed as well.
 Peak memory: what the call allocates above what was allocated before it (the weights are not counted): on
 CPU the torch profiler's accounting of the c10 allocator (oneDNN scratch space outside c10 is not seen), on
-CUDA ``max_memory_allocated``. Every call runs under the process precision (``engine.precision``) of each
+CUDA ``max_memory_allocated``. ``--score`` adds VideoGPA's 3D-consistency score of the same clip
+(``ConsistencyScorer.score_frames``: VGGT, reprojection, LPIPS). Every call runs under the process precision (``engine.precision``) of each
 ``--precisions`` value: ``fp32``, and ``bf16`` (autocast; providers named ``...@bf16``).
 
 Configurations: ``small`` = DINOv2 ViT-S/14 patch embed + 12 frame/global blocks of 384 (heads: camera 768-d
@@ -23,6 +24,8 @@ trunk of 2, DPT on layers 2/5/8/11), ``1b`` = ``VGGT()`` (VGGT-1B's architecture
 
     OMP_NUM_THREADS=2 python profiling/bench_vggt.py --configs small 1b --frames 4 --size 224
     OMP_NUM_THREADS=2 python profiling/bench_vggt.py --configs small --precisions fp32,bf16
+    OMP_NUM_THREADS=2 python profiling/bench_vggt.py --configs 1b --frames 10 --size 518 --precisions fp32,bf16 \
+        --score                              # + VideoGPA's score of one clip (its default: 10 frames at 518)
 """
 from __future__ import annotations
 
@@ -110,6 +113,33 @@ def cases(name: str, model: VGGT, images: torch.Tensor, repeat: int, warmup: int
     return out
 
 
+def score_case(name: str, model: VGGT, images: torch.Tensor, repeat: int, warmup: int,
+               precision: str = "fp32") -> Case:
+    """VideoGPA's score of one clip (``engine.videogpa.score.ConsistencyScorer.score_frames``): VGGT's cameras and
+    depth, the z-buffer reprojection of the point cloud into every frame, LPIPS of each frame against its
+    reprojection (a seeded random VGG: the same network cost as LPIPS-VGG) - every network in ``precision``."""
+    from geoforge.engine.videogpa.score import ConsistencyScorer, build_lpips
+    from geoforge.engine.videogpa.teacher import VGGTTeacher
+
+    installed = Precision(precision, "bench")
+    with use_precision(installed):   # the teacher's dtype is the precision it is built under
+        scorer = ConsistencyScorer(VGGTTeacher(model), build_lpips(random=True, device=images.device),
+                                   frames=images.shape[1], resolution=images.shape[-1])
+    clip = images[0]
+
+    def call():
+        with use_precision(installed):
+            return scorer.score_frames(clip)
+
+    at = "" if precision == "fp32" else f"@{precision}"
+    return Case(kernel=f"videogpa-score-{name}", provider="score" + at, mode="fwd", x_name="frames",
+                x=clip.shape[0], fn=cpu_timed(f"score-{name}{at}", call),
+                bytes_moved=sum(p.numel() * p.element_size() for p in model.parameters()),
+                bytes_formula="VGGT weight bytes", warmup=warmup, repeat=repeat, reference="score",
+                note=f"videogpa-score-{name}: one clip of {clip.shape[0]} frames at {clip.shape[-1]}x{clip.shape[-1]} "
+                     "(VGGT + reprojection + LPIPS)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=["small", "1b"], choices=sorted(CONFIGS))
@@ -120,6 +150,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--csv", type=Path, default=None, help="append the rows to this CSV (harness format)")
     parser.add_argument("--precisions", default="fp32", help="fp32 and/or bf16 (autocast), e.g. fp32,bf16")
+    parser.add_argument("--score", action="store_true",
+                        help="also VideoGPA's 3D-consistency score of the clip (VGGT + reprojection + LPIPS)")
     args = parser.parse_args(argv)
     if args.size % 14:
         parser.error("--size must be a multiple of 14")
@@ -136,6 +168,9 @@ def main(argv=None) -> int:
             for case in cases(name, model, images, repeat=args.repeat_1b if big else args.repeat,
                               warmup=0 if big else 1, precision=precision):
                 results.append(run_case(case, device))
+            if args.score:
+                results.append(run_case(score_case(name, model, images, repeat=args.repeat_1b if big else args.repeat,
+                                                   warmup=0 if big else 1, precision=precision), device))
         del model
         gc.collect()
     print()
