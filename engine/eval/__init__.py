@@ -6,5 +6,7 @@
 - ``image_metrics``: PSNR, SSIM; ``camera_metrics``: RotErr / TransErr / CamMC, revisit error;
 - ``geometry``: VGGT reprojection consistency and camera accuracy;
 - ``protocols``: short16 / long256 / rotation360; ``run`` (+ ``__main__``): the CLI; ``report``: its output;
-- ``validate``: cheap periodic validation for the training loop.
+- ``validate``: cheap periodic validation for the training loop;
+- ``probe``: a closed-form ridge probe of per-token depth and world points in a DiT block's tokens (R^2 on
+  held-out clips), for data with known geometry.
 """

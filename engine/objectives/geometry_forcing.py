@@ -27,6 +27,11 @@ original code's token/channel mixing):
   ``released_size``, stacked as channels; ConvProjector; plane-normalised angular sum; scale head), so both
   can be trained side by side; ``angular_weight`` / ``scale_weight`` are GF's ``alignment_coeff`` and
   ``alignment_coeff * unormalize_lambda``.
+- **iREPA-style** (``gf.alignment_form: irepa``, ``engine.objectives.gf_irepa``): per teacher layer, a 3x3
+  convolution over each frame's token grid instead of the MLP projector, and the target spatially normalised
+  (per frame and channel: minus ``gf.irepa_alpha`` x its mean over the frame's tokens, divided by its standard
+  deviation over them), as iREPA (Singh et al. 2025, arXiv 2512.10794); the losses stay the angular + scale ones
+  above (against the normalised target), the token grid mapping the same.
 - **REPA term (optional, "GF + REPA").** A DINOv2 teacher (``teacher.dino``) with its own DiT block,
   projector and weights (``gf.dino``); the same grid mapping.
 
@@ -49,6 +54,7 @@ from torch import nn
 from geoforge.engine.schema import ConfigError
 from geoforge.engine.teacher.spec import BATCH_PREFIX, DINO_KEY
 from geoforge.engine.models.sequence_parallel import ShardedFeatures
+from geoforge.engine.objectives.gf_irepa import IrepaAlignment, spatial_normalise
 from geoforge.engine.objectives.gf_released import RELEASED_KEY, ReleasedAlignment
 from geoforge.kernels.align import GeometryAlignment
 
@@ -114,9 +120,11 @@ class GFConfig:
     freeze_projector: bool = False
     chunk_size: int | None = None                       # tokens per chunk of the fused alignment
     dino: DinoTermConfig | None = None                  # the REPA term (its teacher: teacher.dino)
-    alignment_form: Literal["per_token", "as_released"] = "per_token"   # as_released: GF's published code
+    # per_token: DESIGN §4; as_released: GF's published code; irepa: conv projector + spatially normalised target
+    alignment_form: Literal["per_token", "as_released", "irepa"] = "per_token"
     released_size: int = 512                            # as_released: the S x S plane every layer is resized to
     released_mid_channels: int = 128                    # as_released: ConvProjector / scale-head width
+    irepa_alpha: float = 1.0                            # irepa: y - alpha * spatial mean (iREPA's code: 0.6 / 0.8)
 
     def validate(self) -> None:
         if self.dit_block < 1:
@@ -130,6 +138,8 @@ class GFConfig:
                               f"{self.released_size} / {self.released_mid_channels}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError(f"chunk_size: must be >= 1, got {self.chunk_size}")
+        if not 0.0 <= self.irepa_alpha <= 1.0:
+            raise ConfigError(f"irepa_alpha: must be in [0, 1], got {self.irepa_alpha}")
 
     def weights(self) -> tuple[float, float]:
         """(angular, scale) weights after the ``losses`` switch."""
@@ -162,6 +172,9 @@ def check_gf_recipe(recipe: Any) -> None:
     if teacher.kind == "oracle" and (recipe.data.kind != "synthetic" or teacher.cache or teacher.dino is not None):
         raise ConfigError("teacher.kind: oracle reads the true depth and cameras of synthetic clips: it needs "
                          "data.kind: synthetic and no teacher.cache / teacher.dino")
+    if teacher.kind == "random" and (teacher.cache or teacher.dino is not None):
+        raise ConfigError("teacher.kind: random (the oracle's control without geometry) computes its features from "
+                         "the clip and frame indices: it needs no teacher.cache / teacher.dino")
     frames, tp = recipe.data.frames, recipe.model.temporal_patch_size
     if teacher.frames > frames:
         raise ConfigError(f"teacher.frames: {teacher.frames} > data.frames={frames}")
@@ -272,6 +285,39 @@ class _ReleasedTerm(nn.Module):
         return self.weights[0] * ang + self.weights[1] * sc, ang.float(), sc.float()
 
 
+class _IrepaTerm(nn.Module):
+    """iREPA-style alignment (``engine.objectives.gf_irepa``): per teacher key, a 3x3 conv projector over each
+    frame's token grid and GF's scale head, against the spatially normalised target; layers averaged."""
+
+    def __init__(self, gf: GFConfig, keys: list[str], dims: Mapping[str, int], in_dim: int):
+        super().__init__()
+        self.keys = list(keys)
+        self.weights = gf.weights()
+        self.alpha = gf.irepa_alpha
+        self.align = nn.ModuleDict({k: IrepaAlignment(in_dim, dims[k], gf.scale_hidden) for k in self.keys})
+
+    def forward(self, feats: torch.Tensor, batch: Mapping[str, torch.Tensor], temporal_patch: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if isinstance(feats, ShardedFeatures):   # sequence parallelism: the convolution needs whole frames
+            feats = feats.gather()
+        grid_hw = tuple(feats.shape[2:4])
+        angular, scale = [], []
+        for k in self.keys:
+            name = BATCH_PREFIX + k
+            if name not in batch:
+                raise KeyError(f"GF irepa: the batch has no teacher features {name!r} (keys: {sorted(batch)})")
+            y = teacher_to_dit_grid(batch[name], grid_hw, temporal_patch)
+            aligned = y.shape[1]
+            if aligned > feats.shape[1]:
+                raise ValueError(f"GF: teacher features span {aligned} DiT token frames, the DiT has {feats.shape[1]}")
+            target = spatial_normalise(y.flatten(0, 1), self.alpha).to(feats.device)
+            ang, sc = self.align[k](feats[:, :aligned].flatten(0, 1), target)
+            angular.append(ang.float())
+            scale.append(sc.float())
+        ang, sc = torch.stack(angular).mean(), torch.stack(scale).mean()
+        return self.weights[0] * ang + self.weights[1] * sc, ang, sc
+
+
 class GeometryForcingHead(nn.Module):
     """The trained part of GF: projectors + scale heads (one per teacher layer, one for DINO).
 
@@ -298,6 +344,8 @@ class GeometryForcingHead(nn.Module):
         self.temporal_patch = temporal_patch
         if gf.alignment_form == "as_released":
             self.vggt = _ReleasedTerm(gf, dims, hidden_dim)
+        elif gf.alignment_form == "irepa":
+            self.vggt = _IrepaTerm(gf, vggt_keys, dims, hidden_dim)
         else:
             self.vggt = _Term(vggt_keys, dims, hidden_dim, gf.projector_hidden, gf.scale_hidden, gf.weights(),
                               backend, gf.chunk_size)

@@ -11,6 +11,11 @@ area-pooled (mean over the pixels of a cell) to the teacher grid ``teacher.resol
 grid a VGGT would give, ``[B, T, g, g, C]`` float32, under every key of ``teacher.layers``. It needs
 the batch's ``depth`` (synthetic clips carry it), ``intrinsics`` and ``extrinsics``; no weights, no
 gradient, deterministic. A DiT aligned to it is pushed to encode where each token is in 3D.
+
+``released_size`` (``gf.alignment_form: as_released``): GF's published target instead, built as it builds it
+from VGGT's tokens (:func:`engine.objectives.gf_released.released_target`): the ``g*g`` tokens ``[B, T, g*g, C]``
+of every layer key resized as an image to ``S x S`` and stacked, ``vggt_released [B, T, L, S, S]``. Its control
+without geometry is ``teacher.kind: random`` (:mod:`engine.teacher.random_features`).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 
 from geoforge.kernels.reproject import unproject_depth
 
+from geoforge.engine.objectives.gf_released import RELEASED_KEY, released_target
 from geoforge.engine.teacher.spec import BATCH_PREFIX, PATCH, TeacherConfig, vggt_key
 
 SCENE_SCALE = 4.0   # metres: the synthetic rooms are 5-8 m wide, so X / 4 is within about [-1, 1]
@@ -50,12 +56,15 @@ def geometry_features(depth: torch.Tensor, intrinsics: torch.Tensor, extrinsics:
 class OracleTeacher:
     """``teacher.kind: oracle``: the teacher call of the train loop (like ``LiveTeacher``), not an nn.Module."""
 
-    def __init__(self, teacher: TeacherConfig, device: torch.device | str = "cpu"):
+    def __init__(self, teacher: TeacherConfig, device: torch.device | str = "cpu", released_size: int | None = None):
         self.teacher = teacher
         self.device = torch.device(device)
         self.freqs = teacher.oracle_freqs
         self.grid = teacher.resolution // PATCH
-        self.dims = {vggt_key(layer): oracle_channels(self.freqs) for layer in teacher.layers}
+        self.released_size = released_size
+        self.keys = [vggt_key(layer) for layer in teacher.layers]
+        self.dims = ({RELEASED_KEY: len(self.keys)} if released_size is not None
+                     else {k: oracle_channels(self.freqs) for k in self.keys})
 
     @torch.no_grad()
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -67,7 +76,10 @@ class OracleTeacher:
         feats = geometry_features(batch["depth"][:, :frames].to(self.device),
                                   batch["intrinsics"][:, :frames].to(self.device),
                                   batch["extrinsics"][:, :frames].to(self.device), self.freqs, self.grid)
-        return {BATCH_PREFIX + key: feats for key in self.dims}
+        if self.released_size is not None:
+            tokens = feats.flatten(2, 3)   # [B, T, g*g, C]: the "all tokens" GF resizes as an image
+            return {BATCH_PREFIX + RELEASED_KEY: released_target([tokens] * len(self.keys), self.released_size)}
+        return {BATCH_PREFIX + key: feats for key in self.keys}
 
 
 __all__ = ["OracleTeacher", "geometry_features", "oracle_channels"]

@@ -101,10 +101,13 @@ class TeacherConfig:
     Ablation switches: ``layers``, ``resolution``, ``frames``. ``cache``: a directory written by
     ``geoforge-teacher-cache`` whose features replace the live teacher. ``kind: oracle`` replaces
     VGGT by features of the data's true depth and cameras (``engine.teacher.oracle``; synthetic data only),
-    to test the alignment mechanism itself; ``oracle_freqs`` sets its Fourier frequencies.
+    to test the alignment mechanism itself; ``oracle_freqs`` sets its Fourier frequencies. ``kind: random`` is
+    its control without geometry (``engine.teacher.random_features``): fixed random features of the oracle's
+    shape (``oracle_freqs`` sets the channels), a function of the clip index, frame index and token position
+    only; any data set.
     """
 
-    kind: Literal["vggt", "oracle"] = "vggt"
+    kind: Literal["vggt", "oracle", "random"] = "vggt"
     oracle_freqs: int = 4
     vggt: TeacherSource = field(default_factory=TeacherSource)
     layers: list[int] = field(default_factory=lambda: [4, 11, 17, 23])   # 0-based aggregator outputs
