@@ -27,8 +27,16 @@ def train_run(recipe: str, run_dir: Path, sets: list[str], steps: int, env: dict
     if finished(run_dir, steps):
         print(f"reusing {run_dir}", flush=True)
         return False
-    cmd = [sys.executable, str(ROOT / "engine" / "train.py"), "--recipe", recipe, "--run-dir", str(run_dir),
-           "--resume", "auto"]
+    launch(recipe, run_dir, sets, env, resume=True)
+    return True
+
+
+def launch(recipe: str, run_dir: Path, sets: list[str], env: dict[str, str] | None = None, resume: bool = False,
+           what: str = "training") -> None:
+    """Run ``engine/train.py --recipe RECIPE --run-dir RUN_DIR [--resume auto] --set ...`` to the end, its output in
+    ``RUN_DIR.log``; exits naming the log when it fails."""
+    cmd = [sys.executable, str(ROOT / "engine" / "train.py"), "--recipe", str(recipe), "--run-dir", str(run_dir)]
+    cmd += ["--resume", "auto"] if resume else []
     for s in sets:
         cmd += ["--set", s]
     print(" ".join(cmd), flush=True)
@@ -38,8 +46,7 @@ def train_run(recipe: str, run_dir: Path, sets: list[str], steps: int, env: dict
         proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
                               env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     if proc.returncode:
-        raise SystemExit(f"training failed (exit {proc.returncode}); see {log}")
-    return True
+        raise SystemExit(f"{what} failed (exit {proc.returncode}); see {log}")
 
 
 def logged(run_dir: Path, key: str) -> list[float]:

@@ -37,9 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -58,6 +56,7 @@ from geoforge.engine.config import Recipe, load_recipe, recipe_to_yaml  # noqa: 
 from geoforge.engine.distributed import World, resolve_device  # noqa: E402
 from geoforge.engine.videogpa.io import read_jsonl, read_marker  # noqa: E402
 from geoforge.engine.videogpa.pipeline import stage_complete  # noqa: E402
+from profiling._experiment import launch  # noqa: E402
 
 HELDOUT_SEED_OFFSET = 1000   # candidate seeds of the held-out generations: 1000 + s (training: s)
 METRICS = [("consistency", "held-out 3D-consistency error (oracle MSE x1e3)", "lower"),
@@ -136,18 +135,7 @@ def run_train(recipe_path: Path, run_dir: Path, overrides: list[str]) -> bool:
     if stage_complete(run_dir, "train"):
         print(f"reusing {run_dir}", flush=True)
         return False
-    cmd = [sys.executable, str(ROOT / "engine" / "train.py"), "--recipe", str(recipe_path), "--run-dir",
-           str(run_dir)]
-    for s in overrides:
-        cmd += ["--set", s]
-    print(" ".join(cmd), flush=True)
-    log = run_dir.parent / f"{run_dir.name}.log"
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if proc.returncode:
-        raise SystemExit(f"the DPO run failed (exit {proc.returncode}); see {log}")
+    launch(str(recipe_path), run_dir, overrides, what="the DPO run")
     return True
 
 
