@@ -36,7 +36,8 @@ pytestmark = pytest.mark.slow
 
 CLIPS, STEPS = 4, 250
 SMALL = ["model.hidden_dim=64", "model.depth=3", "model.num_heads=2", "data.resolution=32", "model.patch_size=4",
-         "data.frames=4", f"data.synthetic_clips={CLIPS}", "data.synthetic_frames=6", "data.num_workers=0",
+         "data.frames=4", f"data.synthetic_clips={CLIPS}", "data.synthetic_frames=6", "data.batch_size=4",
+         "data.num_workers=0",
          "teacher.resolution=28", "teacher.vggt.config.aggregator.img_size=28", "gf.projector_hidden=64",
          f"schedule.steps={STEPS}", "schedule.warmup=10", "optimizer.lr=1e-3", f"logging.checkpoint_every={STEPS}",
          "logging.every=10", "logging.sample_steps=16", f"logging.report_videos={CLIPS}",
