@@ -87,7 +87,7 @@ from geoforge.engine.eval.baselines import flat_frames, repeated_context  # noqa
 from geoforge.engine.eval.consistency import warp_consistency_error  # noqa: E402
 from geoforge.engine.eval.image_metrics import psnr, ssim  # noqa: E402
 from geoforge.engine.eval.probe import probe_geometry  # noqa: E402
-from geoforge.engine.eval.run import load_model  # noqa: E402
+from geoforge.engine.eval.load import load_model  # noqa: E402
 from geoforge.engine.eval.run_report import heldout_recipe  # noqa: E402
 from geoforge.engine.eval.validate import validate  # noqa: E402
 from geoforge.engine.objectives.flow_matching import draw_noise, flow_matching_loss  # noqa: E402

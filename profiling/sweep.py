@@ -53,7 +53,7 @@ def parse_config(text: str) -> tuple[str, list[str]]:
 
 def heldout_scores(eval_dir: Path, videos: int, context: int = 1) -> dict[str, float]:
     """PSNR / SSIM of the model and the two baselines over the generated frames, and the sample's sharpness."""
-    from geoforge.engine.eval.run import load_generated
+    from geoforge.engine.eval.video_files import load_generated
 
     gen, gt = [], []
     for i in range(videos):
@@ -84,7 +84,8 @@ def data_root(base, recipe, sets: list[str]) -> list[str]:
 
 
 def evaluate(run_dir: Path, videos: int, frames: int, steps: int) -> dict[str, float]:
-    from geoforge.engine.eval.run import parse_args, run
+    from geoforge.engine.eval.options import parse_args
+    from geoforge.engine.eval.run import run
 
     eval_dir = run_dir / "eval_heldout"
     asked = {"videos": videos, "frames": frames, "steps": steps}

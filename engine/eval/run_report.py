@@ -121,7 +121,7 @@ def write_run_report(recipe, run_dir: Path, world) -> Path | None:
     Returns its path (None on other ranks, with ``logging.report_videos: 0`` or without a checkpoint)."""
     from geoforge.engine.checkpoint import latest_checkpoint
     from geoforge.engine.data.builder import clip_names
-    from geoforge.engine.eval.run import load_model
+    from geoforge.engine.eval.load import load_model
 
     from geoforge.engine.distributed import World
     from geoforge.engine.precision import current_precision

@@ -104,7 +104,7 @@ def test_truncated_newest_checkpoint_resumes_from_previous(tmp_path, data_root):
     bad = run / "checkpoints" / "step_8" / "deepspeed" / "mp_rank_00_model_states.pt"
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
 
-    from geoforge.engine.eval.run import resolve_checkpoint
+    from geoforge.engine.eval.load import resolve_checkpoint
 
     with pytest.raises(CheckpointError, match="step_8/ema.safetensors"):
         ema = run / "checkpoints" / "step_8" / "ema.safetensors"

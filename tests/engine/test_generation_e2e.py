@@ -27,7 +27,7 @@ from geoforge.engine.checkpoint import latest_checkpoint
 from geoforge.engine.config import load_recipe
 from geoforge.engine.eval.baselines import flat_frames, high_frequency_energy
 from geoforge.engine.eval.image_metrics import psnr
-from geoforge.engine.eval.run import load_model
+from geoforge.engine.eval.load import load_model
 from geoforge.engine.eval.validate import validate, validation_batch
 from geoforge.engine.precision import resolve_precision, use_precision
 

@@ -15,7 +15,10 @@ from safetensors.torch import save_file
 from processes import SUBPROCESS_THREADS, subprocess_env, torch_threads
 from geoforge.engine.eval.geometry import VGGTGeometry
 from geoforge.engine.eval.lpips import LPIPS
-from geoforge.engine.eval.run import Networks, load_generated, parse_args, run
+from geoforge.engine.eval.metrics import Networks
+from geoforge.engine.eval.options import parse_args
+from geoforge.engine.eval.run import run
+from geoforge.engine.eval.video_files import load_generated
 from geoforge.engine.models.dit import DiTConfig, VideoDiT
 from tiny_nets import tiny_vggt
 

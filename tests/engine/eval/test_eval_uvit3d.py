@@ -18,8 +18,11 @@ from safetensors.torch import save_file
 from processes import subprocess_env
 from geoforge.engine.config import load_recipe
 from geoforge.engine.eval.protocols import get_protocol
-from geoforge.engine.eval.run import (Networks, load_generated, load_model, parse_args, protocol_item, run, sampler_config,
-                             time_grid_option)
+from geoforge.engine.eval.load import load_model
+from geoforge.engine.eval.metrics import Networks
+from geoforge.engine.eval.options import parse_args
+from geoforge.engine.eval.run import protocol_item, run, sampler_config, time_grid_option
+from geoforge.engine.eval.video_files import load_generated
 from geoforge.engine.objectives.dfot_velocity import dfot_flow_times, dfot_level_time
 from geoforge.engine.models.arch import build_model
 from geoforge.engine.sampling import Guidance

@@ -9,7 +9,8 @@ import torch
 
 from geoforge.engine.config import load_recipe
 from geoforge.engine.eval.protocols import GuidanceSpec, get_protocol
-from geoforge.engine.eval.run import parse_args, sampler_config
+from geoforge.engine.eval.options import parse_args
+from geoforge.engine.eval.run import sampler_config
 from geoforge.engine.objectives.dfot_diffusion import DFoTDiffusionConfig, DiscreteSchedule
 from geoforge.engine.objectives.dfot_velocity import DFoTVelocity, dfot_level_time, flow_logsnr, recipe_velocity_model
 from geoforge.engine.sampling import CONTEXT, GENERATE, GENERATED_CONTEXT, Guidance, guided_velocity
