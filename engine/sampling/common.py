@@ -10,8 +10,19 @@ from geoforge.engine.precision import autocast
 from geoforge.engine.sampling.config import COND_KEYS, FRAME_KINDS, Model
 
 
-def randn_on(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """Standard normal noise drawn on the generator's device (reproducible), moved to ``device``."""
+Generators = torch.Generator | Sequence[torch.Generator] | None   # one, one per batch row, or the global RNG
+
+
+def randn_on(shape: Sequence[int], generator: Generators, device: torch.device) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device (reproducible), moved to ``device``.
+
+    ``generator`` may be a sequence with one generator per row of ``shape[0]``: row i is then drawn from the
+    i-th generator alone, as a batch of one would draw it, so that a sample of a batch is the sample its
+    generator gives alone (batched sampling of independently seeded videos, e.g. VideoGPA's candidates)."""
+    if isinstance(generator, Sequence):
+        if len(generator) != shape[0]:
+            raise ValueError(f"randn_on: {len(generator)} generators for a batch of {shape[0]} rows")
+        return torch.cat([randn_on((1, *shape[1:]), g, device) for g in generator])
     where = generator.device if generator is not None else device
     return torch.randn(tuple(shape), generator=generator, device=where).to(device)
 

@@ -8,13 +8,14 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from geoforge.engine.sampling.common import autocast_for, check_cond, device_of, eval_mode, kinds_tensor, randn_on
+from geoforge.engine.sampling.common import (Generators, autocast_for, check_cond, device_of, eval_mode, kinds_tensor,
+                                             randn_on)
 from geoforge.engine.sampling.config import CONTEXT, GENERATE, GENERATED_CONTEXT, PAD, Guidance, Model, SamplerConfig
 from geoforge.engine.sampling.steps import flow_step, scheduling_matrix
 
 
 def history_noise(guidance: Guidance, branches: Sequence[tuple[tuple[float, ...], bool, float]],
-                  shape: Sequence[int], generator: torch.Generator | None, device: torch.device
+                  shape: Sequence[int], generator: Generators, device: torch.device
                   ) -> dict[int, torch.Tensor]:
     """The noise of each branch's noised history, ``{branch index: [B, T, C, H, W]}``: a separate draw per
     branch, drawn as DFoT's history-guidance step draws it, so that a generator in the state of DFoT's RNG
@@ -37,7 +38,7 @@ def history_noise(guidance: Guidance, branches: Sequence[tuple[tuple[float, ...]
 
 
 def guided_velocity(model: Model, x: torch.Tensor, t: torch.Tensor, kinds: torch.Tensor, clean: torch.Tensor,
-                    cond: dict[str, torch.Tensor], guidance: Guidance, generator: torch.Generator | None = None,
+                    cond: dict[str, torch.Tensor], guidance: Guidance, generator: Generators = None,
                     autocast: str = "auto", max_batch: int | None = None) -> torch.Tensor:
     """Guided velocity ``[B, T, C, H, W]`` (float32) of window ``x`` at per-frame times ``t [T]``.
 
@@ -88,13 +89,14 @@ def guided_velocity(model: Model, x: torch.Tensor, t: torch.Tensor, kinds: torch
 @torch.no_grad()
 def sample_window(model: Model, frames: torch.Tensor, kinds: Sequence[int] | torch.Tensor,
                   cond: dict[str, torch.Tensor] | None = None, sampler: SamplerConfig | None = None,
-                  guidance: Guidance | None = None, generator: torch.Generator | None = None,
+                  guidance: Guidance | None = None, generator: Generators = None,
                   pbar: tqdm | None = None) -> torch.Tensor:
     """Denoise the ``GENERATE`` frames of one window ``frames [B, T, C, H, W]`` (float32, [-1, 1]).
 
     History frames (``CONTEXT`` / ``GENERATED_CONTEXT``) are taken from ``frames`` and returned as
     given; ``PAD`` frames stay noise; the values of ``GENERATE`` frames in ``frames`` are ignored (their
-    initial noise is the first draw from ``generator``, of the whole window's shape). ``cond``: per-frame
+    initial noise is the first draw from ``generator``, of the whole window's shape; one generator per row
+    draws each row alone: :func:`engine.sampling.common.randn_on`). ``cond``: per-frame
     ``intrinsics`` / ``extrinsics`` / ``actions`` [B, T, ...]. ``guidance`` defaults to
     ``sampler.guidance``. The model should be in eval mode (see :func:`generate`).
     """
@@ -133,7 +135,7 @@ def sample_window(model: Model, frames: torch.Tensor, kinds: Sequence[int] | tor
 
 @torch.no_grad()
 def sample_clip(model: Model, shape: Sequence[int], steps: int, cond: dict | None = None,
-                generator: torch.Generator | None = None, context: torch.Tensor | None = None,
+                generator: Generators = None, context: torch.Tensor | None = None,
                 device: torch.device | str | None = None, method: str = "euler",
                 times: Sequence[float] | None = None) -> torch.Tensor:
     """One window of ``shape = (B, T, C, H, W)`` with the first ``k`` frames fixed to ``context [B, k, ...]``.

@@ -460,3 +460,14 @@ def test_batch_cap_and_bf16_autocast_give_the_same_samples(trained_dit) -> None:
                     torch.Generator().manual_seed(0))
     assert bf16.dtype == torch.float32 and not torch.equal(bf16, ref)  # bf16 matmuls ran
     assert (bf16 - ref).abs().mean() < 0.05
+
+
+def test_one_generator_per_row_draws_each_row_as_alone() -> None:
+    from geoforge.engine.sampling.common import randn_on
+
+    shape = (3, 2, 3, 4, 4)
+    rows = randn_on(shape, [torch.Generator().manual_seed(s) for s in (5, 6, 5)], torch.device("cpu"))
+    alone = randn_on((1, *shape[1:]), torch.Generator().manual_seed(6), torch.device("cpu"))
+    assert torch.equal(rows[1:2], alone) and torch.equal(rows[0], rows[2]) and not torch.equal(rows[0], rows[1])
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        randn_on(shape, [torch.Generator(), torch.Generator()], torch.device("cpu"))

@@ -31,6 +31,9 @@ def test_seeded_samples_keep_the_first_frame():
     assert (videos[0] == videos[2]).all() and (videos[0] != videos[1]).any()
     first = (cond.first_frame.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
     assert all((v[0] == first).all() for v in videos)
+    alone = policy.sample(cond, seeds=[4], steps=3, guidance=1.0)   # the K candidates are sampled in one batch:
+    diff = (alone[0].astype(int) - videos[1].astype(int))            # each is the sample its seed gives alone
+    assert abs(diff).max() <= 1 and (diff != 0).mean() < 0.01        # (up to the rounding of batched products)
     guided = policy.sample(cond, seeds=[3], steps=3, guidance=3.0)
     assert (guided[0] != videos[0]).any()   # camera guidance changes the sample
 
