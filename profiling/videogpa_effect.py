@@ -402,21 +402,22 @@ def time_forward(recipe: Recipe, batch: int, repeats: int = 2) -> float:
 STARTUP_SECONDS = 25.0   # a DPO subprocess: imports, DeepSpeed start, checkpoints (measured ~15-30 s here)
 
 
-def plan_cost(trained: Recipe, args, one: float, pairs_batch: float, done: dict[str, bool]) -> list[tuple[str, float]]:
-    """Estimated seconds of each stage of one seed from the timed forwards (``one``: batch 1, a sampler step;
-    ``pairs_batch``: the 2B clips of a DPO micro-batch); finished stages cost 0. The model: a sampler step = one
-    forward; a DPO step = 3 forwards with gradient + 1 reference forward; an implicit-accuracy batch = 2
+def plan_cost(trained: Recipe, args, candidates: float, pairs_batch: float, done: dict[str, bool]
+              ) -> list[tuple[str, float]]:
+    """Estimated seconds of each stage of one seed from the timed forwards (``candidates``: the K candidates of an
+    input, sampled in one batch - a sampler step; ``pairs_batch``: the 2B clips of a DPO micro-batch); finished
+    stages cost 0. The model: a sampler step = one forward of K clips; a DPO step = 3 forwards with gradient + 1 reference forward; an implicit-accuracy batch = 2
     forwards; scoring a video (decode + reprojection at 32x32) ~ 0.03 s."""
     vg, steps = trained.videogpa, trained.videogpa.generate.steps
     k, n, m = vg.generate.candidates, vg.inputs.count, args.heldout
     eval_batches = 2 * math.ceil(min(vg.dpo.eval_pairs, n) / 4) * vg.dpo.eval_draws
     items = [
-        ("train: generate", n * k * steps * one, "train_generate"),
+        ("train: generate", n * steps * candidates, "train_generate"),
         ("train: score", n * k * 0.03, "train_score"),
         ("train: DPO", STARTUP_SECONDS + trained.schedule.steps * 4 * pairs_batch + eval_batches * 2 * pairs_batch,
          "train_train"),
-        ("held-out: base generate + score", m * k * (steps * one + 0.03), "heldout_base"),
-        ("held-out: DPO generate + score", m * k * (steps * one + 0.03), "heldout_dpo"),
+        ("held-out: base generate + score", m * (steps * candidates + k * 0.03), "heldout_base"),
+        ("held-out: DPO generate + score", m * (steps * candidates + k * 0.03), "heldout_dpo"),
         ("held-out: implicit accuracy", math.ceil(m / 4) * args.draws * 2 * pairs_batch, "implicit"),
     ]
     return [(name, 0.0 if done.get(key) else cost) for name, cost, key in items]
@@ -480,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     trained = recipes[args.seeds[0]]["train"]
     done = {seed: progress(out, seed, args.draws) for seed in args.seeds}
     pending = not all(all(d.values()) for d in done.values())
-    one = time_forward(trained, 1) if pending else 0.0
+    k = trained.videogpa.generate.candidates * (2 if trained.videogpa.generate.guidance != 1.0 else 1)
+    candidates = time_forward(trained, k) if pending else 0.0
     pairs_batch = time_forward(trained, 2 * trained.data.batch_size) if pending else 0.0
     vg = trained.videogpa
     print(f"plan: policy {checkpoint} ({policy.name}); {len(args.seeds)} seeds {args.seeds} x [DPO run: {vg.inputs.count} "
@@ -490,13 +492,14 @@ def main(argv: list[str] | None = None) -> int:
           f"on their pairs x {args.draws} draws] -> {out}", flush=True)
     total = 0.0
     for seed in args.seeds:
-        costs = plan_cost(recipes[seed]["train"], args, one, pairs_batch, done[seed])
+        costs = plan_cost(recipes[seed]["train"], args, candidates, pairs_batch, done[seed])
         seconds = sum(c for _, c in costs)
         total += seconds
         print(f"  seed {seed}: " + ", ".join(f"{name} {c / 60:.1f} min" if c else f"{name} done" for name, c in costs),
               flush=True)
-    print(f"estimated cost: {total / 60:.1f} min on this machine (a policy forward takes {1e3 * one:.1f} ms at batch "
-          f"1, {1e3 * pairs_batch:.1f} ms at batch {2 * trained.data.batch_size}, timed now under the current load); "
+    print(f"estimated cost: {total / 60:.1f} min on this machine (a policy forward takes {1e3 * candidates:.1f} ms at "
+          f"batch {k} (an input's candidates{', x2 for guidance' if k > trained.videogpa.generate.candidates else ''}), "
+          f"{1e3 * pairs_batch:.1f} ms at batch {2 * trained.data.batch_size}, timed now under the current load); "
           f"finished stages are reused", flush=True)
     if args.plan:
         return 0
