@@ -53,10 +53,10 @@ step**: per seed, the first checkpoint step at which the variant's held-out flow
 baseline's final one ("not reached" otherwise; resolved to the checkpoint grid).
 
 **Cost**: the plan line printed first estimates it (training + evaluation of the runs not yet done) from a model
-calibrated on gf_small (5,000 steps in ~22 minutes on this idle 2-core CPU with bf16: ~0.27 s per step, scaled by
-the DiT's 6 x parameters x tokens per step). The default command (gf_small, 3 variants x 3 seeds = 9 runs of 5,000
-steps) is ~3.4 hours of training plus ~1 minute of evaluation per run (~7 minutes) on the idle machine; every
-further variant adds ~70 minutes (3 seeds). The evaluation of one run is ~1,000 clip forwards: the held-out loss
+calibrated on gf_small (~0.44 s per step on this idle 2-core CPU with bf16: the median logged step of a 5,000-step
+seed-1 run, 37 minutes of steps; scaled by the DiT's 6 x parameters x tokens per step). The default command
+(gf_small, 3 variants x 3 seeds = 9 runs of 5,000 steps) is ~5.6 hours of training plus ~1 minute of evaluation
+per run on the idle machine; every further variant adds ~1.9 hours (3 seeds). The evaluation of one run is ~1,000 clip forwards: the held-out loss
 at 5 checkpoints x 4 noise draws x 16 clips, 32 sampler steps x 16 clips, and the probe's 3 x (32 + 16).
 
 Writes ``OUT/results.json`` (arguments, every run's numbers and curves, the summary), ``OUT/table.md`` and
@@ -105,7 +105,7 @@ CPU = World(rank=0, local_rank=0, size=1, local_size=1, device=torch.device("cpu
 EVAL_FILE = "experiment_eval.json"
 EVAL_VERSION = 1             # bump when evaluate() changes what it measures: cached evaluations are then redone
 # the cost model's calibration: gf_small's step on the idle 2-core CPU (bf16), recipes/gf_small.yaml
-REFERENCE_RECIPE, REFERENCE_STEP_SECONDS = "gf_small", 0.27
+REFERENCE_RECIPE, REFERENCE_STEP_SECONDS = "gf_small", 0.44
 RUN_OVERHEAD_S = 20.0        # a training process: start-up, DeepSpeed, data, checkpoints
 FM_DRAWS = 4
 
