@@ -175,6 +175,7 @@ class DistributedConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     grad_accum: int = 1                   # micro-batches per optimizer step
     activation_checkpointing: bool = False
+    compile: bool = False                 # torch.compile each repeated block in place (engine/models/compiled.py)
     sequence_parallel: int = 1            # ranks that split each clip's tokens (DeepSpeed-Ulysses); DP = world / this
     threads: int = 0                      # CPU intra-op threads per rank; 0: OMP_NUM_THREADS, else free cores / local ranks
 
@@ -187,6 +188,10 @@ class DistributedConfig:
             raise ConfigError(f"grad_accum: must be >= 1, got {self.grad_accum}")
         if self.threads < 0:
             raise ConfigError(f"threads: must be >= 0 (0: automatic), got {self.threads}")
+        if self.compile and (self.zero_stage == 3 or self.sequence_parallel > 1):
+            raise ConfigError(f"compile: not with zero_stage 3 (its parameter hooks) or sequence_parallel > 1 (its "
+                              f"all-to-alls): got zero_stage {self.zero_stage}, sequence_parallel "
+                              f"{self.sequence_parallel}")
 
 
 @dataclass

@@ -21,7 +21,7 @@ from geoforge.engine.config import Recipe
 from geoforge.engine.data.builder import build_dataset, build_loader
 from geoforge.engine.distributed import ParallelLayout, World
 from geoforge.engine.eval.validate import validate, validation_batch, write_sample_video
-from geoforge.engine.models.arch import build_model, checkpointed_blocks
+from geoforge.engine.models.arch import build_model, repeated_blocks
 from geoforge.engine.models.uvit3d.checkpoint import load_backbone_weights
 from geoforge.engine.objectives.video_loss import VideoDiffusionLoss, sample_noise
 from geoforge.engine.teacher.builder import build_teacher
@@ -58,8 +58,8 @@ class DiffusionTask(Task):
         self._val_batch = None
         self._last_batch: dict[str, torch.Tensor] | None = None
 
-    def checkpointed_blocks(self) -> list[torch.nn.Module]:
-        return checkpointed_blocks(self.module.dit)
+    def repeated_blocks(self) -> list[torch.nn.Module]:
+        return repeated_blocks(self.module.dit)
 
     def micro_batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
         return iter(build_loader(self.recipe.data, self.world, self.recipe.seed, self.recipe.distributed.grad_accum,

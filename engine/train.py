@@ -66,6 +66,7 @@ def train(recipe: Recipe, run_dir: Path, resume: str | None, world: World) -> di
                      f"DeepSpeed ZeRO-{d.zero_stage} | {trainer.describe_precision()} | "
                      f"{trainer.trained_parameters / 1e6:.2f}M trained parameters | attention: "
                      f"{attention_backend()} | fused kernels: {recipe.backend}"
+                     f"{' | torch.compile: blocks' if d.compile else ''}"
                      f"{f' | threads: {world.threads}' if world.threads else ''} | run dir: {run_dir}")
     trainer.resume(resume)
     summary = trainer.fit()

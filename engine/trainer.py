@@ -9,7 +9,8 @@ step (validation, sample videos). The :class:`Trainer` owns *how*, once for ever
   constant / cosine schedule (a warm-up longer than the run is allowed and named in a warning: the learning
   rate never reaches its peak), and ``deepspeed.initialize`` (the only call in the code base) with the
   recipe's ZeRO stage, gradient accumulation and clipping; activation checkpointing of the
-  task's blocks (``distributed.activation_checkpointing``) is applied here, from outside the model;
+  task's blocks (``distributed.activation_checkpointing``) and ``torch.compile`` of them (``distributed.compile``)
+  are applied here, from outside the model;
 - **random streams**: the task builds its module under the same seed on every rank (identical initial
   weights); once everything is built, the global torch RNG is reseeded per data-parallel rank
   (:func:`seed_data_parallel_stream`), so dropout and every other stochastic layer draw different masks on
@@ -57,6 +58,7 @@ from geoforge.engine.distributed import World, any_rank, deepspeed_config, mean_
 from geoforge.engine.ema import ShardedEMA
 from geoforge.engine.models.attention import attention_report
 from geoforge.engine.models.checkpointing import enable_activation_checkpointing
+from geoforge.engine.models.compiled import compile_blocks
 from geoforge.engine.precision import FP32, autocast, check_fp16_device, current_precision
 from geoforge.engine.run_dir import RunLog
 
@@ -118,16 +120,24 @@ class Task(ABC):
     data_parallel: tuple[int, int] | None = None
     counters: tuple[str, ...] = ()   # names of MicroBatch.counts, kept cumulative in checkpoints
 
-    def checkpointed_blocks(self) -> list[nn.Module]:
-        """The repeated blocks whose activations are recomputed under ``distributed.activation_checkpointing``."""
+    def repeated_blocks(self) -> list[nn.Module]:
+        """The repeated blocks that ``distributed.activation_checkpointing`` recomputes in backward and
+        ``distributed.compile`` compiles."""
         return []
 
     def enable_activation_checkpointing(self) -> None:
-        """Default: recompute each of :meth:`checkpointed_blocks` in backward."""
-        blocks = self.checkpointed_blocks()
+        """Default: recompute each of :meth:`repeated_blocks` in backward."""
+        blocks = self.repeated_blocks()
         if not blocks:
             raise NotImplementedError(f"{type(self).__name__}: no blocks to checkpoint")
         enable_activation_checkpointing(blocks)
+
+    def compile_blocks(self) -> int:
+        """Default: ``torch.compile`` each of :meth:`repeated_blocks` in place (``engine.models.compiled``)."""
+        blocks = self.repeated_blocks()
+        if not blocks:
+            raise NotImplementedError(f"{type(self).__name__}: no blocks to compile (distributed.compile)")
+        return compile_blocks(blocks)
 
     @abstractmethod
     def micro_batches(self, start: int) -> Iterator[Any]:
@@ -186,6 +196,8 @@ class Trainer:
         d = self.recipe.distributed
         if d.activation_checkpointing:
             self.task.enable_activation_checkpointing()
+        if d.compile:   # after checkpointing: a checkpointed block is compiled as one region
+            self.task.compile_blocks()
         params = [p for p in self.task.module.parameters() if p.requires_grad]
         opt = self.recipe.optimizer
         optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay, eps=opt.eps)

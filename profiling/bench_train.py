@@ -3,6 +3,7 @@
     python profiling/bench_train.py --recipe gf_tiny                  # one configuration, phase table
     python profiling/bench_train.py --recipe gf_tiny --compare        # baseline vs GF live vs GF cache
     python profiling/bench_train.py --recipe gf_tiny --precisions fp32,auto   # the same step in each precision
+    python profiling/bench_train.py --recipe gf_small --configs eager compiled:distributed.compile=true
     python profiling/bench_train.py --recipe gf_re10k --model --gpus 8 --gpu h100   # FLOPs / memory model
     python profiling/bench_train.py --recipe gf_re10k_paper --model   # the same for the U-ViT3D, counted on the module
     python profiling/bench_train.py --curves RUN_GF RUN_BASE          # loss curves of two runs -> PNG
@@ -33,7 +34,10 @@ untimed step (``profiling/_harness.cpu_peak_bytes``). Rows are appended to ``run
 
 **--precisions fp32,auto** builds the recipe once per ``distributed.precision`` value (same initial weights,
 ``engine.precision`` installed around each config's steps) and interleaves their steps the same way; the
-speed-up of each over the first is the median over rounds of the first's step time / its own.
+speed-up of each over the first is the median over rounds of the first's step time / its own. **--configs**
+does the same for any recipe overrides (``LABEL:KEY=VALUE,KEY=VALUE``; ``--precisions P1,P2`` is
+``--configs P1:distributed.precision=P1 P2:distributed.precision=P2``); ``torch.compile``
+(``distributed.compile``) compiles in the untimed warm-up steps.
 
 **--model** is analytic (no run; ``profiling/train_model.py``): FLOPs per optimizer step and GPU, the step time at an assumed model
 FLOP utilisation, and the memory per GPU, with every assumption printed (see :func:`flops_model`); then a
@@ -290,26 +294,36 @@ def compare(recipe_arg: str, overrides: list[str], warmup: int, steps: int, cach
     return configs
 
 
-def compare_precisions(recipe_arg: str, overrides: list[str], precisions: list[str], warmup: int, steps: int,
-                       csv_path: Path | None) -> list[Config]:
-    """The recipe's step in each ``distributed.precision`` (same initial weights), steps interleaved."""
+def parse_configs(specs: list[str]) -> list[tuple[str, list[str]]]:
+    """``LABEL:KEY=VALUE[,KEY=VALUE...]`` -> (label, overrides); a bare ``LABEL`` has no overrides."""
+    out = []
+    for spec in specs:
+        label, _, sets = spec.partition(":")
+        if not label:
+            raise SystemExit(f"--configs {spec!r}: give LABEL or LABEL:KEY=VALUE[,KEY=VALUE]")
+        out.append((label, [kv for kv in sets.split(",") if kv]))
+    return out
+
+
+def compare_configs(recipe_arg: str, overrides: list[str], configs_spec: list[tuple[str, list[str]]], warmup: int,
+                    steps: int, csv_path: Path | None) -> list[Config]:
+    """The recipe's step under each (label, overrides) (same initial weights), steps interleaved."""
     device = _device(load_recipe(recipe_arg, overrides))
     configs = []
-    for p in precisions:
-        recipe = load_recipe(recipe_arg, [*overrides, f"distributed.precision={p}"])
-        configs.append(build_config(p, recipe, device))
-    for _ in range(warmup):
+    for label, sets in configs_spec:
+        configs.append(build_config(label, load_recipe(recipe_arg, [*overrides, *sets]), device))
+    for _ in range(warmup):   # untimed: also where torch.compile (distributed.compile) compiles
         for c in configs:
             run_step(c, record=False)
     for i in range(steps):
         for c in configs:
             phases = run_step(c)
-            print(f"  step {i + 1}/{steps} {c.name:<5} {1e3 * phases['step']:8.1f} ms", flush=True)
+            print(f"  step {i + 1}/{steps} {c.name:<8} {1e3 * phases['step']:8.1f} ms", flush=True)
     for c in configs:
         measure_peak(c)
     print(report(configs, csv_path))
     for c in configs:
-        print(f"{c.name}: {c.precision.describe()}")
+        print(f"{c.name}: {c.precision.describe()}{' | torch.compile: blocks' if c.recipe.distributed.compile else ''}")
     for c in configs[1:]:
         print(f"speed-up of {c.name} over {configs[0].name}: {1 / paired_ratio(c, configs[0]):.2f}x "
               f"(median over {steps} rounds of the paired step-time ratio)")
@@ -417,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default=None, help="teacher cache for --compare (default: built in a temp dir)")
     p.add_argument("--precisions", default=None, metavar="P1,P2",
                    help="compare the step in these distributed.precision values (e.g. fp32,auto), interleaved")
+    p.add_argument("--configs", nargs="+", default=None, metavar="LABEL:KEY=VALUE[,KEY=VALUE]",
+                   help="compare the step under these overrides (e.g. eager compiled:distributed.compile=true), "
+                        "interleaved")
     p.add_argument("--steps", type=int, default=16, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration first")
     p.add_argument("--csv", default=str(RESULTS / "train.csv"), help="CSV to append to ('' to skip)")
@@ -441,8 +458,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     csv_path = Path(args.csv) if args.csv else None
     started = time.perf_counter()
-    if args.precisions:
-        compare_precisions(args.recipe, args.overrides, args.precisions.split(","), args.warmup, args.steps, csv_path)
+    if args.precisions or args.configs:
+        specs = ([(p, [f"distributed.precision={p}"]) for p in args.precisions.split(",")] if args.precisions
+                 else parse_configs(args.configs))
+        compare_configs(args.recipe, args.overrides, specs, args.warmup, args.steps, csv_path)
     elif args.compare:
         compare(args.recipe, args.overrides, args.warmup, args.steps, args.cache, csv_path)
     else:

@@ -135,7 +135,8 @@ def checkpoint_every(steps: int, points: int) -> int:
 def run_overrides(args: argparse.Namespace, recipe, variant: str, seed: int, out: Path) -> list[str]:
     """The ``--set`` list of one run (module docstring)."""
     sets = [f"seed={seed}", f"schedule.steps={args.steps}", "logging.report_videos=0",
-            f"logging.checkpoint_every={checkpoint_every(args.steps, args.curve_points)}", "logging.keep_checkpoints=0"]
+            f"logging.checkpoint_every={checkpoint_every(args.steps, args.curve_points)}", "logging.keep_checkpoints=0",
+            "distributed.compile=false"]   # eager, as the table's first runs were (compile changes only rounding)
     if recipe.data.kind == "synthetic":
         sets.append(f"data.root={out / ('data' if recipe.data.synthetic_seed is not None else f'data_s{seed}')}")
     sets += args.set

@@ -83,8 +83,9 @@ def condition_keys(arch: str) -> tuple[str, ...]:
     return CONDITION_KEYS[arch]
 
 
-def checkpointed_blocks(model: nn.Module) -> list[nn.Module]:
-    """The blocks of a built backbone that ``distributed.activation_checkpointing`` recomputes."""
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a built backbone: what ``distributed.activation_checkpointing`` recomputes and
+    ``distributed.compile`` compiles."""
     return model.blocks() if isinstance(model, UViT3D) else list(model.blocks)
 
 

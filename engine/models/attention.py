@@ -112,7 +112,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if q.dtype != v.dtype or k.dtype != v.dtype:   # autocast: normalised q/k in fp32, v in bf16
         q, k = q.to(v.dtype), k.to(v.dtype)
     kernel, reason = kernel_for(backend, q.device.type, q.dtype, mask is not None)
-    _record(site, kernel, reason)
+    if not torch.compiler.is_compiling():   # traced by torch.compile (distributed.compile): inductor's kernel
+        _record(site, kernel, reason)
     if kernel == "flash_attn":
         from flash_attn import flash_attn_func  # layout [B, L, heads, d]
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))

@@ -90,6 +90,24 @@ def test_two_deepspeed_ranks_match_one_rank(tmp_path, data_root, one_rank, stage
             assert two[step][key] == pytest.approx(single[step][key], rel=1e-4, abs=1e-6), (step, key)
 
 
+def test_compiled_blocks_train_like_eager_ones(tmp_path, data_root, one_rank):
+    """``distributed.compile``: the same run with its DiT blocks under ``torch.compile`` (GF's feature tap on a
+    compiled block) logs the same losses up to the recipe's bf16 rounding, and its checkpoint has the eager
+    run's keys (no ``_orig_mod``)."""
+    eager_run, eager = one_rank
+    proc = _run(tmp_path / "run", data_root, ["data.batch_size=2", "distributed.zero_stage=0",
+                                             "distributed.compile=true"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "torch.compile: blocks" in proc.stdout
+    compiled = _rows(tmp_path / "run")
+    assert sorted(compiled) == sorted(eager)
+    for step in eager:
+        for key in ("fm", "gf_angular", "gf_scale"):
+            assert compiled[step][key] == pytest.approx(eager[step][key], rel=2e-2), (step, key)
+    keys = load_file(str(latest_checkpoint(tmp_path / "run") / "model.safetensors")).keys()
+    assert sorted(keys) == sorted(load_file(str(latest_checkpoint(eager_run) / "model.safetensors")).keys())
+
+
 def test_cached_teacher_run_reproduces_the_live_run(tmp_path, data_root, one_rank):
     """A run reading the teacher cache sees the same first batch and, at step 1 (same initial weights),
     the same flow-matching loss and alignment losses up to the cache's bf16 rounding."""
