@@ -19,6 +19,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+# pytest-xdist (the README's ``-n auto``): each worker gets its share of the cores, never more threads than cores
+# in all (two OpenMP threads on one oversubscribed core wait on each other, ~10x slower)
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 GPU_SKIP_REASON = ("GPU lane: needs a CUDA device (compiled Triton, flash-attn, NVDEC); on a GPU machine run "
                    "profiling/gpu_check.sh")
 

@@ -103,7 +103,7 @@ def same_command(a: str, b: str) -> bool:
 
 def test_ci_runs_the_readme_commands():
     ci = ci_commands()
-    assert ci["install"].endswith('install -e ".[dev]"') and ci["test"] == "python -m pytest -q tests", ci
+    assert ci["install"].endswith('install -e ".[dev]"') and ci["test"] == "python -m pytest -q -n auto --dist loadfile tests", ci
     commands = shell_commands(README.read_text(encoding="utf-8"))
     for what, line in ci.items():
         assert any(same_command(line, c) for c in commands), (
