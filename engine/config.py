@@ -270,6 +270,10 @@ class Recipe:
             if self.logging.sample_steps > self.dfot.timesteps:
                 raise ConfigError(f"logging.sample_steps: the U-ViT3D samples on DFoT's DDIM grid, at most "
                                   f"dfot.timesteps={self.dfot.timesteps} steps, got {self.logging.sample_steps}")
+            if self.distributed.compile:
+                raise ConfigError("distributed.compile: the U-ViT3D's blocks are not compiled yet (torch 2.13's "
+                                  "inductor emits C++ that does not build for them under CPU bf16: 'conflicting "
+                                  "declaration at_BFloat16_tmp_acc0_vec'); compile is for model.arch dit")
             if u.in_channels != 3 or len(self.dfot.data_mean) != u.in_channels:
                 raise ConfigError(f"model.uvit3d.in_channels / dfot.data_mean: RGB pixels need 3 channels, got "
                                   f"{u.in_channels} / {len(self.dfot.data_mean)}")

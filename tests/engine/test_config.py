@@ -73,6 +73,8 @@ def test_impossible_combinations_fail_before_compute(tmp_path):
         load_recipe("uvit3d_tiny", ["logging.sample_steps=2000"])
     with pytest.raises(ConfigError, match=r"distributed\.compile: not with zero_stage 3"):
         load_recipe(write(tmp_path, {"distributed": {"compile": True, "zero_stage": 3}}))
+    with pytest.raises(ConfigError, match=r"distributed\.compile: the U-ViT3D's blocks are not compiled yet"):
+        load_recipe("uvit3d_tiny", ["distributed.compile=true"])
 
 
 def test_uvit3d_recipes_may_validate_periodically():
