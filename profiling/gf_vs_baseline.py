@@ -324,7 +324,7 @@ def table(agg: dict, variants: list[str], seeds: list[int], rows: list[tuple[str
 
 def fmt_summary(s: dict, signed: bool = False) -> str:
     mean = f"{s['mean']:+.4g}" if signed else f"{s['mean']:.4g}"
-    return f"{mean} ± {s['sd']:.2g}"
+    return f"{mean} (1 seed)" if s["n"] == 1 else f"{mean} ± {s['sd']:.2g}"
 
 
 # ----------------------------------------------------------------------------- plot

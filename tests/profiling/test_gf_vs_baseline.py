@@ -41,6 +41,7 @@ def test_statistics_on_hand_made_numbers():
     s = exp.summary([1.0, 2.0, 6.0])
     assert s["mean"] == 3.0 and s["n"] == 3 and s["sd"] == pytest.approx(math.sqrt(7.0))   # ((4 + 1 + 9) / 2)
     assert math.isnan(exp.summary([5.0])["sd"])
+    assert exp.fmt_summary(exp.summary([5.0])) == "5 (1 seed)" and exp.fmt_summary(exp.summary([1.0, 3.0])) == "2 ± 1.4"
     results = hand_results()
     assert exp.paired_differences(results, "gf", "psnr", [0, 1]) == pytest.approx([1.0, -0.5])
     assert exp.convergence_step([[2, 0.5], [4, 0.29], [6, 0.25]], 0.30) == 4
