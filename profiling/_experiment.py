@@ -20,6 +20,14 @@ def finished(run_dir: Path, steps: int) -> bool:
     return ckpt is not None and ckpt.name == f"step_{steps}"
 
 
+def trained_steps(run_dir: Path) -> int | None:
+    """``schedule.steps`` of the run's resolved ``recipe.yaml`` (None: no run there yet)."""
+    import yaml
+
+    path = Path(run_dir) / "recipe.yaml"
+    return yaml.safe_load(path.read_text())["schedule"]["steps"] if path.is_file() else None
+
+
 def train_run(recipe: str, run_dir: Path, sets: list[str], steps: int, env: dict[str, str] | None = None) -> bool:
     """``engine/train.py --recipe RECIPE --run-dir RUN_DIR --resume auto --set ...`` unless the run is finished;
     its output goes to ``RUN_DIR.log``. Returns True when it trained (False: reused). Exits naming the log on
@@ -27,6 +35,10 @@ def train_run(recipe: str, run_dir: Path, sets: list[str], steps: int, env: dict
     if finished(run_dir, steps):
         print(f"reusing {run_dir}", flush=True)
         return False
+    trained = trained_steps(run_dir)
+    if trained is not None and trained != steps:
+        raise SystemExit(f"{run_dir}: trained for schedule.steps={trained} (its recipe.yaml), asked for {steps}: "
+                         f"pass --steps {trained} to reuse it, or another --out")
     launch(recipe, run_dir, sets, env, resume=True)
     return True
 

@@ -3,7 +3,7 @@ geometry and the alignment forms side by side against the no-alignment baseline 
 data, several seeds - on a CPU.
 
     python profiling/gf_vs_baseline.py                                    # gf_small: baseline gf control x seeds 0 1 2
-    python profiling/gf_vs_baseline.py --variants baseline gf control released irepa --seeds 0 1 2
+    python profiling/gf_vs_baseline.py --steps 5000 --variants baseline gf control released irepa --seeds 0 1 2
     python profiling/gf_vs_baseline.py --recipe gf_tiny --steps 200 --seeds 0 1 --videos 4   # a reduced run
 
 **Variants** (``--variants``, any of these; ``baseline`` always, it is what the others are paired with). For each
@@ -52,12 +52,18 @@ same initial DiT weights, same held-out clips and noise) with its mean and sampl
 step**: per seed, the first checkpoint step at which the variant's held-out flow-matching loss is at most the
 baseline's final one ("not reached" otherwise; resolved to the checkpoint grid).
 
+**Steps and mode**: ``--steps`` defaults to the recipe's (gf_small: 4,000); every run is eager
+(``distributed.compile=false``, whatever the recipe says: the table's first runs were, and compile changes only
+rounding). The runs of docs/results.md are ``--steps 5000``: pass it to extend or re-run that table; a run
+directory trained for other steps is named, not resumed.
+
 **Cost**: the plan line printed first estimates it (training + evaluation of the runs not yet done) from a model
-calibrated on gf_small (~0.44 s per step on this idle 2-core CPU with bf16: the median logged step of a 5,000-step
-seed-1 run, 37 minutes of steps; scaled by the DiT's 6 x parameters x tokens per step). The default command
-(gf_small, 3 variants x 3 seeds = 9 runs of 5,000 steps) is ~5.6 hours of training plus ~1 minute of evaluation
-per run on the idle machine; every further variant adds ~1.9 hours (3 seeds). The evaluation of one run is ~1,000 clip forwards: the held-out loss
-at 5 checkpoints x 4 noise draws x 16 clips, 32 sampler steps x 16 clips, and the probe's 3 x (32 + 16).
+calibrated on gf_small (~0.44 s per eager step on this idle 2-core AMD EPYC with bf16: the median logged step of
+a 5,000-step seed-1 run, 37 minutes of steps; scaled by the DiT's 6 x parameters x tokens per step). At
+``--steps 5000``, 3 variants x 3 seeds = 9 runs are ~5.6 hours of training plus ~1 minute of evaluation per run on
+the idle machine, every further variant ~1.9 hours (3 seeds); at the default 4,000 steps, 4/5 of that. The
+evaluation of one run is ~1,000 clip forwards: the held-out loss at 5 checkpoints x 4 noise draws x 16 clips, 32
+sampler steps x 16 clips, and the probe's 3 x (32 + 16).
 
 Writes ``OUT/results.json`` (arguments, every run's numbers and curves, the summary), ``OUT/table.md`` and
 ``OUT/gf_vs_baseline.png`` (the loss curves, then each metric per variant: seeds as dots, mean ± sd in black).

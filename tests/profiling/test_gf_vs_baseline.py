@@ -37,6 +37,18 @@ def hand_results() -> dict:
     }
 
 
+def test_a_run_trained_for_other_steps_is_named_not_resumed(tmp_path):
+    """An experiment asked for 4,000 steps where a 5,000-step run lives stops before training, naming the run and
+    the --steps that reuses it (resuming it would run a schedule it was not made with)."""
+    from profiling._experiment import train_run
+
+    run = tmp_path / "gf_s0"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("name: gf_small\nschedule:\n  steps: 5000\n")
+    with pytest.raises(SystemExit, match=r"gf_s0: trained for schedule.steps=5000 .*asked for 4000: pass --steps 5000"):
+        train_run("gf_small", run, [], 4000)
+
+
 def test_statistics_on_hand_made_numbers():
     s = exp.summary([1.0, 2.0, 6.0])
     assert s["mean"] == 3.0 and s["n"] == 3 and s["sd"] == pytest.approx(math.sqrt(7.0))   # ((4 + 1 + 9) / 2)
