@@ -315,7 +315,8 @@ def table(agg: dict, variants: list[str], seeds: list[int], rows: list[tuple[str
         cells = []
         for v in others:
             d = agg["differences"][key][v]
-            cells.append(", ".join(f"{x:+.3g}" for x in d["per_seed"]) + f" ({fmt_summary(d, signed=True)})")
+            per_seed = ", ".join(f"{x:+.3g}" for x in d["per_seed"])
+            cells.append(per_seed if d["n"] == 1 else f"{per_seed} ({fmt_summary(d, signed=True)})")
         lines.append(f"| {name} | {better} | " + " | ".join(cells) + " |")
     conv = agg["convergence"]
     lines += ["", "### Convergence: the first checkpoint step at which the held-out flow-matching loss reaches the "
