@@ -55,6 +55,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -301,7 +302,7 @@ def parse_configs(specs: list[str]) -> list[tuple[str, list[str]]]:
         label, _, sets = spec.partition(":")
         if not label:
             raise SystemExit(f"--configs {spec!r}: give LABEL or LABEL:KEY=VALUE[,KEY=VALUE]")
-        out.append((label, [kv for kv in sets.split(",") if kv]))
+        out.append((label, [kv for kv in re.split(r",(?=[\w.]+=)", sets) if kv]))   # a value may hold commas
     return out
 
 

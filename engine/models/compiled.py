@@ -31,8 +31,4 @@ def compile_blocks(blocks: Iterable[nn.Module]) -> int:
     return count
 
 
-def is_compiled(block: nn.Module) -> bool:
-    return getattr(block, "_compiled_call_impl", None) is not None
-
-
-__all__ = ["compile_blocks", "is_compiled"]
+__all__ = ["compile_blocks"]

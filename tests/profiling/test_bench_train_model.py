@@ -153,3 +153,13 @@ def test_model_runs_for_the_paper_recipes():
     sp2 = train_model.sp_model(train_model.load_recipe("gf_re10k_paper"), 8, "h100", 0.4, 2)
     assert sp1["acts_gib"] == pytest.approx(gf["acts_gib"]) and sp1["step_s"] == pytest.approx(gf["step_s"])
     assert sp2["acts_gib"] < sp1["acts_gib"] and sp2["acts_gib"] > sp1["acts_gib"] / 2   # ResBlock levels whole
+
+
+def test_bench_train_configs_parse_labels_and_overrides():
+    """``bench_train.py --configs``: a bare label has no overrides; a value may hold commas; no label is refused."""
+    from profiling.bench_train import parse_configs
+
+    assert parse_configs(["eager", "c:distributed.compile=true,teacher.layers=[0,1],seed=2"]) == [
+        ("eager", []), ("c", ["distributed.compile=true", "teacher.layers=[0,1]", "seed=2"])]
+    with pytest.raises(SystemExit, match="give LABEL"):
+        parse_configs([":seed=1"])
